@@ -1,0 +1,123 @@
+"""Image geometry shared by the segmenters: tensors, normalisation, resizing and sliding windows.
+
+Sliding windows follow the mmsegmentation ``slide`` convention the authors' code uses: a regular grid
+of ``crop`` windows every ``stride`` pixels, the last window of each row/column snapped to the image edge,
+logits summed per pixel and divided by the number of windows covering it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def image_to_tensor(image: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H, W) in [0, 1] on ``device`` (one host->device copy)."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
+    return t.permute(2, 0, 1).unsqueeze(0).to(dtype).div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean.to(x.dtype)) / std.to(x.dtype)
+
+
+def short_side_size(h: int, w: int, short: int, max_long: int = 0) -> tuple[int, int]:
+    """Output (h, w) with the short side at ``short`` (aspect kept), long side capped at ``max_long`` if > 0."""
+    scale = short / min(h, w)
+    if max_long > 0 and max(h, w) * scale > max_long:
+        scale = max_long / max(h, w)
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(x, size=size, mode=mode, **kwargs)
+
+
+def sliding_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) windows covering an h x w image (mmseg grid; windows smaller than crop if the image is)."""
+    if crop <= 0 or stride <= 0:
+        raise ValueError(f"crop and stride must be positive, got {crop}, {stride}")
+    h_grids = max(h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w - crop + stride - 1, 0) // stride + 1
+    out = []
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y1 = min(i * stride + crop, h)
+            x1 = min(j * stride + crop, w)
+            out.append((max(y1 - crop, 0), y1, max(x1 - crop, 0), x1))
+    return out
+
+
+def slide_inference(
+    image: torch.Tensor,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    crop: int,
+    stride: int,
+    num_channels: int,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Run ``fn`` over sliding windows of ``image`` (1, 3, H, W) and average the (B, C, h, w) outputs.
+
+    ``fn`` maps a batch of equal-size crops to logits at crop resolution. Windows are batched
+    ``batch_size`` at a time (all windows have the same size unless the image is smaller than ``crop``).
+    Returns (1, C, H, W).
+    """
+    _, _, h, w = image.shape
+    wins = sliding_windows(h, w, crop, stride)
+    out = image.new_zeros((1, num_channels, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for s in range(0, len(wins), batch_size):
+        group = wins[s:s + batch_size]
+        crops = torch.cat([image[:, :, y0:y1, x0:x1] for y0, y1, x0, x1 in group])
+        logits = fn(crops).float()
+        for k, (y0, y1, x0, x1) in enumerate(group):
+            out[:, :, y0:y1, x0:x1] += logits[k:k + 1]
+            count[:, :, y0:y1, x0:x1] += 1
+    return out / count
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, value: float = 0.0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad (right/bottom) so H and W are multiples of ``multiple``; returns the padded tensor and (pad_h, pad_w)."""
+    h, w = x.shape[-2:]
+    ph = (multiple - h % multiple) % multiple
+    pw = (multiple - w % multiple) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), value=value)
+    return x, (ph, pw)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def num_windows(h: int, w: int, crop: int, stride: Optional[int]) -> int:
+    return len(sliding_windows(h, w, crop, stride or crop))
+
+
+def upsample_max(
+    scores: torch.Tensor, size: tuple[int, int], chunk: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinearly upsample (K, h, w) scores to ``size`` and return per-pixel (max, argmax) over K.
+
+    Processes ``chunk`` classes at a time so a large vocabulary never materialises K x H x W at full
+    resolution (150 classes at 720p would be ~0.5 GB in float32).
+    """
+    best = idx = None
+    for s in range(0, scores.shape[0], chunk):
+        up = resize(scores[None, s:s + chunk].float(), size)[0]
+        m, i = up.max(dim=0)
+        if best is None:
+            best, idx = m, i
+        else:
+            better = m > best
+            best = torch.where(better, m, best)
+            idx = torch.where(better, i + s, idx)
+    assert best is not None and idx is not None
+    return best, idx

@@ -1,0 +1,259 @@
+"""Loading frozen open_clip models: a hub name + pretrained tag, or a local checkpoint, offline-safe.
+
+Weights are keyed by (architecture, tag) as in open_clip; a local ``checkpoint`` path always wins over the
+tag. With ``offline=True`` nothing is downloaded: a missing file fails at once with a message naming what
+to download and where to put it (instead of open_clip's ~40 s of hub retries).
+
+The package ships a few tiny architectures (``ovseg_ros/core/model_configs/*.json``, e.g. ``ovseg-tiny-vit``)
+registered with open_clip on import; they exist for tests, demos and CI, with random weights that the tests
+save and load back through the checkpoint path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights cannot be loaded; the message says what to provide."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which CLIP to load.
+
+    Attributes:
+        name: open_clip architecture (``ViT-B-16-quickgelu``, ``convnext_large_d_320``, ``ovseg-tiny-vit``).
+        pretrained: open_clip pretrained tag (``openai``, ``laion2b_s29b_b131k_ft_soup``), or "" for none.
+        checkpoint: a local weights file (.pt/.bin/.safetensors); wins over ``pretrained``.
+        precision: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``.
+        allow_random: build with random weights when neither weights source is given (tests, demos).
+    """
+
+    name: str = "ViT-B-16-quickgelu"
+    pretrained: str = "openai"
+    checkpoint: str = ""
+    precision: str = "auto"
+    allow_random: bool = False
+
+
+def register_model_configs(directory: Path | str = _CONFIG_DIR) -> None:
+    """Register every ``*.json`` architecture in ``directory`` with open_clip (name = file stem)."""
+    import open_clip
+
+    directory = Path(directory)
+    if directory.is_dir() and any(directory.glob("*.json")):
+        known = set(open_clip.list_models())
+        if not {p.stem for p in directory.glob("*.json")} <= known:
+            open_clip.add_model_config(directory)
+
+
+def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    if precision not in _PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; an explicit CUDA device on a machine without one is an error."""
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"invalid device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available; use device:=cpu or auto")
+    return dev
+
+
+@dataclass
+class ClipModel:
+    """A frozen open_clip model with what the segmenters need beside it."""
+
+    model: torch.nn.Module
+    tokenizer: Callable
+    spec: ModelSpec
+    #: Identity of the weights, used to key text-embedding caches (architecture + weights source).
+    key: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    dtype: torch.dtype
+    #: False when the weights are random (disk caches are then disabled: they would be meaningless).
+    has_weights: bool
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model, "context_length", 77))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().clamp(max=100).item())
+
+    def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as (1, 3, 1, 1) tensors on the model's device, for normalising 0..1 RGB."""
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        return mean, std
+
+    def to(self, device: torch.device | str) -> "ClipModel":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+
+def _weights_key(spec: ModelSpec) -> tuple[str, bool]:
+    if spec.checkpoint:
+        st = Path(spec.checkpoint).stat()
+        ident = f"{Path(spec.checkpoint).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        return f"{spec.name}@file:{hashlib.sha256(ident.encode()).hexdigest()[:16]}", True
+    if spec.pretrained:
+        return f"{spec.name}@{spec.pretrained}", True
+    return f"{spec.name}@random:{os.getpid()}:{id(spec)}", False
+
+
+def missing_weights_message(spec: ModelSpec, cache_dir: Optional[str]) -> str:
+    """Say exactly what to download for ``spec`` and where to put it."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained) if spec.pretrained else {}
+    source = []
+    if cfg.get("hf_hub"):
+        repo = cfg["hf_hub"].rstrip("/")
+        source.append(f"the Hugging Face repository '{repo}' (file open_clip_model.safetensors or "
+                      f"open_clip_pytorch_model.bin)")
+    if cfg.get("url"):
+        source.append(f"the URL {cfg['url']}")
+    where = cache_dir or os.environ.get("HF_HUB_CACHE") or "~/.cache/huggingface/hub"
+    src = " or ".join(source) if source else "the model's publisher"
+    return (
+        f"weights for open_clip model '{spec.name}' with pretrained tag '{spec.pretrained}' are not available "
+        f"offline. Download them from {src} on a machine with internet, then either pass the file as "
+        f"checkpoint:=/path/to/weights (parameter 'checkpoint'), or pre-fill the cache at {where} "
+        f"(e.g. `python -c \"import open_clip; open_clip.create_model('{spec.name}', pretrained='{spec.pretrained}')\"`"
+        f" with internet) and keep offline:=true."
+    )
+
+
+def load_clip(
+    spec: ModelSpec,
+    device: str | torch.device = "cpu",
+    cache_dir: Optional[str] = None,
+    offline: bool = True,
+) -> ClipModel:
+    """Build the open_clip model of ``spec``, load its weights, freeze it and move it to ``device``.
+
+    Raises:
+        ModelLoadError: unknown architecture or tag, missing or mismatched checkpoint, no weights offline.
+    """
+    if offline:
+        # Must be set before huggingface_hub is imported to take effect; patched below in case it was.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    import open_clip
+
+    if offline:
+        _force_hf_offline()
+    register_model_configs()
+    device = torch.device(device)
+    dtype = resolve_dtype(spec.precision, device)
+    if spec.name not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown open_clip architecture {spec.name!r}; known ones include "
+            f"{', '.join(m for m in open_clip.list_models() if 'ViT-B' in m or 'ovseg' in m)} ... "
+            f"(open_clip.list_models() lists all)"
+        )
+    if spec.checkpoint:
+        if not Path(spec.checkpoint).is_file():
+            raise ModelLoadError(
+                f"checkpoint {spec.checkpoint!r} does not exist; give the path of a weights file for "
+                f"'{spec.name}' (.pt, .bin or .safetensors)"
+            )
+        model = open_clip.create_model(spec.name, pretrained=None, device="cpu")
+        try:
+            open_clip.load_checkpoint(model, spec.checkpoint, strict=True)
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            raise ModelLoadError(
+                f"checkpoint {spec.checkpoint!r} does not fit architecture '{spec.name}': {_short(exc)}"
+            ) from exc
+    elif spec.pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        if spec.pretrained not in tags:
+            raise ModelLoadError(
+                f"open_clip has no pretrained tag {spec.pretrained!r} for '{spec.name}'; known tags: {tags or 'none'}"
+                f"; or give a local file as checkpoint:=..."
+            )
+        try:
+            model = open_clip.create_model(spec.name, pretrained=spec.pretrained, device="cpu", cache_dir=cache_dir)
+        except Exception as exc:  # hub/network/file errors come in many types
+            raise ModelLoadError(missing_weights_message(spec, cache_dir) + f" (cause: {_short(exc)})") from exc
+    elif spec.allow_random:
+        log.warning("building %s with RANDOM weights: outputs are meaningless (tests/demo only)", spec.name)
+        model = open_clip.create_model(spec.name, pretrained=None, device="cpu")
+    else:
+        raise ModelLoadError(
+            f"no weights given for '{spec.name}': set pretrained (an open_clip tag) or checkpoint (a local file)"
+        )
+    model.eval().requires_grad_(False)
+    model.to(device=device, dtype=dtype)
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+    key, has_weights = _weights_key(spec)
+    return ClipModel(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(spec.name),
+        spec=spec,
+        key=key,
+        mean=mean,
+        std=std,
+        device=device,
+        dtype=dtype,
+        has_weights=has_weights,
+    )
+
+
+def save_random_checkpoint(name: str, path: str | Path, seed: int = 0) -> Path:
+    """Build ``name`` with random weights (seeded) and save its state_dict: the fixture of tests and demos."""
+    import open_clip
+
+    register_model_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None, device="cpu")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _force_hf_offline() -> None:
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        hf_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " ..."

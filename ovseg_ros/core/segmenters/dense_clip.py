@@ -1,0 +1,171 @@
+"""Dense CLIP: the plain MaskCLIP reading of CLIP's last block, the speed floor of ovseg_ros.
+
+Zhou, Loy and Dai, "Extract Free Dense Labels from CLIP", ECCV 2022 (arXiv 2112.01071),
+https://github.com/chongzhou96/MaskCLIP. The last ViT block's attention is replaced by the identity
+(each patch keeps its own value embedding, then the output projection, ``ln_post`` and ``proj``), giving
+one CLIP embedding per patch that is compared with template-averaged text embeddings.
+
+Our port differs from MaskCLIP in that: it runs on any open_clip ViT; positional embeddings are
+interpolated so a whole frame goes through in one pass (sliding windows are optional); it has no key
+smoothing or prompt denoising (the seed methods build their own refinements on top of this base);
+probabilities are upsampled in class chunks so large vocabularies fit in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import clip_vit
+from ..geometry import image_to_tensor, normalize, resize, short_side_size, slide_inference, upsample_max
+from ..models import ClipModel, ModelSpec, load_clip
+from ..segmenter import (
+    Segmenter,
+    SegmentationResult,
+    StageTimer,
+    VocabularyState,
+    check_image,
+    register_segmenter,
+)
+from ..text import PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates
+from ..vocabulary import UNLABELED, Vocabulary
+
+
+@dataclass(frozen=True)
+class DenseClipConfig:
+    """Options of the dense CLIP segmenter (presets in ``presets/dense_clip``)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    #: Resize so the short side is this many pixels before the ViT (0 keeps the input size).
+    short_side: int = 448
+    #: Cap on the long side after resizing (0 = no cap).
+    max_long_side: int = 1344
+    #: Sliding-window crop size; 0 runs the whole frame in one pass with interpolated positions.
+    window: int = 0
+    window_stride: int = 112
+    window_batch: int = 16
+    #: ``imagenet80`` (the 80 OpenAI templates averaged) or ``photo`` (one template, faster to encode).
+    templates: str = "imagenet80"
+    #: Words whose pixels are left unlabeled (e.g. "background", "sky" when sky is not a class).
+    background: tuple[str, ...] = ()
+    #: Softmax temperature on cosine scores.
+    logit_scale: float = 50.0
+    #: Pixels whose best class probability is below this are left unlabeled.
+    prob_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class DenseClipState(VocabularyState):
+    text: torch.Tensor = None  # type: ignore[assignment]  # (Q, E) one row per class name
+    owner: torch.Tensor = None  # type: ignore[assignment]  # (Q,) class index of each row
+    background: Optional[torch.Tensor] = None  # (G, E) background words
+    prompts: tuple[tuple[str, ...], ...] = ()
+
+
+@register_segmenter("dense_clip")
+class DenseClipSegmenter(Segmenter):
+    """MaskCLIP-style dense CLIP. See the module docstring."""
+
+    config_cls = DenseClipConfig
+
+    def __init__(self, config: DenseClipConfig, clip: ClipModel, text_encoder: TextEncoder) -> None:
+        super().__init__(config, clip.device)
+        self.clip = clip
+        self.text_encoder = text_encoder
+
+    @classmethod
+    def from_config(
+        cls, config: DenseClipConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True
+    ) -> "DenseClipSegmenter":
+        clip = load_clip(config.model, device, cache_dir=cache_dir or None, offline=offline)
+        return cls(config, clip, TextEncoder(clip, cache_dir))
+
+    # --- text ---------------------------------------------------------------------------------------
+    def _templates(self) -> tuple[str, ...]:
+        if self.config.templates == "imagenet80":
+            return imagenet_templates()
+        if self.config.templates == "photo":
+            return (PHOTO_TEMPLATE,)
+        raise ValueError(f"templates must be 'imagenet80' or 'photo', got {self.config.templates!r}")
+
+    def encode_vocabulary(self, vocabulary: Vocabulary) -> DenseClipState:
+        templates = self._templates()
+        names, owner = vocabulary.query_names()
+        text = self.text_encoder.encode_templated(names, templates)
+        bg = self.text_encoder.encode_templated(list(self.config.background), templates) if self.config.background else None
+        prompts = tuple(
+            tuple(p for n in c.names for p in format_prompts(n, templates)) for c in vocabulary.classes
+        )
+        return DenseClipState(
+            vocabulary=vocabulary,
+            text=text,
+            owner=torch.tensor(owner, dtype=torch.long, device=text.device),
+            background=bg,
+            prompts=prompts,
+        )
+
+    def describe_prompts(self, state: VocabularyState) -> list[list[str]]:
+        return [list(p) for p in getattr(state, "prompts", ())] or super().describe_prompts(state)
+
+    # --- image --------------------------------------------------------------------------------------
+    def _prepare(self, image: np.ndarray) -> torch.Tensor:
+        x = image_to_tensor(image, self.device)
+        h, w = image.shape[:2]
+        if self.config.short_side > 0:
+            x = resize(x, short_side_size(h, w, self.config.short_side, self.config.max_long_side))
+        mean, std = self.clip.pixel_stats()
+        return normalize(x, mean, std).to(self.clip.dtype)
+
+    def _scores(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(1, R, h', w') cosine scores of image ``x`` against text ``rows`` at the ViT's input resolution."""
+        visual = self.clip.visual
+
+        def run(crops: torch.Tensor) -> torch.Tensor:
+            feats, _ = clip_vit.dense_features(visual, crops)
+            return resize(clip_vit.class_scores(feats.float(), rows), crops.shape[-2:])
+
+        cfg = self.config
+        if cfg.window > 0:
+            return slide_inference(x, run, cfg.window, cfg.window_stride, rows.shape[0], cfg.window_batch)
+        feats, _ = clip_vit.dense_features(visual, x)
+        return clip_vit.class_scores(feats.float(), rows)
+
+    @torch.inference_mode()
+    def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:
+        st: DenseClipState = self._resolve_state(state)  # type: ignore[assignment]
+        image = check_image(image)
+        timer = StageTimer(self.device)
+        k = len(st.vocabulary)
+        with timer.stage("preprocess"):
+            x = self._prepare(image)
+            rows = st.text.to(self.device)
+            if st.background is not None:
+                rows = torch.cat([rows, st.background.to(self.device)])
+        with timer.stage("backbone"):
+            scores = self._scores(x, rows)[0]  # (Q [+ G], h, w)
+        with timer.stage("classify"):
+            probs = torch.softmax(self.config.logit_scale * scores, dim=0)
+            names = probs[: st.text.shape[0]]
+            per_class = clip_vit.max_over_names(names[None], st.owner.to(self.device), k)[0]
+            if st.background is not None:
+                per_class = torch.cat([per_class, probs[st.text.shape[0]:].max(dim=0, keepdim=True).values])
+            conf, idx = upsample_max(per_class, image.shape[:2])
+            labels = idx.to(torch.int32)
+            labels[idx >= k] = UNLABELED  # a background word won
+            if self.config.prob_threshold > 0:
+                labels[conf < self.config.prob_threshold] = UNLABELED
+            labels_np = labels.cpu().numpy()
+            conf_np = conf.clamp(0, 1).cpu().numpy()
+        return SegmentationResult(labels_np, conf_np, st.vocabulary, timings=timer.times)
+
+    @torch.inference_mode()
+    def backbone_forward(self, image: np.ndarray) -> None:
+        clip_vit.bare_forward(self.clip.visual, self._prepare(check_image(image)))
+
+    def to(self, device: torch.device | str) -> "DenseClipSegmenter":
+        super().to(device)
+        self.clip.to(device)
+        return self

@@ -1,0 +1,159 @@
+"""Text side shared by all segmenters: prompt templates (data), context checks, and a cached encoder.
+
+:class:`TextEncoder` encodes *groups* of prompts (e.g. one class name under 80 templates) and caches each
+group's per-prompt, L2-normalised embeddings in memory and on disk, keyed by the model's weights identity
+and the exact prompt texts. A vocabulary seen before (even in another process) is therefore free to encode
+again; random-weight models get the memory cache only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .models import ClipModel
+from .vocabulary import VocabularyError
+
+log = logging.getLogger(__name__)
+
+
+def imagenet_templates() -> tuple[str, ...]:
+    """The 80 OpenAI ImageNet prompt templates (from open_clip's metadata), as ``{}`` format strings."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+#: The single template of the CLIP-ES/CaR CAM stage (chosen by the CLIP-ES sharpness criterion).
+ORIGAMI_TEMPLATE = "a clean origami {}."
+
+#: Plain template for quick, single-prompt encodings.
+PHOTO_TEMPLATE = "a photo of a {}."
+
+
+def format_prompts(name: str, templates: Sequence[str]) -> list[str]:
+    return [t.format(name) for t in templates]
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """Number of tokens of ``text`` including start/end tokens (no truncation)."""
+    enc = getattr(tokenizer, "encode", None)
+    if callable(enc):
+        try:
+            return len(enc(text)) + 2
+        except TypeError:
+            pass
+    inner = getattr(tokenizer, "tokenizer", None)  # HF tokenizer wrappers
+    if inner is not None:
+        return len(inner(text)["input_ids"])
+    return 0
+
+
+class TextEncoder:
+    """Encode prompt groups with a frozen CLIP; cache results in memory (LRU) and on disk.
+
+    Args:
+        clip: the model whose text tower encodes.
+        cache_dir: folder for the disk cache ("" disables it); one sub-folder per model weights key.
+        max_memory_groups: LRU size of the in-memory cache.
+        batch_size: prompts per forward of the text tower.
+    """
+
+    def __init__(
+        self, clip: ClipModel, cache_dir: str | Path = "", max_memory_groups: int = 4096, batch_size: int = 256
+    ) -> None:
+        self.clip = clip
+        self.batch_size = batch_size
+        self.max_memory_groups = max_memory_groups
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._disk: Optional[Path] = None
+        if cache_dir and clip.has_weights:
+            digest = hashlib.sha256(clip.key.encode()).hexdigest()[:24]
+            self._disk = Path(cache_dir).expanduser() / digest
+            self._disk.mkdir(parents=True, exist_ok=True)
+            (self._disk / "MODEL").write_text(clip.key + "\n")
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded_prompts": 0}
+
+    # -- validation --------------------------------------------------------------------------------
+    def check_context(self, texts: Sequence[str], what: str = "text") -> None:
+        """Raise :class:`VocabularyError` for any text longer than the model's context (CLIP truncates silently)."""
+        limit = self.clip.context_length
+        for text in texts:
+            n = count_tokens(self.clip.tokenizer, text)
+            if n > limit:
+                raise VocabularyError(
+                    f"{what} {text[:60]!r}{'...' if len(text) > 60 else ''} is {n} tokens long; "
+                    f"the model '{self.clip.spec.name}' reads at most {limit} (including start/end tokens)"
+                )
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def encode_group(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), D) L2-normalised embeddings, float32 on the model's device."""
+        key = hashlib.sha256("\x1f".join(prompts).encode()).hexdigest()[:40]
+        with self._lock:
+            hit = self._memory.get(key)
+            if hit is not None:
+                self._memory.move_to_end(key)
+                self.stats["memory_hits"] += 1
+                return hit.to(self.clip.device)
+        emb = self._load_disk(key, len(prompts))
+        if emb is None:
+            self.check_context(prompts, "prompt")
+            emb = self._encode(prompts)
+            self._save_disk(key, emb)
+        else:
+            self.stats["disk_hits"] += 1
+        with self._lock:
+            self._memory[key] = emb
+            while len(self._memory) > self.max_memory_groups:
+                self._memory.popitem(last=False)
+        return emb.to(self.clip.device)
+
+    def encode_templated(self, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """(len(names), D): per name, the mean of its normalised template prompts, renormalised."""
+        out = [self.encode_group(format_prompts(n, templates)).mean(dim=0) for n in names]
+        return torch.nn.functional.normalize(torch.stack(out), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(len(texts), D) normalised embeddings of raw texts (each its own cache group)."""
+        return torch.cat([self.encode_group([t]) for t in texts]) if texts else torch.empty(0)
+
+    @torch.inference_mode()
+    def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        chunks = []
+        for i in range(0, len(prompts), self.batch_size):
+            tokens = self.clip.tokenizer(list(prompts[i:i + self.batch_size])).to(self.clip.device)
+            feats = self.clip.model.encode_text(tokens).float()
+            chunks.append(torch.nn.functional.normalize(feats, dim=-1))
+        self.stats["encoded_prompts"] += len(prompts)
+        return torch.cat(chunks)
+
+    def _load_disk(self, key: str, n: int) -> Optional[torch.Tensor]:
+        if self._disk is None:
+            return None
+        path = self._disk / f"{key}.npy"
+        try:
+            arr = np.load(path)
+        except (OSError, ValueError):
+            return None
+        if arr.ndim != 2 or arr.shape[0] != n:
+            return None
+        return torch.from_numpy(arr.astype(np.float32)).to(self.clip.device)
+
+    def _save_disk(self, key: str, emb: torch.Tensor) -> None:
+        if self._disk is None:
+            return
+        tmp = self._disk / f".{key}.{threading.get_ident()}.tmp.npy"
+        try:
+            np.save(tmp, emb.detach().cpu().numpy().astype(np.float32))
+            tmp.replace(self._disk / f"{key}.npy")  # atomic: readers never see half a file
+        except OSError as exc:
+            log.warning("text cache write failed (%s); continuing without disk cache", exc)

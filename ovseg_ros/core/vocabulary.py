@@ -1,0 +1,251 @@
+"""The vocabulary: the class names a segmenter labels, with synonyms, descriptions and thing/stuff flags.
+
+A :class:`Vocabulary` is immutable. Changing the vocabulary means building a new one (with a new
+``revision``) and swapping it in whole, so an output can always say exactly which vocabulary made it.
+Class ids are the positions in ``classes`` (0-based); :data:`UNLABELED` marks pixels that belong to
+no class (background words, low confidence).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import yaml
+
+#: Label value of "no class" in the core's int32 label maps. The ROS layer maps it to the
+#: vision_msgs convention (255 in mono8, 65535 in mono16).
+UNLABELED = -1
+
+#: Largest vocabulary: ids 0..65533 fit mono16 with 65535 reserved for "unlabeled" (and 65534 kept free
+#: so that "number of classes" itself also fits a uint16).
+MAX_CLASSES = 65534
+
+#: Longest accepted name/synonym/description in characters; the CLIP context check comes later,
+#: per model, when the text is tokenised.
+MAX_TEXT_CHARS = 1000
+
+# Words that usually name amorphous regions ("stuff"). Used only when a request gives no thing/stuff
+# flag; FC-CLIP overrides this with COCO-panoptic membership.
+_STUFF_WORDS = frozenset(
+    """
+    floor wall ceiling sky road sidewalk pavement grass ground earth dirt sand snow water sea river lake
+    ocean mountain hill rock stone field terrain vegetation tree trees bush forest building house roof
+    fence railing curtain carpet rug path track runway gravel mud stairs stair staircase door window
+    platform bridge wood tile brick concrete asphalt parking lot crosswalk lane background land cloud
+    clouds fog
+    """.split()
+)
+
+
+class VocabularyError(ValueError):
+    """A vocabulary request that cannot be used; the message says exactly what is wrong."""
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class of the vocabulary.
+
+    Attributes:
+        name: the display name, published in LabelInfo and matched by consumers (Nav2 matches by name).
+        synonyms: further names for the same class; segmenters score every name and keep the best.
+        description: an optional definition (ITACLIP fuses it with the names).
+        is_thing: countable object (split into instances) or amorphous stuff (merged per class).
+    """
+
+    name: str
+    synonyms: tuple[str, ...] = ()
+    description: str = ""
+    is_thing: bool = True
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The name followed by its synonyms: every text a segmenter should score for this class."""
+        return (self.name,) + self.synonyms
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """An immutable, validated list of classes; ids are positions."""
+
+    classes: tuple[ClassSpec, ...]
+    revision: int = 0
+    #: Free-form provenance (preset name, "service", "parameter"), for logs only.
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _validate_classes(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def with_revision(self, revision: int) -> "Vocabulary":
+        return replace(self, revision=revision)
+
+    def query_names(self) -> tuple[list[str], list[int]]:
+        """Flatten every name of every class: (texts, class index of each text).
+
+        Segmenters score each text separately and take the max per class, so classes may carry
+        different numbers of names.
+        """
+        texts = [n for c in self.classes for n in c.names]
+        owner = [i for i, c in enumerate(self.classes) for _ in c.names]
+        return texts, owner
+
+    @classmethod
+    def from_request(
+        cls,
+        entries: Sequence[str],
+        descriptions: Sequence[str] = (),
+        is_thing: Sequence[bool] = (),
+        revision: int = 0,
+        source: str = "",
+    ) -> "Vocabulary":
+        """Build from the service/parameter form: each entry is ``"name, synonym, synonym"``.
+
+        ``descriptions`` and ``is_thing`` are optional: empty, or one value per entry.
+        Raises :class:`VocabularyError` naming the offending entry.
+        """
+        if len(entries) == 0:
+            raise VocabularyError("the vocabulary is empty: give at least one class name")
+        if len(entries) > MAX_CLASSES:
+            raise VocabularyError(
+                f"{len(entries)} classes requested; at most {MAX_CLASSES} fit a mono16 label image "
+                f"with 65535 reserved for 'unlabeled'"
+            )
+        for label, values in (("descriptions", descriptions), ("is_thing", is_thing)):
+            if len(values) not in (0, len(entries)):
+                raise VocabularyError(
+                    f"{label} has {len(values)} values for {len(entries)} classes: give none or one per class"
+                )
+        classes = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, str):
+                raise VocabularyError(f"class {i}: expected a string, got {type(entry).__name__}")
+            names = [n.strip() for n in entry.split(",")]
+            if not names[0]:
+                raise VocabularyError(f"class {i} ({entry!r}): the name is empty")
+            if any(not n for n in names[1:]):
+                raise VocabularyError(f"class {i} ({entry!r}): empty synonym (stray comma?)")
+            thing = bool(is_thing[i]) if is_thing else default_is_thing(names[0])
+            desc = descriptions[i].strip() if descriptions else ""
+            classes.append(ClassSpec(names[0], tuple(names[1:]), desc, thing))
+        return cls(tuple(classes), revision=revision, source=source)
+
+    @classmethod
+    def from_mapping_list(cls, items: Iterable[Mapping | str], revision: int = 0, source: str = "") -> "Vocabulary":
+        """Build from YAML-style items: a string ``"name, syn"`` or a mapping with keys
+        ``name``, ``synonyms`` (list or comma string), ``description``, ``is_thing``."""
+        classes = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                classes.append(Vocabulary.from_request([item]).classes[0])
+                continue
+            if not isinstance(item, Mapping) or "name" not in item:
+                raise VocabularyError(f"class {i}: expected a string or a mapping with a 'name', got {item!r}")
+            unknown = set(item) - {"name", "synonyms", "description", "is_thing"}
+            if unknown:
+                raise VocabularyError(f"class {i} ({item['name']!r}): unknown keys {sorted(unknown)}")
+            syn = item.get("synonyms", ())
+            if isinstance(syn, str):
+                syn = [s for s in syn.split(",")]
+            name = str(item["name"]).strip()
+            thing = item.get("is_thing")
+            classes.append(
+                ClassSpec(
+                    name,
+                    tuple(str(s).strip() for s in syn),
+                    str(item.get("description", "") or "").strip(),
+                    default_is_thing(name) if thing is None else bool(thing),
+                )
+            )
+        if not classes:
+            raise VocabularyError("the vocabulary is empty: give at least one class name")
+        return cls(tuple(classes), revision=revision, source=source)
+
+    def to_request(self) -> list[str]:
+        """The inverse of :meth:`from_request` (``"name, syn, syn"`` per class)."""
+        return [", ".join(c.names) for c in self.classes]
+
+
+def default_is_thing(name: str) -> bool:
+    """Guess thing/stuff from the name when the request does not say (stuff if any word is a stuff word)."""
+    words = name.lower().replace("-", " ").replace("_", " ").split()
+    return not any(w in _STUFF_WORDS for w in words)
+
+
+def _validate_classes(classes: Sequence[ClassSpec]) -> None:
+    if len(classes) == 0:
+        raise VocabularyError("the vocabulary is empty: give at least one class name")
+    if len(classes) > MAX_CLASSES:
+        raise VocabularyError(f"{len(classes)} classes; at most {MAX_CLASSES} are supported")
+    seen: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        for text in itertools.chain(c.names, [c.description]):
+            if len(text) > MAX_TEXT_CHARS:
+                raise VocabularyError(
+                    f"class {i} ({c.name[:40]!r}...): a text of {len(text)} characters exceeds {MAX_TEXT_CHARS}"
+                )
+            if any(ch in text for ch in "\x00\n\r"):
+                raise VocabularyError(f"class {i} ({c.name!r}): control characters are not allowed in names")
+        if not c.name or not c.name.strip():
+            raise VocabularyError(f"class {i}: the name is empty")
+        if any(not s.strip() for s in c.synonyms):
+            raise VocabularyError(f"class {i} ({c.name!r}): empty synonym")
+        key = c.name.strip().lower()
+        if key in seen:
+            raise VocabularyError(
+                f"duplicate class name {c.name!r} (classes {seen[key]} and {i}); names must be unique, "
+                f"put alternative names as synonyms: 'person, people'"
+            )
+        seen[key] = i
+
+
+def vocabulary_from_texts(texts: Sequence[str], source: str = "query") -> Vocabulary:
+    """A throw-away vocabulary for runtime queries: one class per free-form text, no synonyms split.
+
+    Query texts may contain commas ("the red chair, left of the door"), so they are not split.
+    Duplicates are allowed in queries; they are made unique by position.
+    """
+    if len(texts) == 0:
+        raise VocabularyError("the query has no texts")
+    classes = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise VocabularyError(f"query text {i} is empty")
+        classes.append(ClassSpec(name=t.strip(), is_thing=True))
+    names = [c.name.lower() for c in classes]
+    if len(set(names)) != len(names):
+        classes = [replace(c, name=f"{c.name} #{i}") if names.count(c.name.lower()) > 1 else c
+                   for i, c in enumerate(classes)]
+    return Vocabulary(tuple(classes), source=source)
+
+
+def merge_descriptions(vocabulary: Vocabulary, descriptions: Mapping[str, str]) -> Vocabulary:
+    """Fill empty descriptions from a name -> text mapping (case-insensitive), keeping given ones."""
+    lower = {k.lower(): v for k, v in descriptions.items()}
+    classes = tuple(
+        c if c.description else replace(c, description=lower.get(c.name.lower(), ""))
+        for c in vocabulary.classes
+    )
+    return replace(vocabulary, classes=classes)
+
+
+def load_vocabulary_file(path: str | Path, revision: int = 0) -> Vocabulary:
+    """Read a vocabulary YAML (``classes:`` list of strings or mappings, see ``config/vocabularies``)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise VocabularyError(f"vocabulary file {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise VocabularyError(f"vocabulary file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping) or "classes" not in data:
+        raise VocabularyError(f"vocabulary file {path} must be a mapping with a 'classes' list")
+    return Vocabulary.from_mapping_list(data["classes"], revision=revision, source=path.stem)
