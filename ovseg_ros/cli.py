@@ -1,0 +1,186 @@
+"""``ovseg-segment``: the offline command-line tool on the same core as the node.
+
+Image files or folders in; per image a label PNG (uint8 while the vocabulary has <= 255 classes, else
+uint16; 255/65535 = unlabeled, the node's convention), a colour PNG and a JSON sidecar out.
+
+Example::
+
+    ovseg-segment photos/ -o out/ --segmenter itaclip --vocabulary floor chair "person, people" door
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cv2
+import numpy as np
+import yaml
+
+from .core.models import ModelLoadError
+from .core.postprocess import colorize, make_palette
+from .core.segmenter import (
+    ImageError,
+    SegmentationResult,
+    build_segmenter,
+    list_presets,
+    list_segmenters,
+)
+from .core.vocabulary import UNLABELED, Vocabulary, VocabularyError, load_vocabulary_file
+
+log = logging.getLogger("ovseg_segment")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+#: The CLI runs the authors' settings by default (the node defaults to ``realtime``).
+PAPER_PRESETS = {"dense_clip": "default", "itaclip": "voc21", "clip_es": "voc", "car": "voc", "fcclip": "coco_panoptic"}
+VOCABULARY_DIR = Path(__file__).resolve().parent.parent / "config" / "vocabularies"
+
+
+def unlabeled_value(num_classes: int) -> int:
+    """255 while ids fit mono8 (<= 255 classes), 65535 beyond: the vision_msgs 'max = unlabeled' rule."""
+    return 255 if num_classes <= 255 else 65535
+
+
+def encode_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Core labels (int32, -1 = unlabeled) -> uint8/uint16 with the unlabeled value."""
+    dtype = np.uint8 if num_classes <= 255 else np.uint16
+    out = labels.astype(dtype)
+    out[labels == UNLABELED] = unlabeled_value(num_classes)
+    return out
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"input {item!r} is neither a file nor a folder")
+    return found
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ImageError(f"{path}: not a readable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def resolve_vocabulary(args: argparse.Namespace) -> Vocabulary:
+    if args.vocabulary:
+        return Vocabulary.from_request(args.vocabulary, source="command line")
+    if args.vocabulary_file:
+        return load_vocabulary_file(args.vocabulary_file)
+    return load_vocabulary_file(VOCABULARY_DIR / f"{args.vocabulary_preset}.yaml")
+
+
+def result_json(path: Path, result: SegmentationResult, seconds: float) -> dict[str, Any]:
+    vocab = result.vocabulary
+    present, counts = np.unique(result.labels[result.labels != UNLABELED], return_counts=True)
+    out: dict[str, Any] = {
+        "image": str(path),
+        "size": [int(result.labels.shape[1]), int(result.labels.shape[0])],
+        "unlabeled_id": unlabeled_value(len(vocab)),
+        "classes": [{"id": i, "name": c.name, "synonyms": list(c.synonyms), "is_thing": c.is_thing}
+                    for i, c in enumerate(vocab.classes)],
+        "present": {vocab.classes[int(c)].name: int(n) for c, n in zip(present, counts)},
+        "seconds": round(seconds, 4),
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+    }
+    if result.panoptic is not None:
+        out["segments"] = [
+            {"id": s.id, "class_id": s.class_id, "class_name": vocab.classes[s.class_id].name,
+             "is_thing": s.is_thing, "score": round(s.score, 4), "area": s.area, "bbox": list(s.bbox)}
+            for s in result.panoptic.segments
+        ]
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ovseg-segment", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="image files or folders")
+    p.add_argument("-o", "--output", default="ovseg_out", help="output folder")
+    p.add_argument("--segmenter", default="dense_clip", help="segmentation method (--list shows them)")
+    p.add_argument("--preset", default="", help="method preset; default: the paper settings")
+    p.add_argument("--model", default="", help="open_clip architecture (overrides the preset)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (overrides the preset)")
+    p.add_argument("--checkpoint", default="", help="local weights file (wins over --pretrained)")
+    p.add_argument("--precision", default="", choices=["", "auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--options", default="", help="YAML/JSON mapping of method options merged onto the preset")
+    voc = p.add_mutually_exclusive_group()
+    voc.add_argument("--vocabulary", nargs="+", help='class names, each "name, synonym, ..."')
+    voc.add_argument("--vocabulary-file", help="vocabulary YAML (classes: [...])")
+    voc.add_argument("--vocabulary-preset", default="indoor_robot", help="a file stem in config/vocabularies")
+    p.add_argument("--cache-dir", default="~/.cache/ovseg_ros", help="text-embedding and weights cache")
+    p.add_argument("--online", action="store_true", help="allow downloading weights from the hub")
+    p.add_argument("--list", action="store_true", help="list segmenters and presets, then exit")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.list:
+        for name in list_segmenters():
+            print(f"{name}: presets {', '.join(list_presets(name)) or '-'}")
+        return 0
+    if not args.inputs:
+        print("ovseg-segment: give image files or folders (or --list)", file=sys.stderr)
+        return 2
+    from .core.models import resolve_device
+
+    try:
+        images = find_images(args.inputs)
+        vocabulary = resolve_vocabulary(args)
+        overrides: dict[str, Any] = yaml.safe_load(args.options) if args.options else {}
+        if not isinstance(overrides, dict):
+            raise ValueError("--options must be a mapping")
+        model = {k: v for k, v in (("name", args.model), ("pretrained", args.pretrained),
+                                   ("checkpoint", args.checkpoint), ("precision", args.precision)) if v not in ("", None)}
+        if model:
+            overrides["model"] = {**overrides.get("model", {}), **model}
+        preset = args.preset or PAPER_PRESETS.get(args.segmenter, "")
+        if preset and preset not in list_presets(args.segmenter):
+            preset = ""
+        device = resolve_device(args.device)
+        cache = str(Path(args.cache_dir).expanduser())
+        segmenter = build_segmenter(args.segmenter, preset, overrides, device, cache_dir=cache, offline=not args.online)
+        segmenter.set_vocabulary(vocabulary)
+    except (ModelLoadError, VocabularyError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+        print(f"ovseg-segment: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    palette = make_palette(len(vocabulary))
+    failures = 0
+    for path in images:
+        try:
+            image = read_rgb(path)
+            t0 = time.perf_counter()
+            result = segmenter.segment(image)
+            seconds = time.perf_counter() - t0
+        except ImageError as exc:
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        stem = out_dir / path.stem
+        cv2.imwrite(f"{stem}_labels.png", encode_labels(result.labels, len(vocabulary)))
+        cv2.imwrite(f"{stem}_color.png", cv2.cvtColor(colorize(result.labels, palette), cv2.COLOR_RGB2BGR))
+        Path(f"{stem}.json").write_text(json.dumps(result_json(path, result, seconds), indent=2))
+        print(f"{path} -> {stem}_labels.png ({seconds * 1000:.0f} ms)")
+    return 1 if failures and failures == len(images) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
