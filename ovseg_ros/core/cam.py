@@ -1,0 +1,430 @@
+"""Stage 1 of CLIP-ES, shared with CaR: softmax Grad-CAM on a CLIP ViT and class-aware attention affinity.
+
+Method: Lin et al., "CLIP is Also an Efficient Segmenter: A Text-Driven Approach for Weakly Supervised
+Semantic Segmentation", CVPR 2023 (arXiv 2212.09506); authors' code https://github.com/linyq2117/CLIP-ES.
+CaR (Sun et al., CVPR 2024, google-research ``clip_as_rnn``) reuses the same stage for its mask proposals.
+This is our own implementation on open_clip ViTs through :mod:`ovseg_ros.core.clip_vit`.
+
+Pipeline for one image (``x`` normalised; :func:`prepare_image` resizes H and W up to patch multiples):
+
+1. :meth:`ClipCam.encode` runs every block once without gradients. It keeps the input of the last block,
+   the head- and layer-averaged patch-to-patch attention of the last ``attn_layers`` blocks (a running
+   sum, so memory is one N x N map), and the image embedding: ``proj(mean of ln_post(patch tokens))``.
+2. :meth:`ClipCam.gradcam` re-runs only the last block *with* gradients, the activation ``A = ln_1(x)``
+   replicated once per target so a single backward gives every target's gradient (batched in chunks of
+   ``max_batch``; ``grad_mode='vmap'`` instead runs one forward and a vmapped backward). The target is
+   the softmax probability of the class over (texts ∪ background words) at temperature ``logit_scale``;
+   CAM = ReLU(Σ_k mean_ij(∂s/∂A_k) A_k) on patch tokens, min-max normalised.
+3. :func:`affinity_from_attention`: Sinkhorn (column then row, ``rounds`` times) and symmetrisation,
+   once per image: S = (D + Dᵀ)/2.
+4. :func:`refine_with_affinity`: box mask B from the CAM at threshold λ, then S·(S·(B ⊙ cam)), which equals
+   the authors' ``(S² ⊙ 1·Bᵀ)·cam`` at O(N²) per class instead of O(N³).
+
+Weights stay frozen: gradients are taken with :func:`torch.autograd.grad` w.r.t. the activation only,
+inside ``torch.enable_grad()`` around the last block, so nothing is left on the model (thread-safe).
+
+Public API (stable; CaR imports it): :func:`prepare_image`, :class:`ClipCam` (``encode``, ``classify``,
+``gradcam``, ``affinity``, ``__call__``), :class:`ImageEncoding`, :func:`sinkhorn`,
+:func:`affinity_from_attention`, :func:`box_mask`, :func:`refine_with_affinity`, :func:`minmax_normalize`,
+:func:`block_with_attention`, and the background word lists :data:`VOC_BACKGROUND`, :data:`COCO_BACKGROUND`.
+
+Typical use (CaR)::
+
+    cam = ClipCam(clip)                                  # logit_scale=100, last 8 blocks, 3 Sinkhorn rounds
+    enc = cam.encode(prepare_image(clip, rgb_uint8))     # one ViT pass
+    cams = cam.gradcam(enc, queries, background, range(len(queries)), retry_without_background=True)
+    refined = refine_with_affinity(cam.affinity(enc), cams, threshold_lambda=0.4)   # (T, h, w) in [0, 1]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import clip_vit
+from .geometry import image_to_tensor, normalize, short_side_size
+from .models import ClipModel
+
+#: CLIP-ES background words for PASCAL VOC (``clip_text.py::BACKGROUND_CATEGORY``), 25 words.
+VOC_BACKGROUND: tuple[str, ...] = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea", "railway",
+    "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street", "valley",
+    "bridge", "sign",
+)
+#: CLIP-ES / CaR background words for COCO: the VOC list without ``keyboard`` and ``sign``, 23 words.
+COCO_BACKGROUND: tuple[str, ...] = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
+
+_EPS = 1e-7  # pytorch-grad-cam's min-max epsilon, kept for parity
+
+
+# --- image ---------------------------------------------------------------------------------------------
+def prepare_image(
+    clip: ClipModel,
+    image: np.ndarray,
+    short_side: int = 0,
+    max_long_side: int = 0,
+    patch: Optional[int] = None,
+) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H', W') normalised tensor on the model's device and dtype.
+
+    As the authors do, the whole image is resized bicubically to ``ceil(h/p)·p x ceil(w/p)·p`` where
+    (h, w) is the input size, or the size with the short side at ``short_side`` (long side capped at
+    ``max_long_side``) when those are > 0. Antialiasing applies only when shrinking.
+    """
+    p = patch or clip_vit.patch_size(clip.visual)
+    h, w = image.shape[:2]
+    if short_side > 0:
+        h, w = short_side_size(h, w, short_side, max_long_side)
+    elif max_long_side > 0 and max(h, w) > max_long_side:
+        s = max_long_side / max(h, w)
+        h, w = max(1, round(h * s)), max(1, round(w * s))
+    size = (max(p, -(-h // p) * p), max(p, -(-w // p) * p))
+    x = image_to_tensor(image, clip.device)
+    if tuple(x.shape[-2:]) != size:
+        shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink).clamp_(0, 1)
+    mean, std = clip.pixel_stats()
+    return normalize(x, mean, std).to(clip.dtype)
+
+
+# --- affinity ------------------------------------------------------------------------------------------
+def sinkhorn(w: torch.Tensor, rounds: int = 3) -> torch.Tensor:
+    """Alternate column and row normalisation of a positive (N, N) matrix, ``rounds`` times (column first).
+
+    The authors do one (column, row) pass and then two more: ``rounds=3``. Rows sum to 1 afterwards.
+    """
+    d = w.float()
+    for _ in range(rounds):
+        d = d / d.sum(dim=0, keepdim=True).clamp_min(1e-12)
+        d = d / d.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return d
+
+
+def affinity_from_attention(attention: torch.Tensor, rounds: int = 3) -> torch.Tensor:
+    """Averaged patch attention (N, N) -> class-agnostic affinity S = (D + Dᵀ)/2 with D = Sinkhorn(attention).
+
+    The transition matrix of the paper is S^t (t = 2); it is never formed (see :func:`refine_with_affinity`).
+    """
+    d = sinkhorn(attention, rounds)
+    return 0.5 * (d + d.transpose(0, 1))
+
+
+def box_mask(cams: torch.Tensor, threshold: float, clip_edges: bool = False) -> torch.Tensor:
+    """Per CAM, the union of the bounding boxes of the regions above ``threshold`` x max: (T, h, w) bool.
+
+    Follows ``scoremap2bbox``: the CAM is quantised to uint8 (``uint8(255·cam)``), pixels strictly above
+    ``int(threshold · max)`` are foreground, and every 8-connected region contributes its bounding box
+    (cv2 ``findContours`` with ``RETR_TREE`` returns the outer contours of those regions; hole contours lie
+    inside them). An all-zero CAM gives an empty mask.
+
+    The authors clip the exclusive box end to ``size - 1``, so the last column and row are never inside a box
+    and a region touching only them is lost. ``clip_edges=True`` reproduces that; the default keeps boxes
+    that reach the right/bottom edge whole (we see no reason to treat those edges differently from the
+    left/top ones).
+    """
+    t, h, w = cams.shape
+    q = (cams.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()  # truncation, as astype
+    out = np.zeros((t, h, w), dtype=bool)
+    for i in range(t):
+        thr = int(threshold * int(q[i].max()))
+        fg = (q[i] > thr).astype(np.uint8)
+        n, _, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+        for x0, y0, bw, bh, _ in stats[1:n]:
+            x1, y1 = x0 + bw, y0 + bh
+            if clip_edges:
+                x1, y1 = min(x1, w - 1), min(y1, h - 1)
+            out[i, y0:y1, x0:x1] = True
+    return torch.from_numpy(out).to(cams.device)
+
+
+def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Per map of (T, ...): (x - min) / (max(x - min) + 1e-7), as pytorch-grad-cam's ``scale_cam_image``."""
+    flat = x.reshape(x.shape[0], -1)
+    flat = flat - flat.min(dim=1, keepdim=True).values
+    flat = flat / (flat.max(dim=1, keepdim=True).values + _EPS)
+    return flat.reshape(x.shape)
+
+
+def refine_with_affinity(
+    affinity: torch.Tensor,
+    cams: torch.Tensor,
+    threshold_lambda: float,
+    power: int = 2,
+    clip_box_edges: bool = False,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Class-aware attention affinity (CAA): (T, h, w) CAMs -> refined (T, h, w) in [0, 1].
+
+    Computes ``S^power · (B ⊙ cam)`` as ``power`` matrix-vector products per class (O(N²) each, all classes in
+    one matmul), which equals the authors' ``(S^power ⊙ 1·Bᵀ) · cam``: the box mask selects the *source*
+    patches (columns). Result min-max normalised per class. ``mask`` (T, h, w) bool replaces the box mask.
+    """
+    t, h, w = cams.shape
+    if mask is None:
+        mask = box_mask(cams, threshold_lambda, clip_box_edges)
+    s = affinity.to(cams.device, torch.float32)
+    x = (cams.float() * mask.to(cams.device, torch.float32)).reshape(t, h * w).transpose(0, 1)  # (N, T)
+    for _ in range(power):
+        x = s @ x
+    return minmax_normalize(x.transpose(0, 1).reshape(t, h, w))
+
+
+# --- the ViT ---------------------------------------------------------------------------------------------
+@dataclass
+class ImageEncoding:
+    """One image through the frozen ViT: what the CAM, the affinity and the classification reuse.
+
+    Attributes:
+        block_input: (1, 1 + N, D) input of the last block (CLS first), no autograd history.
+        grid: (h, w) patch grid, N = h·w.
+        attention: (N, N) float32 patch-to-patch attention averaged over heads and the last ``attn_layers``
+            blocks (CLS row and column dropped), or None when not requested.
+        embedding: (1, E) float32 L2-normalised image embedding: ``proj(mean(ln_post(patch tokens)))``.
+    """
+
+    block_input: torch.Tensor
+    grid: tuple[int, int]
+    attention: Optional[torch.Tensor]
+    embedding: torch.Tensor
+
+
+def _layer_scale(block: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    ls = getattr(block, name, None)
+    return ls(x) if ls is not None else x
+
+
+def _mlp_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x + _layer_scale(block, "ls_2", block.mlp(block.ln_2(x)))
+
+
+def _merge_heads(block: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    b, heads, n, hd = out.shape
+    mha: nn.MultiheadAttention = block.attn
+    return F.linear(out.transpose(1, 2).reshape(b, n, heads * hd), mha.out_proj.weight, mha.out_proj.bias)
+
+
+def block_with_attention(
+    block: nn.Module, x: torch.Tensor, max_elements: int = 1 << 27
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on (1, L, D) tokens, also returning its head-averaged attention (L, L) in float32.
+
+    Heads are processed in chunks so at most ``max_elements`` attention weights exist at a time (a 1080p
+    frame has ~8,000 tokens: 12 heads at once would be 3 GB in fp32).
+    """
+    q, k, v = clip_vit.qkv(block, x)
+    heads, n = q.shape[1], q.shape[2]
+    chunk = max(1, min(heads, max_elements // max(1, n * n)))
+    outs, attn_sum = [], torch.zeros((n, n), dtype=torch.float32, device=x.device)
+    for s in range(0, heads, chunk):
+        p = clip_vit.attention_probs(q[:, s:s + chunk], k[:, s:s + chunk])
+        attn_sum += p[0].float().sum(dim=0)
+        outs.append(p @ v[:, s:s + chunk])
+    y = x + _layer_scale(block, "ls_1", _merge_heads(block, torch.cat(outs, dim=1)))
+    return _mlp_residual(block, y), attn_sum / heads
+
+
+def _pool(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) last-block output -> (B, E) float32 normalised embedding of the mean patch token."""
+    f = visual.ln_post(tokens)[:, 1:].mean(dim=1)
+    if visual.proj is not None:
+        f = f @ visual.proj
+    return F.normalize(f.float(), dim=-1)
+
+
+def _last_block_from_ln1(block: nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The last block with its ``ln_1`` output ``a`` (B, L, D) given (the Grad-CAM layer); ``x`` is its input.
+
+    ``ln_1`` feeds only the attention branch, so this equals the block's forward for ``a = ln_1(x)``.
+    """
+    q, k, v = clip_vit.qkv(block, a, normed=True)
+    attn = F.scaled_dot_product_attention(q, k, v)  # memory-efficient in forward and backward
+    y = x + _layer_scale(block, "ls_1", _merge_heads(block, attn))
+    return _mlp_residual(block, y)
+
+
+class ClipCam:
+    """Softmax Grad-CAM and attention affinity on a frozen open_clip ViT (see the module docstring).
+
+    Args:
+        clip: the loaded model (weights must not require grad; :func:`load_clip` freezes them).
+        logit_scale: softmax temperature of the target; 100 = pretrained CLIP's ``exp(logit_scale)``
+            (set it explicitly: random test models carry ln(1/0.07)).
+        attn_layers: how many final blocks' attention the affinity averages (8 of 12 in the paper).
+        sinkhorn_rounds: (column, row) normalisation rounds (3 in the authors' code).
+        pos_mode: positional-embedding interpolation (``bilinear`` as the authors).
+        max_batch: targets per batched last-block forward/backward (caps memory: each target holds one
+            copy of the last block's activations).
+        attention_budget: attention weights materialised at once while encoding (heads are chunked).
+        grad_mode: ``replicate`` runs the last block on one copy of the activation per target and one
+            backward; ``vmap`` runs it once and batches only the backward (``torch.autograd.grad`` with
+            ``is_grads_batched``), saving (targets - 1) block forwards where vmap has batching rules for
+            every backward op (checked on CPU; the default stays ``replicate``, which needs none).
+    """
+
+    def __init__(
+        self,
+        clip: ClipModel,
+        logit_scale: float = 100.0,
+        attn_layers: int = 8,
+        sinkhorn_rounds: int = 3,
+        pos_mode: str = "bilinear",
+        max_batch: int = 8,
+        attention_budget: int = 1 << 27,
+        grad_mode: str = "replicate",
+    ) -> None:
+        if grad_mode not in ("replicate", "vmap"):
+            raise ValueError(f"grad_mode must be 'replicate' or 'vmap', got {grad_mode!r}")
+        self.grad_mode = grad_mode
+        self.clip = clip
+        self.logit_scale = float(logit_scale)
+        self.attn_layers = int(attn_layers)
+        self.sinkhorn_rounds = int(sinkhorn_rounds)
+        self.pos_mode = pos_mode
+        self.max_batch = max(1, int(max_batch))
+        self.attention_budget = int(attention_budget)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    # --- forward without gradients ----------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor, with_attention: bool = True) -> ImageEncoding:
+        """Run the ViT once on a (1, 3, H, W) normalised image.
+
+        H and W that are not patch multiples are first resized up to the next multiples (bicubic), as the
+        authors do; :func:`prepare_image` already delivers such sizes.
+        """
+        if image.shape[0] != 1:
+            raise ValueError(f"ClipCam encodes one image at a time, got a batch of {image.shape[0]}")
+        visual = self.visual
+        p = clip_vit.patch_size(visual)
+        h, w = image.shape[-2:]
+        if h % p or w % p:
+            size = (-(-h // p) * p, -(-w // p) * p)
+            image = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False).to(image.dtype)
+        res = clip_vit.blocks(visual)
+        n_blocks = len(res)
+        first = n_blocks - self.attn_layers if with_attention and self.attn_layers > 0 else n_blocks
+        x, grid = clip_vit.embed(visual, image, self.pos_mode)
+        attn_sum: Optional[torch.Tensor] = None
+        batch_first = bool(getattr(visual.transformer, "batch_first", True))
+        for i in range(n_blocks - 1):
+            if i >= first:
+                x, p = block_with_attention(res[i], x, self.attention_budget)
+                attn_sum = p if attn_sum is None else attn_sum + p
+            else:
+                x = clip_vit.run_block(res[i], x, batch_first)
+        block_input = x
+        if first < n_blocks:
+            out, p = block_with_attention(res[-1], x, self.attention_budget)
+            attn_sum = p if attn_sum is None else attn_sum + p
+        else:
+            out = clip_vit.run_block(res[-1], x, batch_first)
+        attention = None
+        if attn_sum is not None:
+            attention = (attn_sum / (n_blocks - first))[1:, 1:].contiguous()
+        return ImageEncoding(block_input, grid, attention, _pool(visual, out))
+
+    def classify(self, enc: ImageEncoding, text: torch.Tensor) -> torch.Tensor:
+        """(Q,) softmax over the (Q, E) normalised ``text`` of the image embedding, at ``logit_scale``.
+
+        The same quantity Grad-CAM differentiates; for deciding which classes are present per frame.
+        """
+        return torch.softmax(self.logit_scale * enc.embedding[0] @ text.to(enc.embedding).T, dim=-1)
+
+    def affinity(self, enc: ImageEncoding) -> torch.Tensor:
+        """S (N, N): Sinkhorn-normalised, symmetrised attention of ``enc`` (once per image)."""
+        if enc.attention is None:
+            raise ValueError("the encoding has no attention; call encode(..., with_attention=True)")
+        return affinity_from_attention(enc.attention, self.sinkhorn_rounds)
+
+    # --- Grad-CAM -----------------------------------------------------------------------------------
+    def gradcam(
+        self,
+        enc: ImageEncoding,
+        text: torch.Tensor,
+        background: Optional[torch.Tensor],
+        targets: Sequence[int],
+        retry_without_background: bool = False,
+    ) -> torch.Tensor:
+        """Softmax Grad-CAMs (T', h, w) float32 in [0, 1] for rows ``targets`` of ``text``.
+
+        Args:
+            text: (T, E) normalised query embeddings (the softmax competitors that can be targets).
+            background: (G, E) normalised background-word embeddings added to the softmax, or None.
+            targets: indices into ``text``, one CAM each, in this order.
+            retry_without_background: CaR's rule: a CAM that comes out all zero is recomputed with the
+                softmax over ``text`` only.
+        """
+        targets = [int(t) for t in targets]
+        h, w = enc.grid
+        if not targets:
+            return torch.zeros((0, h, w), dtype=torch.float32, device=enc.block_input.device)
+        full = text if background is None or background.shape[0] == 0 else torch.cat([text, background.to(text)])
+        cams = self._gradcam_rows(enc, full, targets)
+        if retry_without_background and full.shape[0] > text.shape[0]:
+            empty = [i for i in range(len(targets)) if float(cams[i].max()) <= 0.0]
+            if empty:
+                redo = self._gradcam_rows(enc, text, [targets[i] for i in empty])
+                cams[empty] = redo
+        return cams
+
+    def _gradcam_rows(self, enc: ImageEncoding, text: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        chunks = [self._gradcam_batch(enc, text, targets[s:s + self.max_batch])
+                  for s in range(0, len(targets), self.max_batch)]
+        return torch.cat(chunks)
+
+    def _gradcam_batch(self, enc: ImageEncoding, text: torch.Tensor, targets: list[int]) -> torch.Tensor:
+        block = clip_vit.blocks(self.visual)[-1]
+        b = len(targets)
+        h, w = enc.grid
+        # inference_mode(False): callers may hold inference mode; clones below are then normal tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = enc.block_input.clone()
+            rows = text.clone()
+            with torch.no_grad():
+                a0 = block.ln_1(x)
+            tgt = torch.tensor(targets, device=x.device)
+            if self.grad_mode == "replicate":
+                # One copy of the activation per target: the copies never interact, so one backward of the
+                # summed target probabilities yields each target's own gradient in its own copy.
+                a = a0.expand(b, -1, -1).clone().requires_grad_(True)
+                out = _last_block_from_ln1(block, x, a)
+                emb = _pool(self.visual, out)  # (B, E)
+                probs = torch.softmax(self.logit_scale * emb @ rows.to(emb).T, dim=-1)
+                picked = probs[torch.arange(b, device=probs.device), tgt]
+                (grad,) = torch.autograd.grad(picked.sum(), a)
+            else:
+                # One forward; the backward is vmapped over one-hot cotangents, one per target.
+                a = a0.clone().requires_grad_(True)
+                emb = _pool(self.visual, _last_block_from_ln1(block, x, a))  # (1, E)
+                probs = torch.softmax(self.logit_scale * emb @ rows.to(emb).T, dim=-1)  # (1, Q)
+                onehot = F.one_hot(tgt, probs.shape[-1]).to(probs.dtype)[:, None, :]  # (B, 1, Q)
+                (grad,) = torch.autograd.grad(probs, a, grad_outputs=onehot, is_grads_batched=True)
+                grad = grad[:, 0]  # (B, L, D)
+        with torch.no_grad():
+            act = a0[0, 1:].float()  # (N, D), the same for every target
+            weights = grad[:, 1:].float().mean(dim=1)  # (B, D): spatially averaged gradients
+            cam = torch.relu(weights @ act.T).reshape(b, h, w)
+            return minmax_normalize(cam)
+
+    # --- everything at once -------------------------------------------------------------------------
+    def __call__(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        background: Optional[torch.Tensor],
+        targets: Sequence[int],
+        retry_without_background: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cams (T', h, w) in [0, 1] at patch resolution, affinity S (N, N)) for one normalised image."""
+        enc = self.encode(image)
+        cams = self.gradcam(enc, text, background, targets, retry_without_background)
+        return cams, self.affinity(enc)

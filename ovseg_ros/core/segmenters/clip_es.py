@@ -1,0 +1,332 @@
+"""CLIP-ES: softmax Grad-CAM + class-aware attention affinity (+ dense CRF) as an open-vocabulary segmenter.
+
+Lin, Chen, Zhou, Zhang, Gao, Tan and He, "CLIP is Also an Efficient Segmenter: A Text-Driven Approach for
+Weakly Supervised Semantic Segmentation", CVPR 2023 (arXiv 2212.09506); authors' code
+https://github.com/linyq2117/CLIP-ES. Our own implementation on open_clip; the stage-1 machinery lives
+in :mod:`ovseg_ros.core.cam` (shared with CaR) and the CRF in :mod:`ovseg_ros.core.crf`.
+
+Per frame: one ViT pass (:meth:`ClipCam.encode`), image-level softmax over vocabulary ∪ background
+words to decide which classes are present (or the caller's tags), one batched last-block re-run with
+gradients for all present classes (softmax Grad-CAM), CAA refinement with the box mask, background score
+``(1 - max_c cam)^α``, optional dense CRF, argmax. Labels are vocabulary ids, UNLABELED where the
+background wins (or the winning score is below ``prob_threshold``).
+
+Deliberate differences from the authors' code:
+
+1. **Present classes**: the authors read ground-truth image tags; we take them from the caller (``query``,
+   ``segment(..., present=...)``, the pseudo-label tool) or decide per frame by image-level CLIP
+   classification (softmax over vocabulary ∪ background words at temperature 100, ``presence_threshold``,
+   ``max_present``, ``min_present``).
+2. **Batched Grad-CAM**: one last-block forward/backward for up to ``max_batch`` classes (activation
+   replicated per class, or ``grad_mode: vmap``: one forward and a vmapped backward) instead of one
+   backward per class; gradients via ``torch.autograd.grad`` w.r.t. the ``ln_1`` output only (frozen
+   weights), not hooks and ``.backward()``.
+3. **CAA cost**: Sinkhorn once per image (the authors redo it for every class), and ``S·(S·(B⊙cam))``
+   instead of forming ``S²`` (O(N²) instead of O(N³) per class); on the model's device in float32 (the
+   authors move the attention to the CPU).
+4. **Box mask at the right/bottom edge**: the authors clip each box's exclusive end to ``size - 1``, so the
+   last patch column/row never counts and a region there is lost; we keep those boxes whole
+   (``clip_box_edges: true`` restores the authors' behaviour).
+5. **CRF**: our torch mean-field CRF (:mod:`ovseg_ros.core.crf`: exact Gaussian kernel, permutohedral
+   bilateral kernel) on the RGB image; pydensecrf on BGR-minus-mean-cast-to-uint8 (which wraps) in the
+   authors' code. Optionally on a downscaled copy (``crf_max_side``).
+6. **Synonyms**: fused into one comma-joined prompt per class as the authors do (``synonyms: join``);
+   ``synonyms: mean`` averages per-name embeddings instead (for long synonym lists). Background words
+   equal to a vocabulary name or synonym are dropped so a class never competes with itself.
+7. **Input size**: the authors use the original size; ``short_side``/``max_long_side`` can shrink frames
+   first (bicubic with antialiasing), then H and W are rounded up to patch multiples as theirs.
+8. **Numerics**: positional embeddings are interpolated in the model's dtype (the authors cast to fp16
+   even on CPU); the last-block-only quirk for 77-token inputs is not reproduced; no flipped copy is
+   computed (the authors compute and discard one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import clip_vit
+from ..cam import VOC_BACKGROUND, ClipCam, prepare_image, refine_with_affinity
+from ..crf import dense_crf
+from ..geometry import resize
+from ..models import ClipModel, ModelSpec, load_clip
+from ..segmenter import (
+    QueryResult,
+    Segmenter,
+    SegmentationResult,
+    StageTimer,
+    VocabularyState,
+    check_image,
+    register_segmenter,
+)
+from ..text import ORIGAMI_TEMPLATE, TextEncoder
+from ..vocabulary import UNLABELED, Vocabulary, vocabulary_from_texts
+
+
+@dataclass(frozen=True)
+class ClipEsConfig:
+    """Options of CLIP-ES (presets in ``presets/clip_es``; defaults are the authors' VOC values)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    #: Resize so the short side is this many pixels (0 keeps the input size, as the authors).
+    short_side: int = 0
+    #: Cap on the long side (0 = none). H and W are then rounded up to patch multiples.
+    max_long_side: int = 0
+    #: Prompt template for classes and background words.
+    template: str = ORIGAMI_TEMPLATE
+    #: ``join``: one prompt per class with its names comma-joined (authors); ``mean``: average per name.
+    synonyms: str = "join"
+    #: Background words added to every softmax (VOC list: 25 words; COCO: 23).
+    background: tuple[str, ...] = VOC_BACKGROUND
+    #: Softmax temperature (pretrained CLIP's exp(logit_scale) = 100).
+    logit_scale: float = 100.0
+    #: Blocks whose attention the affinity averages, Sinkhorn rounds, and the power t of S.
+    attn_layers: int = 8
+    sinkhorn_rounds: int = 3
+    affinity_power: int = 2
+    #: CAA on/off, and the CAM threshold λ of the box mask (VOC 0.4, COCO 0.7).
+    use_affinity: bool = True
+    box_threshold: float = 0.4
+    #: Reproduce the authors' box clipping at the right/bottom edge.
+    clip_box_edges: bool = False
+    #: CaR's rule: redo an all-zero CAM without the background words.
+    retry_without_background: bool = False
+    #: Classes per batched last-block forward/backward (memory vs. speed), and how the batch is formed:
+    #: ``replicate`` (activation copied per class) or ``vmap`` (one forward, vmapped backward).
+    max_batch: int = 8
+    grad_mode: str = "replicate"
+    #: Per-frame presence: image-level probability threshold, the cap, and the minimum kept (top ones).
+    presence_threshold: float = 0.1
+    max_present: int = 8
+    min_present: int = 1
+    #: Background score exponent α in (1 - max cam)^α (the CRF script uses 1).
+    bg_power: float = 1.0
+    #: Dense CRF (authors' parameters) and an optional cap on the long side it runs at (0 = full size).
+    crf: bool = True
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 1.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 67.0
+    crf_bilateral_srgb: float = 3.0
+    crf_bilateral_compat: float = 4.0
+    crf_max_side: int = 0
+    #: ``segment``: pixels whose winning score is below this are UNLABELED.
+    prob_threshold: float = 0.0
+    #: Pseudo-label export: pixels whose winning score is below this become 255 (ignore), as the authors.
+    ignore_below: float = 0.95
+
+
+@dataclass(frozen=True)
+class ClipEsState(VocabularyState):
+    text: torch.Tensor = None  # type: ignore[assignment]  # (K, E) one normalised embedding per class
+    background: Optional[torch.Tensor] = None  # (G, E) background words, or None
+    background_words: tuple[str, ...] = ()
+    prompts: tuple[tuple[str, ...], ...] = ()
+
+
+@dataclass
+class ClipEsMaps:
+    """What one frame produced before labelling (for tools that need more than labels)."""
+
+    present: list[int]  # vocabulary ids, in the order of ``probs[1:]``
+    image_probs: torch.Tensor  # (K,) image-level probabilities of the vocabulary classes
+    probs: torch.Tensor  # (1 + P, H, W) background first, then the present classes (CRF marginals if on)
+
+
+@register_segmenter("clip_es")
+class ClipEsSegmenter(Segmenter):
+    """CLIP-ES. See the module docstring."""
+
+    config_cls = ClipEsConfig
+
+    def __init__(self, config: ClipEsConfig, clip: ClipModel, text_encoder: TextEncoder) -> None:
+        super().__init__(config, clip.device)
+        if config.synonyms not in ("join", "mean"):
+            raise ValueError(f"synonyms must be 'join' or 'mean', got {config.synonyms!r}")
+        self.clip = clip
+        self.text_encoder = text_encoder
+        self.cam = ClipCam(
+            clip,
+            logit_scale=config.logit_scale,
+            attn_layers=config.attn_layers,
+            sinkhorn_rounds=config.sinkhorn_rounds,
+            pos_mode="bilinear",
+            max_batch=config.max_batch,
+            grad_mode=config.grad_mode,
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: ClipEsConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True
+    ) -> "ClipEsSegmenter":
+        clip = load_clip(config.model, device, cache_dir=cache_dir or None, offline=offline)
+        return cls(config, clip, TextEncoder(clip, cache_dir))
+
+    # --- text ---------------------------------------------------------------------------------------
+    def _class_prompts(self, names: Sequence[str]) -> tuple[str, ...]:
+        tpl = self.config.template
+        if self.config.synonyms == "join":
+            return (tpl.format(",".join(names)),)
+        return tuple(tpl.format(n) for n in names)
+
+    def encode_vocabulary(self, vocabulary: Vocabulary) -> ClipEsState:
+        prompts = tuple(self._class_prompts(c.names) for c in vocabulary.classes)
+        text = torch.stack([F.normalize(self.text_encoder.encode_group(list(p)).mean(dim=0), dim=-1)
+                            for p in prompts])
+        taken = {n.strip().lower() for c in vocabulary.classes for n in c.names}
+        words = tuple(w for w in self.config.background if w.strip().lower() not in taken)
+        bg = self.text_encoder.encode_templated(words, [self.config.template]) if words else None
+        return ClipEsState(vocabulary=vocabulary, text=text, background=bg, background_words=words,
+                           prompts=prompts)
+
+    def describe_prompts(self, state: VocabularyState) -> list[list[str]]:
+        return [list(p) for p in getattr(state, "prompts", ())] or super().describe_prompts(state)
+
+    # --- image --------------------------------------------------------------------------------------
+    def _prepare(self, image: np.ndarray) -> torch.Tensor:
+        return prepare_image(self.clip, image, self.config.short_side, self.config.max_long_side)
+
+    def _choose_present(self, image_probs: torch.Tensor) -> list[int]:
+        cfg = self.config
+        order = torch.argsort(image_probs, descending=True, stable=True).tolist()
+        keep = [k for k in order if float(image_probs[k]) >= cfg.presence_threshold]
+        keep = keep[: max(cfg.max_present, 0)] if cfg.max_present > 0 else keep
+        if len(keep) < cfg.min_present:
+            keep = order[: cfg.min_present]
+        return keep
+
+    def compute_maps(
+        self,
+        image: np.ndarray,
+        state: Optional[VocabularyState] = None,
+        present: Optional[Sequence[int]] = None,
+        timer: Optional[StageTimer] = None,
+    ) -> ClipEsMaps:
+        """Everything up to the label decision: present classes and (1 + P, H, W) scores, background first.
+
+        ``present`` (vocabulary ids) skips the per-frame presence decision, as the authors' given tags.
+        """
+        st: ClipEsState = self._resolve_state(state)  # type: ignore[assignment]
+        image = check_image(image)
+        timer = timer or StageTimer(self.device)
+        cfg = self.config
+        k = len(st.vocabulary)
+        with timer.stage("preprocess"):
+            x = self._prepare(image)
+            text = st.text.to(self.device)
+            bg = st.background.to(self.device) if st.background is not None else None
+        with timer.stage("backbone"):
+            enc = self.cam.encode(x, with_attention=cfg.use_affinity)
+        with timer.stage("classify"):
+            rows = text if bg is None else torch.cat([text, bg])
+            image_probs = self.cam.classify(enc, rows)[:k]
+            if present is None:
+                present = self._choose_present(image_probs)
+            present = [int(p) for p in present]
+            if any(p < 0 or p >= k for p in present):
+                raise ValueError(f"present class ids must be in 0..{k - 1}, got {present}")
+        h, w = image.shape[:2]
+        if not present:
+            probs = torch.ones((1, h, w), device=self.device)
+            return ClipEsMaps([], image_probs, probs)
+        with timer.stage("gradcam"):
+            # The softmax competitors are the present classes and the background words (authors).
+            cams = self.cam.gradcam(enc, text[present], bg, list(range(len(present))),
+                                    cfg.retry_without_background)
+        if cfg.use_affinity:
+            with timer.stage("affinity"):
+                s = self.cam.affinity(enc)
+                cams = refine_with_affinity(s, cams, cfg.box_threshold, cfg.affinity_power, cfg.clip_box_edges)
+        with timer.stage("postprocess"):
+            cams = resize(cams[None].float(), (h, w))[0].clamp_(0, 1)
+            bg_score = (1 - cams.max(dim=0, keepdim=True).values).pow(cfg.bg_power)
+            probs = torch.cat([bg_score, cams])
+        if cfg.crf:
+            with timer.stage("crf"):
+                probs = self._crf(image, probs)
+        return ClipEsMaps(present, image_probs, probs)
+
+    def _crf(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        h, w = image.shape[:2]
+        img_t = torch.from_numpy(image if image.flags.writeable else image.copy()).to(probs.device)
+        small = cfg.crf_max_side > 0 and max(h, w) > cfg.crf_max_side
+        if small:
+            s = cfg.crf_max_side / max(h, w)
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            img_t = F.interpolate(img_t.permute(2, 0, 1)[None].float(), size=size, mode="bilinear",
+                                  align_corners=False, antialias=True)[0].round().clamp(0, 255).byte().permute(1, 2, 0)
+            probs = resize(probs[None], size)[0]
+        q = dense_crf(img_t, probs, cfg.crf_iterations, cfg.crf_gaussian_sxy, cfg.crf_gaussian_compat,
+                      cfg.crf_bilateral_sxy, cfg.crf_bilateral_srgb, cfg.crf_bilateral_compat)
+        return resize(q[None], (h, w))[0] if small else q
+
+    def segment(
+        self,
+        image: np.ndarray,
+        state: Optional[VocabularyState] = None,
+        present: Optional[Sequence[int]] = None,
+    ) -> SegmentationResult:
+        """Segment one frame; ``present`` (vocabulary ids) are given tags, else decided per frame."""
+        st = self._resolve_state(state)
+        timer = StageTimer(self.device)
+        with torch.no_grad():
+            maps = self.compute_maps(image, st, present, timer)
+            with timer.stage("labels"):
+                labels, conf = self._labels(maps)
+        return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
+
+    def _labels(self, maps: ClipEsMaps) -> tuple[np.ndarray, np.ndarray]:
+        conf, idx = maps.probs.max(dim=0)
+        lut = torch.tensor([UNLABELED] + maps.present, dtype=torch.int32, device=idx.device)
+        labels = lut[idx]
+        if self.config.prob_threshold > 0:
+            labels[conf < self.config.prob_threshold] = UNLABELED
+        return labels.cpu().numpy(), conf.float().clamp(0, 1).cpu().numpy()
+
+    def pseudo_label(
+        self, image: np.ndarray, state: Optional[VocabularyState] = None, present: Optional[Sequence[int]] = None,
+        ignore_below: Optional[float] = None,
+    ) -> np.ndarray:
+        """(H, W) uint8 in the VOC convention: 0 background, class id + 1, 255 where the winning score is
+        below ``ignore_below`` (default: config ``ignore_below``, the authors' 0.95). At most 254 classes."""
+        st = self._resolve_state(state)
+        if len(st.vocabulary) > 254:
+            raise ValueError("VOC-style PNG pseudo-labels hold at most 254 classes")
+        with torch.no_grad():
+            maps = self.compute_maps(image, st, present)
+        return self.maps_to_pseudo_label(maps, self.config.ignore_below if ignore_below is None else ignore_below)
+
+    @staticmethod
+    def maps_to_pseudo_label(maps: ClipEsMaps, ignore_below: float) -> np.ndarray:
+        """VOC-convention uint8 PNG values from :meth:`compute_maps`' output (see :meth:`pseudo_label`)."""
+        conf, idx = maps.probs.max(dim=0)
+        lut = torch.tensor([0] + [p + 1 for p in maps.present], dtype=torch.uint8, device=idx.device)
+        out = lut[idx]
+        out[conf < ignore_below] = 255
+        return out.cpu().numpy()
+
+    def query(self, image: np.ndarray, texts: Sequence[str]) -> QueryResult:
+        """Every text is a given tag: one CLIP-ES mask each; score = its image-level probability (softmax
+        over the texts and the background words)."""
+        state = self.encode_vocabulary(vocabulary_from_texts(texts))
+        timer = StageTimer(self.device)
+        with torch.no_grad():
+            maps = self.compute_maps(image, state, list(range(len(texts))), timer)
+            labels, _ = self._labels(maps)
+        masks = [labels == i for i in range(len(texts))]
+        scores = [float(p) for p in maps.image_probs.cpu()]
+        return QueryResult(list(texts), masks, scores, dict(timer.times))
+
+    def backbone_forward(self, image: np.ndarray) -> None:
+        with torch.inference_mode():
+            clip_vit.bare_forward(self.clip.visual, self._prepare(check_image(image)), "bilinear")
+
+    def to(self, device: torch.device | str) -> "ClipEsSegmenter":
+        super().to(device)
+        self.clip.to(device)
+        return self
