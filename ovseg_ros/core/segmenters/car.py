@@ -1,0 +1,844 @@
+"""CaR: CLIP as RNN, a training-free recurrent segmenter built from two frozen CLIPs.
+
+Sun, Zhang, Zhou, Li, Zhang, Yeung, Yang and Torr (our short form: Sun et al.), "CLIP as RNN: Segment
+Countless Visual Concepts without Training Endeavor", CVPR 2024 (arXiv 2312.07661). Authors' code:
+https://github.com/google-research/google-research/tree/master/clip_as_rnn (``modeling/model/car.py``,
+``clipcam.py``, ``clip_wrapper.py``, ``utils.py``, ``crf.py``, ``evaluate.py``, ``utils/merge_mask.py``,
+``utils/inference_pipeline.py``), read at commits 4c42994 / 8d8a4f1. This is our own implementation.
+
+The recurrence. The hidden state is the set of text queries still alive; the image is the input at every step.
+One step: (1) stage 1 turns every live query into a mask proposal with CLIP-ES's softmax Grad-CAM and
+class-aware attention affinity on a ViT-B/16 (shared machinery, :mod:`ovseg_ros.core.cam`), with background
+words in the softmax; (2) stage 2 draws each proposal onto the image as a visual prompt (red ellipse, blur,
+gray, ... :mod:`ovseg_ros.core.visual_prompts`) and a second CLIP (ViT-L/14) scores every prompted image against
+the live queries with a 15-template ensemble (softmax per template, summed, softmax again); a query survives
+when the score of its own prompted image exceeds θ. The loop stops when the number of survivors stops
+changing; the last proposals are refined with a dense CRF (:mod:`ovseg_ros.core.crf`) and, optionally,
+snapped to masks of an external source (SAM) matched by intersection over minimum.
+
+Step bound. The live set only shrinks (the survivors, or the single best query when none survives). We also
+stop when the next step's live set equals the current one, because that step would repeat the current one
+exactly and then stop (the authors run it). So every step after the first has strictly fewer queries than
+the one before, and a vocabulary of N queries takes at most N steps, N + 1 with ``cam_raw_names_first_step``
+(step 1 and step 2 then differ in the CAM text even for the same queries). ``max_steps`` caps it further.
+
+Modes. *Semantic* (:meth:`CarSegmenter.segment`): all queries share one CAM softmax; vocabularies with stuff
+classes get, with ``mutual_background``, a second pass over the stuff classes in which the thing names are
+the background words; the label map paints stuff, then things, each in ascending score, where score > 0.
+*Referring* (:meth:`CarSegmenter.query`, the node's ``~/query`` and the offline tool): one CAM per sentence
+(softmax over that sentence and the background words), one CRF per mask; :meth:`CarSegmenter.refer` merges
+the masks of sentences that describe one object by score-weighted mean (falling back to their union).
+
+Deliberate differences from the authors' code (numbers change only where a switch is named):
+
+* open_clip models (``ViT-B-16-quickgelu``/``ViT-L-14-quickgelu`` with the ``openai`` tag are the same
+  weights); any open_clip model can be the classifier (non-ViT ones run their full ``encode_image``).
+* Text embeddings are encoded once per vocabulary and cached across steps, frames and processes (the authors
+  re-encode N x 15 prompts every step); the CAM backbone forward and the attention affinity are computed once
+  per image and reused by every step and both passes (the authors recompute them per step and, in referring
+  mode, per sentence).
+* All prompted images of a step go through the classifier in one batch; the "outside the mask" image (blur,
+  gray) is computed once per image instead of once per mask.
+* Prompts are drawn with torch (see :mod:`ovseg_ros.core.visual_prompts` for the pixel-level differences);
+  ``gray_order: rgb`` uses RGB luma weights (``bgr`` reproduces the authors' ``BGR2GRAY`` on RGB data).
+* Background words equal to a vocabulary name are dropped from the CAM softmax (``drop_background_overlaps``;
+  a class "helmet" would otherwise compete with the background word "helmet").
+* Synonyms: one query per class, its names joined by ``synonym_joiner`` (the authors' class strings are
+  comma-joined synonyms, e.g. "person with clothes,people,human").
+* The stuff/thing split comes from the vocabulary's ``is_thing`` flags; painting order is stuff then things
+  in every mode (identical to the authors' where they have both passes, and where all classes are things).
+* If every proposal of a step is zero, the previous step's proposals *of the live queries* are reused (the
+  authors reuse the whole previous stack, whose rows no longer match the queries).
+* Stage 1 and the CRF are the shared CLIP-ES modules (:mod:`~ovseg_ros.core.cam`, :mod:`~ovseg_ros.core.crf`):
+  a torch dense CRF instead of pydensecrf (no BGR-minus-mean uint8 wrap-around), and boxes touching the
+  right/bottom edge kept whole (``cam_clip_box_edges: true`` reproduces the clipping).
+* Prompted images are padded with the normalisation mean (zero after normalising) under ``keep_full_image``.
+* ``query`` gives an empty mask to a text whose score is 0 (the authors return the best text's mask with
+  score 0 when nothing survives; :meth:`CarSegmenter.refer` keeps that, as their RefCOCO merge needs it).
+* Optional knobs absent from the reference, off in the authors' presets: ``cam_max_side`` (CAM input size),
+  ``prompt_max_side`` (size at which prompts are composed), ``crf_max_side`` (size at which the CRF runs),
+  ``max_steps``, ``crf: false``, and ``classifier_negatives`` (background words as extra stage-2 softmax
+  columns, so a lone query can be rejected: alone in the softmax it always scores 1).
+
+Reference defects fixed (behind a switch where the fix changes numbers; ``docs/methods/car.md`` lists them):
+
+* ``fix_empty_first_step``: when no query survives step 1, the authors keep the best query but pair it with
+  the proposal of query 0 (``zip`` over mismatched lists). We pair it with its own proposal.
+* ``keep_full_image``: the classifier's stock preprocessing centre-crops, so on wide images a prompt near the
+  left/right edge is cut away; we pad to a square before resizing.
+* The authors' SAM path cannot run (``forward`` called with 3 arguments, ``cfg.sam.matching_thresh`` read but
+  absent from every config). Ours is a hook, ``mask_source``: any callable returning candidate masks, matched
+  as the paper describes (IoM, then IoU against the CaR mask).
+* CRF one-hot (no switch: it only restores lost masks): the authors' ``F.one_hot`` infers the number of
+  classes from the labels present, so trailing queries that win no pixel lose their masks (and a per-mask CRF
+  that labels everything background returns no mask at all); ours always returns one mask per query.
+
+Kept on purpose (the thresholds θ were tuned with them): the classifier reads the CLS token after L-1 blocks
+(``classifier_skip_last_block``, kevin-ssy/CLIP_as_RNN#12), and step 1 sends raw names to the CAM while later
+steps send "a clean origami {}." (``cam_raw_names_first_step``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import clip_vit
+from ..cam import COCO_BACKGROUND, ClipCam, prepare_image, refine_with_affinity
+from ..crf import dense_crf
+from ..geometry import image_to_tensor, normalize
+from ..models import ClipModel, ModelSpec, load_clip
+from ..segmenter import (
+    QueryResult,
+    Segmenter,
+    SegmentationResult,
+    StageTimer,
+    VocabularyState,
+    check_image,
+    register_segmenter,
+)
+from ..text import ORIGAMI_TEMPLATE, TextEncoder, format_prompts
+from ..visual_prompts import apply_visual_prompts, check_kinds, outside_appearance, to_classifier_input
+from ..vocabulary import UNLABELED, Vocabulary, vocabulary_from_texts
+
+#: The 15 classifier templates of the authors' semantic configs: CLIP-ES's origami template followed by the
+#: 14 FC-CLIP/ViLD templates.
+CAR_TEMPLATES: tuple[str, ...] = (
+    ORIGAMI_TEMPLATE,
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
+#: The 23 background words of every CaR config: CLIP-ES's COCO list.
+CAR_BACKGROUND: tuple[str, ...] = COCO_BACKGROUND
+
+
+@dataclass(frozen=True)
+class CarConfig:
+    """Options of CaR (presets in ``presets/car``). Greek letters are the paper's."""
+
+    #: Stage-1 CLIP (Grad-CAM + affinity); ViT only.
+    cam_model: ModelSpec = field(default_factory=lambda: ModelSpec("ViT-B-16-quickgelu", "openai"))
+    #: Stage-2 CLIP that scores prompted images; any open_clip model. Shared with ``cam_model`` when equal.
+    classifier_model: ModelSpec = field(default_factory=lambda: ModelSpec("ViT-L-14-quickgelu", "openai"))
+
+    # --- stage 1 ---
+    #: λ: CAM threshold (fraction of the max) for the affinity's box mask (``clipes_threshold``).
+    cam_threshold: float = 0.4
+    #: Background words in the CAM softmax (formatted with ``cam_template``).
+    background_words: tuple[str, ...] = CAR_BACKGROUND
+    cam_template: str = ORIGAMI_TEMPLATE
+    #: Step 1 sends the raw query text to the CAM, later steps the templated one (the authors' behaviour).
+    cam_raw_names_first_step: bool = True
+    drop_background_overlaps: bool = True
+    #: Softmax temperature of the CAM target (pretrained CLIP's exp(logit_scale) = 100).
+    cam_logit_scale: float = 100.0
+    #: Long-side cap of the CAM input in pixels (0 = the input size, as the authors).
+    cam_max_side: int = 0
+    #: Keep CLIP-ES's clipping of box ends to size-1 (False = the shared fix, see ``cam.box_mask``).
+    cam_clip_box_edges: bool = False
+    cam_max_batch: int = 8
+
+    # --- stage 2 ---
+    #: η: proposals above this become the prompt's mask (``mask_threshold``).
+    mask_threshold: float = 0.5
+    #: θ: a query survives when its own prompted image scores above this (``confidence_threshold``).
+    confidence_threshold: float = 0.3
+    visual_prompts: tuple[str, ...] = ("circle", "blur")
+    #: Prompts of the stuff pass (``stuff_visual_prompt_type``).
+    stuff_visual_prompts: tuple[str, ...] = ("gray", "blur")
+    prompt_color: tuple[int, int, int] = (255, 0, 0)
+    prompt_thickness: int = 1
+    blur_kernel: int = 15
+    gray_order: str = "rgb"
+    #: Long-side cap at which prompts are composed (0 = full resolution, as the authors).
+    prompt_max_side: int = 0
+    #: Classifier templates; one template means one softmax, several the double-softmax ensemble.
+    templates: tuple[str, ...] = CAR_TEMPLATES
+    classifier_logit_scale: float = 100.0
+    #: Classify the CLS token after L-1 blocks (the authors' wrapper does; θ was tuned with it).
+    classifier_skip_last_block: bool = True
+    #: Classifier input side (0 = the model's own).
+    classifier_input_size: int = 0
+    #: Pad prompted images to a square before resizing (fix); False = resize + centre crop (reference).
+    keep_full_image: bool = True
+    #: Prompted images composed per chunk (memory); the classifier still sees the whole step in one batch.
+    prompt_chunk: int = 32
+    #: Add the background words to the stage-2 softmax as negatives (not in the reference): otherwise one
+    #: query alone always scores 1 and can never be dropped (a single ``query`` text, a 1-class vocabulary).
+    classifier_negatives: bool = False
+
+    # --- loop ---
+    #: Hard cap on steps (0 = the vocabulary bound, N + 1).
+    max_steps: int = 0
+    fix_empty_first_step: bool = True
+
+    # --- semantic mode ---
+    #: Second pass for stuff classes with the thing names as background words (Context/ADE configs).
+    mutual_background: bool = False
+    #: Exponent of the CRF background score (1 - max cam)^f, things / stuff pass.
+    bg_factor: float = 1.0
+    stuff_bg_factor: float = 1.0
+    #: Joins a class's names into one query.
+    synonym_joiner: str = ","
+
+    # --- refinement ---
+    #: Dense CRF on the final proposals (False: argmax of the same unary, no pairwise terms).
+    crf: bool = True
+    #: Long-side cap at which the CRF runs (0 = full resolution, as the authors); marginals are upsampled.
+    crf_max_side: int = 0
+    #: External masks (``mask_source``): IoM to match (``iom_thres``), per-prediction floor, IoU to accept.
+    iom_threshold: float = 0.6
+    min_pred_threshold: float = 0.05
+    matching_threshold: float = 0.9
+
+    # --- referring merge (refer) ---
+    refer_merge_threshold: float = 0.5
+    refer_min_cover: float = 0.05
+
+
+# --- stage 1 protocol and its CLIP-ES implementation ----------------------------------------------------
+class ProposalSource(Protocol):
+    """Stage 1: per-query mask proposals (Q, H, W) float in [0, 1] at the image's resolution.
+
+    ``prepare`` does the per-image work once (the loop calls ``propose`` every step with the live queries).
+    ``separate=False``: one softmax over all queries + background (semantic); ``True``: one CAM per query with
+    only that query + background in the softmax (referring). Texts arrive fully formatted.
+    """
+
+    def prepare(self, image: np.ndarray) -> Any: ...
+
+    def propose(
+        self, prepared: Any, queries: Sequence[str], background: Sequence[str], separate: bool = False
+    ) -> torch.Tensor: ...
+
+
+#: External mask source: (H, W, 3) uint8 RGB -> (M, H, W) bool candidate masks (e.g. SAM's automatic masks).
+MaskSource = Callable[[np.ndarray], Any]
+
+
+@dataclass
+class _Prepared:
+    encoding: Any
+    affinity: torch.Tensor
+    size: tuple[int, int]
+
+
+class ClipEsProposals:
+    """CaR's stage 1 on :mod:`ovseg_ros.core.cam`: softmax Grad-CAM + class-aware attention affinity."""
+
+    def __init__(self, clip: ClipModel, text: TextEncoder, config: CarConfig) -> None:
+        self.clip = clip
+        self.text = text
+        self.config = config
+        self.cam = ClipCam(clip, logit_scale=config.cam_logit_scale, max_batch=config.cam_max_batch)
+
+    def warm(self, texts: Sequence[str]) -> None:
+        """Encode ``texts`` into the cache now (vocabulary time), so steps only hit memory."""
+        if texts:
+            self.text.encode_texts(list(dict.fromkeys(texts)))
+
+    def prepare(self, image: np.ndarray) -> _Prepared:
+        x = prepare_image(self.clip, image, max_long_side=self.config.cam_max_side)
+        enc = self.cam.encode(x)
+        return _Prepared(enc, self.cam.affinity(enc), tuple(image.shape[:2]))
+
+    def propose(
+        self, prepared: _Prepared, queries: Sequence[str], background: Sequence[str], separate: bool = False
+    ) -> torch.Tensor:
+        enc = prepared.encoding
+        text = self.text.encode_texts(list(queries)).float()
+        bg = self.text.encode_texts(list(background)).float() if background else None
+        if separate:
+            cams = torch.cat([self.cam.gradcam(enc, text[i:i + 1], bg, [0], retry_without_background=True)
+                              for i in range(len(queries))])
+        else:
+            cams = self.cam.gradcam(enc, text, bg, range(len(queries)), retry_without_background=True)
+        refined = refine_with_affinity(prepared.affinity, cams, self.config.cam_threshold,
+                                       clip_box_edges=self.config.cam_clip_box_edges)
+        up = F.interpolate(refined[None], size=prepared.size, mode="bilinear", align_corners=False)[0]
+        return up.clamp_(0, 1)
+
+
+# --- stage 2 -------------------------------------------------------------------------------------------
+def template_ensemble(image_features: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """CaR's prompt ensemble: (N, E) normalised images x (Q, T, E) normalised texts -> (N, Q) probabilities.
+
+    For each template t a softmax over the Q queries of ``logit_scale · cos``; the T softmaxes are summed and
+    passed through a softmax again. With one template it is that template's softmax (the authors' referring
+    configs).
+    """
+    logits = logit_scale * torch.einsum("ne,qte->tnq", image_features.float(), text.float())
+    probs = logits.softmax(dim=-1)
+    if text.shape[1] == 1:
+        return probs[0]
+    return probs.sum(dim=0).softmax(dim=-1)
+
+
+class PromptClassifier:
+    """Stage 2's CLIP: cached template text banks and batched image embeddings of prompted images."""
+
+    def __init__(self, clip: ClipModel, text: TextEncoder, config: CarConfig) -> None:
+        self.clip = clip
+        self.text = text
+        self.config = config
+        native = getattr(clip.visual, "image_size", 224)
+        native = native[0] if isinstance(native, (tuple, list)) else native
+        self.input_size = int(config.classifier_input_size or native)
+        self.is_vit = hasattr(clip.visual, "transformer") and hasattr(clip.visual, "conv1")
+
+    def encode_queries(self, queries: Sequence[str]) -> torch.Tensor:
+        """(Q, T, E): each query under every template, normalised per prompt (cached per query)."""
+        templates = self.config.templates
+        if not templates:
+            raise ValueError("car: 'templates' is empty")
+        rows = [self.text.encode_group(format_prompts(q, templates)) for q in queries]
+        return torch.stack(rows).float()
+
+    def fill(self) -> tuple[float, float, float]:
+        """Padding colour in 0..255: the normalisation mean, so padding is zero after normalising."""
+        return tuple(255.0 * m for m in self.clip.mean)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) RGB in 0..255 -> (N, E) normalised embeddings."""
+        mean, std = self.clip.pixel_stats()
+        x = normalize(images.to(self.clip.device) / 255.0, mean, std).to(self.clip.dtype)
+        visual = self.clip.visual
+        pool_ok = getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", "tok") == "tok"
+        if self.is_vit and pool_ok:
+            tokens, _ = clip_vit.embed(visual, x)
+            stop = clip_vit.num_blocks(visual) - (1 if self.config.classifier_skip_last_block else 0)
+            tokens, _ = clip_vit.run_blocks(visual, tokens, 0, stop)
+            feats = clip_vit.project_tokens(visual, tokens[:, :1])[:, 0]
+        else:  # other architectures: their own pooled forward (no block to skip)
+            feats = self.clip.model.encode_image(x)
+        return F.normalize(feats.float(), dim=-1)
+
+
+# --- the recurrence -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoopStep:
+    """One step: the live queries (ids), their own-prompt scores P[i, i], and the survivors (ids)."""
+
+    queries: tuple[int, ...]
+    scores: tuple[float, ...]
+    survivors: tuple[int, ...]
+
+
+@dataclass
+class LoopResult:
+    """The recurrence's output: final query ids, their proposals (len, H, W), scores (0 = not kept)."""
+
+    queries: list[int]
+    proposals: torch.Tensor
+    scores: torch.Tensor
+    steps: list[LoopStep]
+
+
+def step_limit(num_queries: int, max_steps: int = 0) -> int:
+    """Most steps the loop may take: N + 1 (see the module docstring), or ``max_steps`` if smaller and > 0."""
+    bound = num_queries + 1
+    return min(bound, max_steps) if max_steps > 0 else bound
+
+
+def run_recurrence(
+    num_queries: int,
+    propose: Callable[[list[int], int], torch.Tensor],
+    score: Callable[[torch.Tensor, list[int]], torch.Tensor],
+    threshold: float,
+    max_steps: int = 0,
+    step_dependent: bool = False,
+    fix_empty_first_step: bool = True,
+) -> LoopResult:
+    """Run CaR's loop over query ids 0..N-1.
+
+    Args:
+        propose: (live ids, step from 1) -> (A, H, W) proposals, one per live id in order.
+        score: (proposals, live ids) -> (A, A) probabilities; row i = prompted image of proposal i,
+            column j = live query j. Only the diagonal decides.
+        threshold: θ; a query survives when its diagonal entry is strictly greater.
+        step_dependent: step 1 differs from later steps for the same queries (raw CAM names), so an
+            unchanged live set after step 1 must still be run once more.
+        fix_empty_first_step: see the module docstring.
+    """
+    if num_queries <= 0:
+        raise ValueError("the recurrence needs at least one query")
+    active = list(range(num_queries))
+    last_count = 0
+    prev: Optional[tuple[list[int], torch.Tensor]] = None
+    steps: list[LoopStep] = []
+    for step in range(1, step_limit(num_queries, max_steps) + 1):
+        props = propose(active, step)
+        if prev is not None and not bool((props > 0).any()):
+            prev_ids, prev_props = prev  # live ids are a subset of the previous step's
+            props = prev_props[[prev_ids.index(q) for q in active]]
+        diag = torch.diagonal(score(props, active)).float().cpu()
+        keep = torch.nonzero(diag > threshold).flatten().tolist()  # float32 comparison, as the authors'
+        steps.append(LoopStep(tuple(active), tuple(float(v) for v in diag), tuple(active[i] for i in keep)))
+        if len(keep) == last_count:
+            break  # the number of survivors stopped changing
+        nxt = [active[i] for i in keep] or [active[int(diag.argmax())]]
+        if nxt == active and not (step == 1 and step_dependent):
+            break  # the next step would repeat this one exactly, then stop
+        if step == step_limit(num_queries, max_steps):
+            break  # capped: report this step's queries
+        prev, active, last_count = (active, props), nxt, len(keep)
+    if not keep:
+        best = int(diag.argmax())
+        row = best if fix_empty_first_step else 0  # the reference pairs the best query with proposal 0
+        return LoopResult([active[best]], props[row:row + 1], torch.zeros(1), steps)
+    kept = torch.where(diag > threshold, diag, torch.zeros_like(diag))
+    return LoopResult(list(active), props, kept, steps)
+
+
+# --- refinement, painting, merging (pure) -------------------------------------------------------------
+def unary_labels(proposals: torch.Tensor, bg_factor: float = 1.0) -> torch.Tensor:
+    """Argmax over [(1 - max)^f, proposals]: (H, W) long, 0 = background, k = proposal k-1."""
+    bg = (1.0 - proposals.max(dim=0, keepdim=True).values).clamp(min=0).pow(bg_factor)
+    return torch.cat([bg, proposals]).argmax(dim=0)
+
+
+def masks_from_labels(labels: torch.Tensor, count: int) -> torch.Tensor:
+    """(H, W) labels with 0 = background -> (count, H, W) bool, always ``count`` masks."""
+    return labels[None] == torch.arange(1, count + 1, device=labels.device).view(-1, 1, 1)
+
+
+def paint_labels(
+    masks: np.ndarray, scores: np.ndarray, is_stuff: Sequence[bool]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label map from per-class masks: stuff first, then things, each in ascending score; only score > 0.
+
+    Later (higher-scoring) classes overwrite earlier ones. Returns (labels int32 with UNLABELED, confidence
+    float32 = the painted class's score).
+    """
+    k, h, w = masks.shape
+    labels = np.full((h, w), UNLABELED, dtype=np.int32)
+    conf = np.zeros((h, w), dtype=np.float32)
+    stuff = np.asarray(is_stuff, dtype=bool)
+    for group in (np.flatnonzero(stuff), np.flatnonzero(~stuff)):
+        for c in group[np.argsort(scores[group], kind="stable")]:
+            if scores[c] > 0:
+                labels[masks[c]] = c
+                conf[masks[c]] = scores[c]
+    return labels, np.clip(conf, 0.0, 1.0)
+
+
+def merge_referring_masks(
+    masks: torch.Tensor, scores: torch.Tensor, threshold: float = 0.5, min_cover: float = 0.05
+) -> torch.Tensor:
+    """One mask from several sentences' masks (K, H, W): score-weighted mean >= ``threshold``.
+
+    If that covers at most ``min_cover`` of the image (or all scores are 0), the union of the masks.
+    """
+    m = masks.float()
+    s = scores.float().to(m.device)
+    h, w = m.shape[-2:]
+    merged = torch.zeros((h, w), dtype=torch.bool, device=m.device)
+    if float(s.sum()) > 0:
+        merged = (m * s.view(-1, 1, 1)).sum(0) / s.sum() >= threshold
+    if float(merged.sum()) <= min_cover * h * w:
+        merged = (m > 0).any(0)
+    return merged
+
+
+def match_external_masks(
+    masks: torch.Tensor,
+    candidates: torch.Tensor,
+    iom_threshold: float,
+    min_pred_threshold: float,
+    matching_threshold: float,
+) -> torch.Tensor:
+    """Replace CaR masks (K, H, W) by unions of matching candidate masks (M, H, W), as the paper describes.
+
+    Per non-empty mask: IoM with each candidate = max(∩/|candidate|, ∩/|mask|), the first term zeroed where
+    ∩/|mask| < ``min_pred_threshold``; candidates with IoM > ``iom_threshold`` are unioned (the best one when
+    none passes); the union replaces the mask when their IoU > ``matching_threshold``.
+    """
+    out = masks.clone().bool()
+    if candidates.numel() == 0 or masks.numel() == 0:
+        return out
+    cand = candidates.to(masks.device).bool().flatten(1).float()  # (M, P)
+    area_c = cand.sum(1).clamp(min=1)
+    for k in range(masks.shape[0]):
+        m = masks[k].flatten().float()
+        area_m = float(m.sum())
+        if area_m == 0:
+            continue
+        inter = cand @ m
+        iom_cand = inter / area_c
+        iom_pred = inter / area_m
+        iom_cand = torch.where(iom_pred < min_pred_threshold, torch.zeros_like(iom_cand), iom_cand)
+        iom = torch.maximum(iom_cand, iom_pred)
+        sel = iom > iom_threshold
+        if not bool(sel.any()):
+            sel = torch.zeros_like(sel)
+            sel[int(iom.argmax())] = True
+        union = cand[sel].amax(0)
+        iou = float((union * m).sum() / ((union + m) > 0).float().sum().clamp(min=1))
+        if iou > matching_threshold:
+            out[k] = union.view(masks.shape[1:]) > 0
+    return out
+
+
+# --- state and segmenter ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CarState(VocabularyState):
+    """Everything CaR derives from a vocabulary (immutable)."""
+
+    #: One query per class: its names joined by ``synonym_joiner``.
+    queries: tuple[str, ...] = ()
+    #: CAM texts: raw (step 1) and templated (later steps).
+    cam_raw: tuple[str, ...] = ()
+    cam_templated: tuple[str, ...] = ()
+    #: (K, T, E) classifier text bank.
+    text_bank: torch.Tensor = None  # type: ignore[assignment]
+    is_stuff: tuple[bool, ...] = ()
+    #: Templated background words of the first (thing) pass, overlaps with the vocabulary removed.
+    background: tuple[str, ...] = ()
+    #: Templated thing queries: the background words of the mutual-background stuff pass.
+    thing_background: tuple[str, ...] = ()
+    #: (G, T, E) classifier bank of the background words when ``classifier_negatives``, else None.
+    negatives: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Image:
+    """Per-image tensors of stage 2, shared by every step and pass."""
+
+    full: torch.Tensor  # (1, 3, H, W) float 0..255
+    work: torch.Tensor  # the same at the prompt working size
+    outside: dict[tuple[str, ...], Optional[torch.Tensor]]
+
+
+@dataclass
+class _Pass:
+    ids: list[int]
+    background: tuple[str, ...]
+    kinds: tuple[str, ...]
+    bg_factor: float
+
+
+@register_segmenter("car")
+class CarSegmenter(Segmenter):
+    """CLIP as RNN. See the module docstring.
+
+    Attributes:
+        mask_source: optional external masks (see :data:`MaskSource`); None = CRF output as is.
+        last_loops: the :class:`LoopResult` of each pass of the latest call (diagnostics, benchmarks).
+    """
+
+    config_cls = CarConfig
+
+    def __init__(
+        self,
+        config: CarConfig,
+        stage1: ProposalSource,
+        classifier: PromptClassifier,
+        cam_clip: Optional[ClipModel] = None,
+        mask_source: Optional[MaskSource] = None,
+    ) -> None:
+        super().__init__(config, classifier.clip.device)
+        _validate(config)
+        self.stage1 = stage1
+        self.classifier = classifier
+        self.cam_clip = cam_clip
+        self.mask_source = mask_source
+        self.last_loops: list[LoopResult] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        config: CarConfig,
+        device: str | torch.device = "cpu",
+        cache_dir: str = "",
+        offline: bool = True,
+        mask_source: Optional[MaskSource] = None,
+    ) -> "CarSegmenter":
+        _validate(config)  # before loading weights
+        cam_clip = load_clip(config.cam_model, device, cache_dir=cache_dir or None, offline=offline)
+        cam_text = TextEncoder(cam_clip, cache_dir)
+        if config.classifier_model == config.cam_model:
+            cls_clip, cls_text = cam_clip, cam_text  # refcoco-style: one model serves both stages
+        else:
+            cls_clip = load_clip(config.classifier_model, device, cache_dir=cache_dir or None, offline=offline)
+            cls_text = TextEncoder(cls_clip, cache_dir)
+        stage1 = ClipEsProposals(cam_clip, cam_text, config)
+        return cls(config, stage1, PromptClassifier(cls_clip, cls_text, config), cam_clip, mask_source)
+
+    # --- text -----------------------------------------------------------------------------------------
+    def _make_state(self, vocabulary: Vocabulary, queries: Sequence[str]) -> CarState:
+        cfg = self.config
+        queries = tuple(queries)
+        text_bank = self.classifier.encode_queries(queries)  # raises VocabularyError on over-long prompts
+        cam_tpl = tuple(cfg.cam_template.format(q) for q in queries)
+        names = {n.strip().lower() for c in vocabulary.classes for n in c.names} | {q.lower() for q in queries}
+        words = [w for w in cfg.background_words if not (cfg.drop_background_overlaps and w.lower() in names)]
+        is_stuff = tuple(not c.is_thing for c in vocabulary.classes)
+        thing_bg = tuple(cam_tpl[i] for i, s in enumerate(is_stuff) if not s)
+        background = tuple(cfg.cam_template.format(w) for w in words)
+        negatives = self.classifier.encode_queries(words) if cfg.classifier_negatives and words else None
+        warm = getattr(self.stage1, "warm", None)
+        if callable(warm):
+            warm(list(queries) + list(cam_tpl) + list(background))
+        return CarState(
+            vocabulary=vocabulary,
+            queries=queries,
+            cam_raw=queries,
+            cam_templated=cam_tpl,
+            text_bank=text_bank,
+            is_stuff=is_stuff,
+            background=background,
+            thing_background=thing_bg,
+            negatives=negatives,
+        )
+
+    def encode_vocabulary(self, vocabulary: Vocabulary) -> CarState:
+        return self._make_state(vocabulary, [self.config.synonym_joiner.join(c.names) for c in vocabulary.classes])
+
+    def describe_prompts(self, state: VocabularyState) -> list[list[str]]:
+        """Per class: the CAM texts (step 1, later steps) and the classifier prompts."""
+        st: CarState = state  # type: ignore[assignment]
+        out = []
+        for i, q in enumerate(st.queries):
+            cam = [st.cam_raw[i]] if self.config.cam_raw_names_first_step else []
+            out.append(list(dict.fromkeys(cam + [st.cam_templated[i]] + format_prompts(q, self.config.templates))))
+        return out
+
+    # --- image ----------------------------------------------------------------------------------------
+    def _image(self, image: np.ndarray) -> _Image:
+        full = image_to_tensor(image, self.classifier.clip.device) * 255.0
+        work = full
+        cap = self.config.prompt_max_side
+        h, w = image.shape[:2]
+        if cap > 0 and max(h, w) > cap:
+            s = cap / max(h, w)
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            work = F.interpolate(full, size=size, mode="bilinear", align_corners=False, antialias=True).round()
+        return _Image(full, work, {})
+
+    def _classify(
+        self,
+        img: _Image,
+        props: torch.Tensor,
+        text: torch.Tensor,
+        kinds: tuple[str, ...],
+        negatives: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(A, H, W) proposals -> (A, A) ensemble probabilities of their prompted images vs ``text`` (A, T, E).
+
+        ``negatives`` (G, T, E) join the softmax as extra columns, which are then dropped.
+        """
+        cfg = self.config
+        props = props.to(img.work.device).float()
+        valid = props.flatten(1).sum(1) > 1  # the authors leave an (almost) empty proposal unprompted
+        if tuple(props.shape[-2:]) != tuple(img.work.shape[-2:]):
+            props = F.interpolate(props[None], size=img.work.shape[-2:], mode="bilinear", align_corners=False)[0]
+        masks = (props > cfg.mask_threshold) & valid.view(-1, 1, 1)
+        if kinds not in img.outside:
+            img.outside[kinds] = outside_appearance(img.work, kinds, cfg.blur_kernel, cfg.gray_order)
+        batch = []
+        for s in range(0, masks.shape[0], max(1, cfg.prompt_chunk)):
+            prompted = apply_visual_prompts(img.work, masks[s:s + cfg.prompt_chunk], kinds, cfg.prompt_color,
+                                            cfg.prompt_thickness, cfg.blur_kernel, cfg.gray_order,
+                                            outside=img.outside[kinds])
+            batch.append(to_classifier_input(prompted, self.classifier.input_size, cfg.keep_full_image,
+                                             self.classifier.fill()))
+        feats = self.classifier.embed(torch.cat(batch))  # one forward for the whole step
+        a = text.shape[0]
+        if negatives is not None:
+            text = torch.cat([text.to(feats.device), negatives.to(feats.device)])
+        return template_ensemble(feats, text.to(feats.device), cfg.classifier_logit_scale)[:, :a]
+
+    def _loop(
+        self, prepared: Any, img: _Image, st: CarState, p: _Pass, separate: bool, timer: StageTimer
+    ) -> LoopResult:
+        cfg = self.config
+        bank = st.text_bank
+
+        def propose(active: list[int], step: int) -> torch.Tensor:
+            raw = step == 1 and cfg.cam_raw_names_first_step
+            texts = [(st.cam_raw if raw else st.cam_templated)[p.ids[a]] for a in active]
+            with timer.stage("cam"):
+                return self.stage1.propose(prepared, texts, p.background, separate)
+
+        def score(props: torch.Tensor, active: list[int]) -> torch.Tensor:
+            with timer.stage("classify"):
+                return self._classify(img, props, bank[[p.ids[a] for a in active]], p.kinds, st.negatives)
+
+        return run_recurrence(len(p.ids), propose, score, cfg.confidence_threshold, cfg.max_steps,
+                              cfg.cam_raw_names_first_step, cfg.fix_empty_first_step)
+
+    def _refine(
+        self, image: np.ndarray, proposals: torch.Tensor, separate: bool, bg_factor: float, timer: StageTimer
+    ) -> torch.Tensor:
+        """(A, H, W) proposals -> (A, H, W) bool masks: dense CRF (joint or per mask), then external masks."""
+        with timer.stage("refine"):
+            props = proposals.float()
+            if tuple(props.shape[-2:]) != tuple(image.shape[:2]):
+                props = F.interpolate(props[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            groups = [props[i:i + 1] for i in range(props.shape[0])] if separate else [props]
+            masks = torch.cat([self._crf_masks(image, g, bg_factor) for g in groups])
+        if self.mask_source is not None:
+            with timer.stage("external_masks"):
+                src = self.mask_source(image)
+                cand = (src if isinstance(src, torch.Tensor) else torch.from_numpy(np.asarray(src))).bool()
+                if cand.ndim != 3 or tuple(cand.shape[1:]) != tuple(image.shape[:2]):
+                    raise ValueError(f"car: mask_source must return (M, {image.shape[0]}, {image.shape[1]}) "
+                                     f"masks, got shape {tuple(cand.shape)}")
+                cfg = self.config
+                masks = match_external_masks(masks, cand, cfg.iom_threshold, cfg.min_pred_threshold,
+                                             cfg.matching_threshold)
+        return masks
+
+    def _crf_masks(self, image: np.ndarray, props: torch.Tensor, bg_factor: float) -> torch.Tensor:
+        if self.config.crf:
+            labels = _crf_labels(image, props, bg_factor, self.config.crf_max_side)
+        else:
+            labels = unary_labels(props, bg_factor)
+        return masks_from_labels(labels.to(props.device), props.shape[0])
+
+    def _passes(self, st: CarState) -> list[_Pass]:
+        cfg = self.config
+        kinds, stuff_kinds = check_kinds(cfg.visual_prompts), check_kinds(cfg.stuff_visual_prompts)
+        stuff = [i for i, s in enumerate(st.is_stuff) if s]
+        things = [i for i, s in enumerate(st.is_stuff) if not s]
+        if not (cfg.mutual_background and stuff):
+            return [_Pass(list(range(len(st.queries))), st.background, kinds, cfg.bg_factor)]
+        passes = [_Pass(things, st.background, kinds, cfg.bg_factor)] if things else []
+        passes.append(_Pass(stuff, st.thing_background, stuff_kinds, cfg.stuff_bg_factor))
+        return passes
+
+    # --- the contract ---------------------------------------------------------------------------------
+    def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:
+        st: CarState = self._resolve_state(state)  # type: ignore[assignment]
+        image = check_image(image)
+        timer = StageTimer(self.device)
+        k = len(st.queries)
+        masks = np.zeros((k,) + image.shape[:2], dtype=bool)
+        scores = np.zeros(k, dtype=np.float32)
+        loops = []
+        with timer.stage("cam_encode"):
+            prepared = self.stage1.prepare(image)
+        img = self._image(image)
+        for p in self._passes(st):
+            res = self._loop(prepared, img, st, p, separate=False, timer=timer)
+            refined = self._refine(image, res.proposals, False, p.bg_factor, timer).cpu().numpy()
+            for j, q in enumerate(res.queries):
+                masks[p.ids[q]] = refined[j]
+                scores[p.ids[q]] = float(res.scores[j])
+            loops.append(res)
+        with timer.stage("paint"):
+            labels, conf = paint_labels(masks, scores, st.is_stuff)
+        self.last_loops = loops
+        return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
+
+    def _referring(self, image: np.ndarray, texts: list[str]) -> tuple[list[np.ndarray], list[float], dict]:
+        """Referring-mode loop: the final mask and score of each text (texts the loop dropped: empty, 0; the
+        best text when nothing survived: its mask with score 0, as the authors return it)."""
+        image = check_image(image)
+        vocab = vocabulary_from_texts(texts)  # validates: non-empty, no empty texts
+        timer = StageTimer(self.device)
+        with timer.stage("text"):
+            st = self._make_state(vocab, [t.strip() for t in texts])
+        with timer.stage("cam_encode"):
+            prepared = self.stage1.prepare(image)
+        img = self._image(image)
+        p = _Pass(list(range(len(texts))), st.background, check_kinds(self.config.visual_prompts),
+                  self.config.bg_factor)
+        res = self._loop(prepared, img, st, p, separate=True, timer=timer)
+        refined = self._refine(image, res.proposals, True, p.bg_factor, timer).cpu().numpy()
+        masks = [np.zeros(image.shape[:2], dtype=bool) for _ in texts]
+        scores = [0.0] * len(texts)
+        for j, q in enumerate(res.queries):
+            masks[q] = refined[j]
+            scores[q] = float(res.scores[j])
+        self.last_loops = [res]
+        return masks, scores, timer.times
+
+    def query(self, image: np.ndarray, texts: Sequence[str]) -> QueryResult:
+        """Referring mode: one mask and score per text; a text the loop does not keep gets score 0 and an
+        empty mask."""
+        texts = list(texts)
+        masks, scores, times = self._referring(image, texts)
+        masks = [m if s > 0 else np.zeros_like(m) for m, s in zip(masks, scores)]
+        return QueryResult(texts, masks, scores, times)
+
+    def refer(self, image: np.ndarray, sentences: Sequence[str]) -> tuple[np.ndarray, float]:
+        """Several sentences about one object -> one mask (score-weighted merge, else the union, as the
+        authors evaluate RefCOCO) and the best score."""
+        masks, scores, _ = self._referring(image, list(sentences))
+        merged = merge_referring_masks(torch.from_numpy(np.stack(masks)), torch.tensor(scores),
+                                       self.config.refer_merge_threshold, self.config.refer_min_cover)
+        return merged.numpy(), max(scores)
+
+    @torch.inference_mode()
+    def backbone_forward(self, image: np.ndarray) -> None:
+        """One bare forward of the CAM backbone at the size stage 1 uses."""
+        clip = self.cam_clip or self.classifier.clip
+        clip_vit.bare_forward(clip.visual, prepare_image(clip, check_image(image),
+                                                         max_long_side=self.config.cam_max_side))
+
+    @torch.inference_mode()
+    def classifier_forward(self, batch: int = 1) -> None:
+        """One bare forward of the classifier on ``batch`` images at its input size (benchmark baseline)."""
+        s = self.classifier.input_size
+        self.classifier.embed(torch.zeros((batch, 3, s, s), device=self.classifier.clip.device))
+
+    def to(self, device: torch.device | str) -> "CarSegmenter":
+        super().to(device)
+        if self.cam_clip is not None:
+            self.cam_clip.to(device)
+        self.classifier.clip.to(device)
+        return self
+
+
+def _validate(cfg: CarConfig) -> None:
+    """Fail at build time, naming the option, rather than on the first frame."""
+    check_kinds(cfg.visual_prompts)
+    check_kinds(cfg.stuff_visual_prompts)
+    if cfg.gray_order not in ("rgb", "bgr"):
+        raise ValueError(f"car: gray_order must be 'rgb' or 'bgr', got {cfg.gray_order!r}")
+    if cfg.blur_kernel < 1 or cfg.blur_kernel % 2 == 0:
+        raise ValueError(f"car: blur_kernel must be odd and positive, got {cfg.blur_kernel}")
+    bad = [t for t in (cfg.cam_template, *cfg.templates) if "{}" not in t]
+    if not cfg.templates or bad:
+        raise ValueError(f"car: templates must be non-empty and each contain '{{}}'; bad: {bad}")
+    for name in ("mask_threshold", "cam_threshold", "refer_merge_threshold", "refer_min_cover"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"car: {name} must be in [0, 1], got {getattr(cfg, name)}")
+
+
+def _crf_labels(image: np.ndarray, probs: torch.Tensor, bg_factor: float, max_side: int = 0) -> torch.Tensor:
+    """Dense CRF (the shared :mod:`ovseg_ros.core.crf`, the authors' parameters) over [(1 - max)^f, probs],
+    then argmax: (H, W) long, 0 = background. With ``max_side`` > 0 the CRF runs on a copy whose long side is
+    at most that, and its marginals are upsampled bilinearly (the CRF's cost grows with the pixel count)."""
+    bg = (1.0 - probs.max(dim=0, keepdim=True).values).clamp(min=0).pow(bg_factor)
+    p = torch.cat([bg, probs]).float()
+    h, w = image.shape[:2]
+    if max_side > 0 and max(h, w) > max_side:
+        s = max_side / max(h, w)
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        small = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        p = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0]
+        q = F.interpolate(dense_crf(small, p)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    else:
+        q = dense_crf(image, p)
+    return q.argmax(dim=0)
