@@ -149,7 +149,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = {k: v for k, v in (("name", args.model), ("pretrained", args.pretrained),
                                    ("checkpoint", args.checkpoint), ("precision", args.precision)) if v not in ("", None)}
         if model:
-            overrides["model"] = {**overrides.get("model", {}), **model}
+            from .core.segmenter import get_segmenter_class
+
+            field = get_segmenter_class(args.segmenter).primary_model_field
+            overrides[field] = {**overrides.get(field, {}), **model}
         preset = args.preset or PAPER_PRESETS.get(args.segmenter, "")
         if preset and preset not in list_presets(args.segmenter):
             preset = ""

@@ -102,6 +102,9 @@ class Segmenter(abc.ABC):
     config_cls: ClassVar[type] = object
     #: True when :meth:`segment` fills ``panoptic`` with real instances.
     predicts_instances: ClassVar[bool] = False
+    #: The config field holding the main model's ModelSpec: where the node's and the CLI's
+    #: ``model``/``pretrained``/``checkpoint`` settings go (CaR has two models; this names the CAM one).
+    primary_model_field: ClassVar[str] = "model"
 
     def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
         self.config = config

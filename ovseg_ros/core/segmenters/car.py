@@ -546,6 +546,7 @@ class CarSegmenter(Segmenter):
     """
 
     config_cls = CarConfig
+    primary_model_field = "cam_model"
 
     def __init__(
         self,
