@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -188,7 +189,8 @@ def load_clip(
                 f"checkpoint {spec.checkpoint!r} does not exist; give the path of a weights file for "
                 f"'{spec.name}' (.pt, .bin or .safetensors)"
             )
-        model = open_clip.create_model(spec.name, pretrained=None, device="cpu")
+        with _quiet_random_init_warning():  # the weights come right after, from the checkpoint
+            model = open_clip.create_model(spec.name, pretrained=None, device="cpu")
         try:
             open_clip.load_checkpoint(model, spec.checkpoint, strict=True)
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
@@ -243,6 +245,23 @@ def save_random_checkpoint(name: str, path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
+
+
+@contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" while the weights follow."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    flt = _Drop()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def _force_hf_offline() -> None:
