@@ -1,0 +1,145 @@
+"""Core results -> ROS messages (ovseg_ros interfaces, vision_msgs/LabelInfo, label/confidence images).
+
+Label conventions (vision_msgs, docs: ros-conventions.md section 3): ``mono8`` while the vocabulary has at
+most 255 classes, 255 = unlabeled; ``mono16`` beyond, 65535 = unlabeled. The unlabeled id is never listed
+in LabelInfo/Vocabulary, so consumers such as Nav2's semantic layer skip it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from sensor_msgs.msg import RegionOfInterest
+
+from ovseg_ros.msg import (
+    PanopticSegment,
+    PanopticSegmentation,
+    SegmentationInfo,
+    Vocabulary as VocabularyMsg,
+    VocabularyClass,
+)
+
+from ..core.vocabulary import UNLABELED, Vocabulary
+from .conversions import numpy_to_image
+
+MONO8_MAX_CLASSES = 255
+
+
+def label_encoding(num_classes: int) -> tuple[str, int]:
+    """(encoding, unlabeled id) of the label image for a vocabulary of ``num_classes``."""
+    return ("mono8", 255) if num_classes <= MONO8_MAX_CLASSES else ("mono16", 65535)
+
+
+def encode_labels(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, str]:
+    """(H, W) int32 core labels (-1 unlabeled) -> (uint8 or uint16 array, encoding)."""
+    encoding, unlabeled = label_encoding(num_classes)
+    dtype = np.uint8 if encoding == "mono8" else np.uint16
+    out = labels.astype(dtype)  # -1 wraps to the max value ...
+    out[labels == UNLABELED] = unlabeled  # ... but say it explicitly
+    return out, encoding
+
+
+def encode_confidence(confidence: np.ndarray) -> np.ndarray:
+    """(H, W) float in [0, 1] -> mono8 0..255."""
+    return np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+
+
+def class_areas(labels: np.ndarray, num_classes: int) -> tuple[list[int], list[int]]:
+    """(present class ids, pixel count of each), in one linear pass (no sort)."""
+    counts = np.bincount(labels.ravel().astype(np.int64) + 1, minlength=num_classes + 1)[1:]
+    present = np.nonzero(counts)[0]
+    return [int(c) for c in present], [int(counts[c]) for c in present]
+
+
+def vocabulary_msg(
+    vocabulary: Vocabulary,
+    stamp: Any,
+    segmenter: str,
+    model: str,
+    prompts: Optional[Sequence[Sequence[str]]] = None,
+) -> VocabularyMsg:
+    encoding, unlabeled = label_encoding(len(vocabulary))
+    msg = VocabularyMsg()
+    msg.header.stamp = stamp
+    msg.revision = int(vocabulary.revision)
+    msg.segmenter = segmenter
+    msg.model = model
+    msg.unlabeled_id = unlabeled
+    msg.label_encoding = encoding
+    classes = []
+    for i, c in enumerate(vocabulary.classes):
+        item = VocabularyClass()
+        item.id = i
+        item.name = c.name
+        item.synonyms = list(c.synonyms)
+        item.prompts = list(prompts[i]) if prompts is not None and i < len(prompts) else list(c.names)
+        item.description = c.description
+        item.is_thing = bool(c.is_thing)
+        classes.append(item)
+    msg.classes = classes
+    return msg
+
+
+def label_info_type() -> Optional[type]:
+    """vision_msgs/LabelInfo when vision_msgs is installed, else None (the output is then skipped)."""
+    try:
+        from vision_msgs.msg import LabelInfo  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return LabelInfo
+
+
+def label_info_msg(label_info_cls: type, vocabulary: Vocabulary, stamp: Any, threshold: float = 0.0) -> Any:
+    """LabelInfo with one VisionClass per class; the unlabeled id is absent."""
+    from vision_msgs.msg import VisionClass  # type: ignore[import-not-found]
+
+    msg = label_info_cls()
+    msg.header.stamp = stamp
+    msg.class_map = [VisionClass(class_id=i, class_name=c.name) for i, c in enumerate(vocabulary.classes)]
+    msg.threshold = float(threshold)
+    return msg
+
+
+def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any) -> PanopticSegmentation:
+    """A core PanopticResult -> PanopticSegmentation (32SC1 id image + segment list)."""
+    msg = PanopticSegmentation()
+    msg.header = header
+    msg.vocabulary_revision = int(vocabulary.revision)
+    msg.segment_ids = numpy_to_image(panoptic.segment_ids.astype(np.int32, copy=False), "32SC1", header)
+    segments = []
+    for s in panoptic.segments:
+        seg = PanopticSegment()
+        seg.id = int(s.id)
+        seg.class_id = int(s.class_id)
+        seg.class_name = vocabulary.classes[s.class_id].name if 0 <= s.class_id < len(vocabulary) else ""
+        seg.is_thing = bool(s.is_thing)
+        seg.score = float(s.score)
+        seg.area = int(s.area)
+        x, y, w, h = (int(v) for v in s.bbox)
+        seg.bbox = RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h, do_rectify=False)
+        segments.append(seg)
+    msg.segments = segments
+    return msg
+
+
+def info_msg(
+    header: Any,
+    vocabulary: Vocabulary,
+    segmenter: str,
+    latency_ms: float,
+    inference_ms: float,
+    dropped: int,
+    labels: np.ndarray,
+) -> SegmentationInfo:
+    msg = SegmentationInfo()
+    msg.header = header
+    msg.vocabulary_revision = int(vocabulary.revision)
+    msg.segmenter = segmenter
+    msg.latency_ms = float(latency_ms)
+    msg.inference_ms = float(inference_ms)
+    msg.dropped_frames = int(min(dropped, 2**32 - 1))
+    ids, areas = class_areas(labels, len(vocabulary))
+    msg.class_ids = ids
+    msg.class_areas = areas
+    return msg

@@ -1,0 +1,361 @@
+"""segment_node's parameters: one table of specs -> declarations with descriptors, validation, and config.
+
+Every parameter is declared with a :class:`~rcl_interfaces.msg.ParameterDescriptor` (description, ranges,
+allowed values). Values are validated by :func:`validate` both in the node's on-set callback (runtime
+changes are refused with a reason) and by :func:`validate_all` at configure (startup values: configure
+fails with the reasons instead of the process dying with a traceback).
+
+When a value takes effect: ``LIVE`` parameters on the next frame, ``ON_ACTIVATE`` ones at the next
+activate (they shape the subscriptions), all others at the next configure (they shape the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import yaml
+
+from .qos import RELIABILITIES
+
+#: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
+DEFAULT_SEGMENTER = "dense_clip"
+#: Preset used when the ``preset`` parameter is empty: the first of these the method has.
+AUTO_PRESETS = ("realtime", "default")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+#: The core's check_image refuses more than this; the node's limit cannot be larger.
+MAX_PIXELS_LIMIT = 8192 * 8192
+
+LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic"})
+ON_ACTIVATE = frozenset({"image_reliability", "use_compressed"})
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: name, default, type (``str``/``bool``/``int``/``float``/``list``) and constraints."""
+
+    name: str
+    default: Any
+    type: str
+    description: str
+    choices: tuple[str, ...] = ()
+    range: Optional[tuple[float, float]] = None
+    read_only: bool = False
+    #: Extra check: value -> reason or None. Gets the pending values of all parameters as second argument.
+    check: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None
+
+
+# --- checks ----------------------------------------------------------------------------------------
+def _check_segmenter(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    from ..core.segmenter import list_segmenters
+
+    known = list_segmenters()
+    return None if value in known else f"unknown segmenter {value!r}; available: {', '.join(known)}"
+
+
+def _check_preset(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    if not value:
+        return None
+    from ..core.segmenter import list_presets
+
+    name = values.get("segmenter", "")
+    presets = list_presets(name)
+    if value not in presets:
+        return f"segmenter {name!r} has no preset {value!r}; available: {', '.join(presets) or 'none'}"
+    return None
+
+
+def _check_device(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    return None if _DEVICE_RE.match(value) else f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
+
+
+def _check_vocabulary(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
+    if not value:
+        return None
+    from ..core.vocabulary import Vocabulary, VocabularyError
+
+    try:
+        Vocabulary.from_request(list(value))
+    except VocabularyError as exc:
+        return str(exc)
+    return None
+
+
+def _check_vocabulary_file(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    if value and not Path(os.path.expanduser(value)).is_file():
+        return f"vocabulary_file {value!r} does not exist"
+    return None
+
+
+def _check_vocabulary_preset(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    if not value or find_vocabulary_preset(value):
+        return None
+    return f"unknown vocabulary_preset {value!r}; available: {', '.join(list_vocabulary_presets()) or 'none'}"
+
+
+def _check_options(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    try:
+        parse_options(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("segmenter", DEFAULT_SEGMENTER, "str", "Segmentation method (core registry name).", check=_check_segmenter),
+    ParamSpec("preset", "", "str", "Preset of the segmenter (ovseg_ros/core/presets/<segmenter>/); empty: its "
+              "'realtime' preset, else its 'default' one, else the method's built-in defaults.", check=_check_preset),
+    ParamSpec("model", "", "str", "open_clip architecture overriding the preset's (e.g. ViT-B-16-quickgelu). "
+              "A different architecture drops the preset's pretrained tag unless 'pretrained' is given."),
+    ParamSpec("pretrained", "", "str", "open_clip pretrained tag overriding the preset's (e.g. openai)."),
+    ParamSpec("checkpoint", "", "str", "Local weights file of the method, wins over pretrained: the CLIP's "
+              "(.pt/.bin/.safetensors), or for FC-CLIP its own checkpoint (the CLIP then comes from model/pretrained)."),
+    ParamSpec("precision", "auto", "str", "Model precision (auto: fp16 on CUDA, fp32 on CPU).", choices=PRECISIONS),
+    ParamSpec("device", "auto", "str", "auto, cpu, cuda or cuda:N.", check=_check_device),
+    ParamSpec("offline", True, "bool", "Never download weights; a missing file fails configure with what to get."),
+    ParamSpec("cache_dir", "~/.cache/ovseg_ros", "str", "Text-embedding cache folder (empty: memory only)."),
+    ParamSpec("vocabulary", [], "list", "Initial vocabulary, one 'name, synonym, ...' entry per class; "
+              "wins over vocabulary_file and vocabulary_preset. Change it at run time with ~/set_vocabulary.",
+              check=_check_vocabulary),
+    ParamSpec("vocabulary_file", "", "str", "Vocabulary YAML file (classes: list); wins over vocabulary_preset.",
+              check=_check_vocabulary_file),
+    ParamSpec("vocabulary_preset", "indoor_robot", "str", "Vocabulary preset name (config/vocabularies/<name>.yaml).",
+              check=_check_vocabulary_preset),
+    ParamSpec("image_reliability", "best_effort", "str", "Reliability of the camera subscriptions.",
+              choices=RELIABILITIES),
+    ParamSpec("use_compressed", False, "bool", "Also subscribe image/compressed (sensor_msgs/CompressedImage)."),
+    ParamSpec("max_image_pixels", 4096 * 4096, "int", "Frames with more pixels are refused.",
+              range=(1, MAX_PIXELS_LIMIT)),
+    ParamSpec("overlay_alpha", 0.5, "float", "Weight of the class colours in ~/overlay.", range=(0.0, 1.0)),
+    ParamSpec("publish_panoptic", True, "bool", "Publish ~/panoptic (segments from the labels when the method "
+              "predicts no instances)."),
+    ParamSpec("diagnostics_period", 1.0, "float", "Seconds between /diagnostics messages.", range=(0.1, 60.0)),
+    ParamSpec("autostart", True, "bool", "Configure and activate at startup (false: wait for a lifecycle manager).",
+              read_only=True),
+    ParamSpec("segmenter_options", "", "str", "YAML/JSON mapping of segmenter options merged onto the preset, "
+              "e.g. '{short_side: 224, templates: photo}'.", check=_check_options),
+)
+SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
+
+
+def validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
+    """Reason why ``value`` is invalid for parameter ``name`` (None when valid)."""
+    spec = SPECS.get(name)
+    if spec is None:
+        return None
+    if spec.choices and value not in spec.choices:
+        return f"{name} must be one of {', '.join(spec.choices)}, got {value!r}"
+    if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
+        return f"{name} must be in [{spec.range[0]}, {spec.range[1]}], got {value!r}"
+    if spec.check is not None:
+        reason = spec.check(value, values)
+        if reason:
+            return f"{name}: {reason}"
+    return None
+
+
+def validate_all(values: Mapping[str, Any]) -> list[str]:
+    """Every reason why the set of ``values`` is invalid."""
+    reasons = []
+    for spec in PARAMS:
+        if spec.name in values:
+            reason = validate(spec.name, values[spec.name], values)
+            if reason:
+                reasons.append(reason)
+    return reasons
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``segmenter_options``: empty, or a YAML/JSON mapping."""
+    if not text or not text.strip():
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"segmenter_options is not valid YAML/JSON: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"segmenter_options must be a mapping, got {json.dumps(data)[:80]}")
+    return data
+
+
+# --- vocabulary presets -----------------------------------------------------------------------------
+def vocabulary_preset_dirs() -> list[Path]:
+    """Where vocabulary presets are looked up: the installed share folder, then the source tree."""
+    dirs = []
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        try:
+            dirs.append(Path(get_package_share_directory("ovseg_ros")) / "config" / "vocabularies")
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    dirs.append(Path(__file__).resolve().parents[2] / "config" / "vocabularies")
+    return [d for d in dirs if d.is_dir()]
+
+
+def find_vocabulary_preset(name: str) -> Optional[Path]:
+    if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+        return None
+    for d in vocabulary_preset_dirs():
+        path = d / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def list_vocabulary_presets() -> list[str]:
+    return sorted({p.stem for d in vocabulary_preset_dirs() for p in d.glob("*.yaml")})
+
+
+# --- resolved configuration ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeConfig:
+    """The parameters as read at configure."""
+
+    segmenter: str
+    preset: str
+    model: str
+    pretrained: str
+    checkpoint: str
+    precision: str
+    device: str
+    offline: bool
+    cache_dir: str
+    vocabulary: tuple[str, ...]
+    vocabulary_file: str
+    vocabulary_preset: str
+    image_reliability: str
+    use_compressed: bool
+    max_image_pixels: int
+    overlay_alpha: float
+    publish_panoptic: bool
+    diagnostics_period: float
+    autostart: bool
+    segmenter_options: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "NodeConfig":
+        kwargs = {p.name: values.get(p.name, p.default) for p in PARAMS}
+        kwargs["vocabulary"] = tuple(kwargs["vocabulary"] or ())
+        return cls(**kwargs, options=parse_options(kwargs["segmenter_options"]))
+
+    def resolved_preset(self) -> str:
+        """``preset``, or for an empty one the first of :data:`AUTO_PRESETS` the segmenter has ("" if none)."""
+        if self.preset:
+            return self.preset
+        from ..core.segmenter import list_presets
+
+        available = list_presets(self.segmenter)
+        return next((p for p in AUTO_PRESETS if p in available), "")
+
+    def segmenter_overrides(self) -> dict[str, Any]:
+        """``segmenter_options`` plus the model parameters, as overrides for ``build_segmenter``.
+
+        Raises:
+            ValueError: model parameters given for a segmenter whose config has no ``model`` field.
+        """
+        from ..core.segmenter import get_segmenter_class
+
+        overrides = dict(self.options)
+        model: dict[str, Any] = dict(overrides.get("model") or {})
+        if self.model:
+            model["name"] = self.model
+            # The preset's tag belongs to the preset's architecture.
+            model.setdefault("pretrained", "")
+        if self.pretrained:
+            model["pretrained"] = self.pretrained
+        fields = getattr(get_segmenter_class(self.segmenter).config_cls, "__dataclass_fields__", {})
+        if self.checkpoint:
+            # A method with weights of its own beside the CLIP (FC-CLIP) takes the file as its checkpoint.
+            target = overrides if "checkpoint" in fields else model
+            target["checkpoint"] = os.path.expanduser(self.checkpoint)
+        if self.precision != "auto":
+            model["precision"] = self.precision
+        if model:
+            if "model" not in fields:
+                raise ValueError(
+                    f"segmenter {self.segmenter!r} has no 'model' option; set its weights through segmenter_options"
+                )
+            overrides["model"] = model
+        return overrides
+
+    def model_identity(self, segmenter: Any) -> str:
+        """Weights identity for the Vocabulary message: ``name@pretrained`` or ``name@file:<basename>``."""
+        spec = getattr(getattr(segmenter, "config", None), "model", None)
+        name = getattr(spec, "name", self.model or "?")
+        if getattr(spec, "checkpoint", ""):
+            return f"{name}@file:{Path(spec.checkpoint).name}"
+        if getattr(spec, "pretrained", ""):
+            return f"{name}@{spec.pretrained}"
+        return f"{name}@random"
+
+
+# --- declaration on a node ---------------------------------------------------------------------------
+def descriptor(spec: ParamSpec) -> Any:
+    """The ParameterDescriptor of ``spec`` (description, allowed values, numeric range, read-only)."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+
+    ptype = {
+        "str": ParameterType.PARAMETER_STRING,
+        "bool": ParameterType.PARAMETER_BOOL,
+        "int": ParameterType.PARAMETER_INTEGER,
+        "float": ParameterType.PARAMETER_DOUBLE,
+        "list": ParameterType.PARAMETER_STRING_ARRAY,
+    }[spec.type]
+    desc = ParameterDescriptor(name=spec.name, type=ptype, description=spec.description, read_only=spec.read_only)
+    if spec.choices:
+        desc.additional_constraints = "one of: " + ", ".join(spec.choices)
+    if spec.range is not None and spec.type == "int":
+        desc.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
+    elif spec.range is not None and spec.type == "float":
+        desc.floating_point_range = [
+            FloatingPointRange(from_value=float(spec.range[0]), to_value=float(spec.range[1]), step=0.0)
+        ]
+    return desc
+
+
+def declare_parameters(node: Any) -> dict[str, str]:
+    """Declare every parameter on ``node``; return {name: reason} for overrides that could not be applied.
+
+    A bad override (wrong type, out of range) must not kill the process with a traceback: the parameter is
+    declared with its default instead and the reason is returned, so configure can fail with it (until the
+    parameter is set to a valid value).
+    """
+    from rclpy.exceptions import ParameterException
+    from rclpy.parameter import Parameter
+
+    errors = {}
+    for spec in PARAMS:
+        default: Any = Parameter.Type.STRING_ARRAY if spec.type == "list" else spec.default
+        try:
+            node.declare_parameter(spec.name, default, descriptor(spec))
+        except (ParameterException, TypeError, ValueError) as exc:
+            errors[spec.name] = f"parameter {spec.name}: {exc}"
+            node.declare_parameter(spec.name, default, descriptor(spec), ignore_override=True)
+    return errors
+
+
+def current_values(node: Any) -> dict[str, Any]:
+    """The node's values of every parameter (an unset string array reads as empty)."""
+    from rclpy.exceptions import ParameterUninitializedException
+
+    values = {}
+    for spec in PARAMS:
+        try:
+            value = node.get_parameter(spec.name).value
+        except ParameterUninitializedException:
+            value = None
+        if spec.type == "list":
+            value = list(value or [])
+        values[spec.name] = value
+    return values
