@@ -44,31 +44,56 @@ def panoptic_from_semantic(
     Stuff classes become one segment each; thing classes one segment per connected component
     (``connectivity`` 4 or 8). Components smaller than ``min_area`` pixels are dropped (left at id 0).
     Segment ids are 1..S in order of class id then component scan order; score = mean confidence.
+
+    Cost is a few passes over the image whatever the number of segments: one connected-components pass
+    per thing class, then areas, boxes and scores for all segments at once with ``bincount``.
     """
     h, w = labels.shape
-    ids = np.zeros((h, w), dtype=np.int32)
-    segments: list[Segment] = []
-    present = np.unique(labels)
-    for cls in present[present != UNLABELED]:
+    flat_labels = labels.ravel()
+    # Provisional ids: each thing component and each stuff class gets a running id; -1 = none.
+    provisional = np.full(h * w, -1, dtype=np.int64)
+    owners: list[tuple[int, bool]] = []  # (class id, is_thing) per provisional id
+    present = np.unique(flat_labels)
+    for cls in present[(present != UNLABELED) & (present < len(vocabulary))]:
         cls = int(cls)
-        if cls >= len(vocabulary):
-            continue  # cannot happen with a consistent result; never publish an unknown class
-        mask = (labels == cls).astype(np.uint8)
         thing = vocabulary.classes[cls].is_thing
+        in_class = flat_labels == cls
         if thing:
-            n, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=connectivity)
-            parts = [(comp == k, stats[k]) for k in range(1, n)]
+            n, comp = cv2.connectedComponents(in_class.reshape(h, w).astype(np.uint8), connectivity=connectivity)
+            comp = comp.ravel()
+            provisional[in_class] = comp[in_class] - 1 + len(owners)
+            owners.extend((cls, True) for _ in range(n - 1))
         else:
-            ys, xs = np.nonzero(mask)
-            box = (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1, len(xs))
-            parts = [(mask.astype(bool), np.array(box))]
-        for region, (x, y, bw, bh, area) in parts:
-            if area < max(min_area, 1):
-                continue
-            seg_id = len(segments) + 1
-            ids[region] = seg_id
-            score = float(confidence[region].mean())
-            segments.append(Segment(seg_id, cls, thing, score, int(area), (int(x), int(y), int(bw), int(bh))))
+            provisional[in_class] = len(owners)
+            owners.append((cls, False))
+    ids = np.zeros((h, w), dtype=np.int32)
+    if not owners:
+        return PanopticResult(ids, [])
+    valid = provisional >= 0
+    pid = provisional[valid]
+    n = len(owners)
+    area = np.bincount(pid, minlength=n)
+    score_sum = np.bincount(pid, weights=confidence.ravel()[valid].astype(np.float64), minlength=n)
+    ys, xs = np.divmod(np.flatnonzero(valid), w)
+    x0 = np.full(n, w, np.int64)
+    y0 = np.full(n, h, np.int64)
+    x1 = np.full(n, -1, np.int64)
+    y1 = np.full(n, -1, np.int64)
+    np.minimum.at(x0, pid, xs)
+    np.minimum.at(y0, pid, ys)
+    np.maximum.at(x1, pid, xs)
+    np.maximum.at(y1, pid, ys)
+    # Final ids 1..S for the kept provisional ids, in provisional order.
+    keep = area >= max(min_area, 1)
+    final = np.zeros(n + 1, dtype=np.int32)  # index 0 <- provisional -1
+    final[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    ids = final[provisional + 1].reshape(h, w)
+    segments = [
+        Segment(int(final[k + 1]), cls, thing, float(score_sum[k] / area[k]), int(area[k]),
+                (int(x0[k]), int(y0[k]), int(x1[k] - x0[k] + 1), int(y1[k] - y0[k] + 1)))
+        for k, (cls, thing) in enumerate(owners)
+        if keep[k]
+    ]
     return PanopticResult(ids, segments)
 
 

@@ -44,6 +44,30 @@ class VocabularyState:
 
     vocabulary: Vocabulary
 
+    def to(self, device: torch.device | str) -> "VocabularyState":
+        """A copy with every tensor field (also inside tuples/lists) on ``device``; self if nothing moves.
+
+        The node moves states to the CPU on deactivate so GPU memory is really freed.
+        """
+        device = torch.device(device)
+
+        def move(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, (tuple, list)):
+                items = [move(v) for v in value]
+                if any(a is not b for a, b in zip(items, value)):
+                    return type(value)(items)
+            return value
+
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            moved = move(value)
+            if moved is not value:
+                changes[f.name] = moved
+        return dataclasses.replace(self, **changes) if changes else self
+
 
 @dataclass(frozen=True)
 class Segment:

@@ -107,12 +107,12 @@ class TextEncoder:
         emb = self._load_disk(key, len(prompts))
         if emb is None:
             self.check_context(prompts, "prompt")
-            emb = self._encode(prompts)
+            emb = self._encode(prompts).cpu()
             self._save_disk(key, emb)
         else:
             self.stats["disk_hits"] += 1
         with self._lock:
-            self._memory[key] = emb
+            self._memory[key] = emb.cpu()
             while len(self._memory) > self.max_memory_groups:
                 self._memory.popitem(last=False)
         return emb.to(self.clip.device)
@@ -146,7 +146,7 @@ class TextEncoder:
             return None
         if arr.ndim != 2 or arr.shape[0] != n:
             return None
-        return torch.from_numpy(arr.astype(np.float32)).to(self.clip.device)
+        return torch.from_numpy(arr.astype(np.float32))
 
     def _save_disk(self, key: str, emb: torch.Tensor) -> None:
         if self._disk is None:

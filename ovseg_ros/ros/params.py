@@ -262,19 +262,21 @@ class NodeConfig:
         """``segmenter_options`` plus the model parameters, as overrides for ``build_segmenter``.
 
         Raises:
-            ValueError: model parameters given for a segmenter whose config has no ``model`` field.
+            ValueError: model parameters given for a segmenter whose config has no such model field.
         """
         from ..core.segmenter import get_segmenter_class
 
+        cls = get_segmenter_class(self.segmenter)
+        key = cls.primary_model_field  # "model"; CaR's is its CAM model
         overrides = dict(self.options)
-        model: dict[str, Any] = dict(overrides.get("model") or {})
+        model: dict[str, Any] = dict(overrides.get(key) or {})
         if self.model:
             model["name"] = self.model
             # The preset's tag belongs to the preset's architecture.
             model.setdefault("pretrained", "")
         if self.pretrained:
             model["pretrained"] = self.pretrained
-        fields = getattr(get_segmenter_class(self.segmenter).config_cls, "__dataclass_fields__", {})
+        fields = getattr(cls.config_cls, "__dataclass_fields__", {})
         if self.checkpoint:
             # A method with weights of its own beside the CLIP (FC-CLIP) takes the file as its checkpoint.
             target = overrides if "checkpoint" in fields else model
@@ -282,16 +284,16 @@ class NodeConfig:
         if self.precision != "auto":
             model["precision"] = self.precision
         if model:
-            if "model" not in fields:
+            if key not in fields:
                 raise ValueError(
-                    f"segmenter {self.segmenter!r} has no 'model' option; set its weights through segmenter_options"
+                    f"segmenter {self.segmenter!r} has no {key!r} option; set its weights through segmenter_options"
                 )
-            overrides["model"] = model
+            overrides[key] = model
         return overrides
 
     def model_identity(self, segmenter: Any) -> str:
         """Weights identity for the Vocabulary message: ``name@pretrained`` or ``name@file:<basename>``."""
-        spec = getattr(getattr(segmenter, "config", None), "model", None)
+        spec = getattr(getattr(segmenter, "config", None), getattr(segmenter, "primary_model_field", "model"), None)
         name = getattr(spec, "name", self.model or "?")
         if getattr(spec, "checkpoint", ""):
             return f"{name}@file:{Path(spec.checkpoint).name}"

@@ -314,7 +314,7 @@ class SegmentNode(LifecycleNode):
             return
         self._segmenter.to(device)
         with self._state_lock:
-            self._vstate = _state_to(self._vstate, device)
+            self._vstate = self._vstate.to(device) if self._vstate is not None else None
         gc.collect()
         _empty_cuda_cache()
 
@@ -624,22 +624,6 @@ def _reason(exc: BaseException) -> str:
     """The exception's message (KeyError's repr quotes dropped), prefixed by its type when it has none."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return str(text) or type(exc).__name__
-
-
-def _state_to(vocab_state: Any, device: Any) -> Any:
-    """A copy of a (frozen dataclass) vocabulary state with its tensors on ``device``."""
-    import dataclasses
-
-    import torch
-
-    if vocab_state is None or not dataclasses.is_dataclass(vocab_state):
-        return vocab_state
-    changes = {}
-    for f in dataclasses.fields(vocab_state):
-        value = getattr(vocab_state, f.name)
-        if isinstance(value, torch.Tensor):
-            changes[f.name] = value.to(device)
-    return dataclasses.replace(vocab_state, **changes) if changes else vocab_state
 
 
 def _qos_advice(node: LifecycleNode, reliability: str) -> Any:

@@ -84,3 +84,49 @@ def test_core_never_imports_rclpy() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_panoptic_matches_per_component_reference_on_random_maps() -> None:
+    """The vectorised version equals a direct per-component computation (areas, boxes, scores)."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    v = Vocabulary.from_request(["floor", "chair", "cup"], is_thing=[False, True, True])
+    lab = rng.integers(-1, 3, (24, 32)).astype(np.int32)
+    conf = rng.random((24, 32)).astype(np.float32)
+    pan = panoptic_from_semantic(lab, conf, v, min_area=2)
+    expected = []
+    for cls in (0, 1, 2):
+        mask = (lab == cls).astype(np.uint8)
+        comps = [mask.astype(bool)] if cls == 0 else [
+            c == k for c in [cv2.connectedComponents(mask, connectivity=8)[1]] for k in range(1, c.max() + 1)]
+        for region in comps:
+            if region.sum() >= 2:
+                ys, xs = np.nonzero(region)
+                expected.append((cls, int(region.sum()), (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1,
+                                                          int(np.ptp(ys)) + 1), float(conf[region].mean())))
+    got = [(s.class_id, s.area, s.bbox, s.score) for s in pan.segments]
+    assert [g[:3] for g in got] == [e[:3] for e in expected]
+    assert np.allclose([g[3] for g in got], [e[3] for e in expected])
+    for s in pan.segments:
+        assert (pan.segment_ids == s.id).sum() == s.area
+    assert [s.id for s in pan.segments] == list(range(1, len(pan.segments) + 1))
+
+
+def test_vocabulary_state_moves_tensor_fields() -> None:
+    from dataclasses import dataclass
+
+    import torch
+
+    from ovseg_ros.core.segmenter import VocabularyState
+
+    @dataclass(frozen=True)
+    class S(VocabularyState):
+        a: torch.Tensor = None  # type: ignore[assignment]
+        b: tuple = ()
+
+    st = S(Vocabulary.from_request(["x"]), torch.zeros(2), (torch.ones(1), "keep"))
+    assert st.to("cpu") is st  # nothing to move
+    moved = st.to("meta")
+    assert moved.a.device.type == "meta" and moved.b[0].device.type == "meta" and moved.b[1] == "keep"
+    assert st.a.device.type == "cpu"  # the original is untouched (states are immutable)
