@@ -59,6 +59,9 @@ class ClassSpec:
     synonyms: tuple[str, ...] = ()
     description: str = ""
     is_thing: bool = True
+    #: True when ``is_thing`` came from the request/file, False when it was guessed from the name
+    #: (methods with their own knowledge, e.g. FC-CLIP's COCO membership, may then override it).
+    thing_explicit: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -135,7 +138,7 @@ class Vocabulary:
                 raise VocabularyError(f"class {i} ({entry!r}): empty synonym (stray comma?)")
             thing = bool(is_thing[i]) if is_thing else default_is_thing(names[0])
             desc = descriptions[i].strip() if descriptions else ""
-            classes.append(ClassSpec(names[0], tuple(names[1:]), desc, thing))
+            classes.append(ClassSpec(names[0], tuple(names[1:]), desc, thing, thing_explicit=bool(is_thing)))
         return cls(tuple(classes), revision=revision, source=source)
 
     @classmethod
@@ -163,6 +166,7 @@ class Vocabulary:
                     tuple(str(s).strip() for s in syn),
                     str(item.get("description", "") or "").strip(),
                     default_is_thing(name) if thing is None else bool(thing),
+                    thing_explicit=thing is not None,
                 )
             )
         if not classes:

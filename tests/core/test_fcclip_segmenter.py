@@ -163,7 +163,9 @@ def test_prompts_are_14_templates_per_name_and_flags_follow_coco(segmenter) -> N
     assert st.text.shape[0] == 5 and st.owner.tolist() == [0, 0, 1, 2, 3]
     assert torch.allclose(st.text.norm(dim=-1), torch.ones(5))
     assert st.seen.tolist() == [True, True, False, True]
-    assert st.is_thing.tolist() == [True, False, False, True]  # COCO decides; forklift keeps the request's flag
+    assert st.is_thing.tolist() == [False, True, False, False]  # the request's explicit flags win
+    guessed = segmenter.encode_vocabulary(Vocabulary.from_request(["person, people", "wall", "forklift", "table"]))
+    assert guessed.is_thing.tolist() == [True, False, True, True]  # COCO decides; forklift keeps the name guess
     old = segmenter.config
     try:
         segmenter.config = dataclasses.replace(old, thing_from="vocabulary")

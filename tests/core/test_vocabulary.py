@@ -91,3 +91,12 @@ def test_vocabulary_file_errors(tmp_path) -> None:
     bad.write_text("classes:\n  - {name: a, colour: red}\n")
     with pytest.raises(VocabularyError, match="unknown keys"):
         load_vocabulary_file(bad)
+
+
+def test_explicit_thing_flags_are_marked() -> None:
+    guessed = Vocabulary.from_request(["floor", "chair"])
+    given = Vocabulary.from_request(["floor", "chair"], is_thing=[True, True])
+    assert not any(c.thing_explicit for c in guessed.classes)
+    assert all(c.thing_explicit for c in given.classes)
+    from_yaml = Vocabulary.from_mapping_list([{"name": "rug", "is_thing": True}, {"name": "cup"}])
+    assert [c.thing_explicit for c in from_yaml.classes] == [True, False]

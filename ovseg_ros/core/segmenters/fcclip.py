@@ -13,9 +13,9 @@ Weights: the trained head comes from the authors' ``fcclip_cocopan.pth`` (``chec
 tower, which that file may lack, from open_clip's ``convnext_large_d_320`` / ``laion2b_s29b_b131k_ft_soup``
 (``model.pretrained``, or a local file as ``model.checkpoint``). See docs/methods/fcclip.md.
 
-Thing/stuff per class (``thing_from``): ``coco`` (default) uses COCO-panoptic membership of the class name or
-a synonym (things win when both match) and falls back to the vocabulary's ``is_thing`` for classes COCO does
-not know; ``vocabulary`` always uses the vocabulary's flag (set it when requests carry explicit flags).
+Thing/stuff per class (``thing_from``): ``coco`` (default) keeps a flag the request or vocabulary file gave
+explicitly, else uses COCO-panoptic membership of the class name or a synonym (things win when both match),
+else the vocabulary's guess from the name; ``vocabulary`` always uses the vocabulary's flag.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class FCCLIPConfig:
     object_mask_threshold: float = 0.0
     #: Panoptic: a query must win at least this fraction of its own mask to become a segment.
     overlap_threshold: float = 0.8
-    #: Thing/stuff flags: ``coco`` (COCO-panoptic membership, else the vocabulary's) or ``vocabulary``.
+    #: Thing/stuff flags: ``coco`` (explicit request flag, else COCO-panoptic membership, else the name guess)
+    #: or ``vocabulary``.
     thing_from: str = "coco"
     #: Labels of ``~/semantic``: ``semantic`` (the authors' semantic inference) or ``panoptic`` (segment classes).
     semantic_source: str = "semantic"
@@ -273,7 +274,7 @@ class FCCLIPSegmenter(Segmenter):
         flags = []
         for c in vocabulary.classes:
             coco = coco_membership(c.names)
-            flags.append(c.is_thing if coco is None else coco)
+            flags.append(c.is_thing if c.thing_explicit or coco is None else coco)
         return flags
 
     def encode_vocabulary(self, vocabulary: Vocabulary) -> FCCLIPState:
