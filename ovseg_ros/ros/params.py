@@ -23,7 +23,7 @@ import yaml
 from .qos import RELIABILITIES
 
 #: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
-DEFAULT_SEGMENTER = "dense_clip"
+DEFAULT_SEGMENTER = "itaclip"
 #: Preset used when the ``preset`` parameter is empty: the first of these the method has.
 AUTO_PRESETS = ("realtime", "default")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
