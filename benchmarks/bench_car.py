@@ -26,17 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from benchlib import timed  # noqa: E402  (also puts the repository root on sys.path)
 
 from ovseg_ros.core.models import resolve_device  # noqa: E402
 from ovseg_ros.core.segmenter import build_segmenter, load_preset  # noqa: E402
@@ -45,22 +42,6 @@ from ovseg_ros.core.vocabulary import Vocabulary  # noqa: E402
 #: Thing classes of a robot scene, cycled when more are requested.
 CLASSES = ["chair", "table", "person", "door", "monitor", "cup", "bottle", "plant", "bag", "laptop", "book",
            "box", "cart", "robot", "shelf", "lamp"]
-
-
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: bool = True) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs (after one warm-up run when ``warmup``)."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def force_steps(seg: Any, steps: int) -> None:
@@ -142,7 +123,7 @@ def main() -> None:
                 e._memory.clear()
             seg.encode_vocabulary(vocab)
 
-        t_cold = timed(cold, args.repeats, device, warmup=False)
+        t_cold = timed(cold, args.repeats, device, warmup=0)
         t_warm = timed(lambda: seg.encode_vocabulary(vocab), args.repeats, device)
         st = seg.encode_vocabulary(vocab)
         prompts = [t.format(q) for q in st.queries for t in cfg.templates] + list(st.cam_templated)

@@ -16,36 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchlib import timed  # noqa: E402  (also puts the repository root on sys.path)
 
 from ovseg_ros.core.segmenter import build_segmenter  # noqa: E402
 from ovseg_ros.core.vocabulary import Vocabulary  # noqa: E402
 
 VOCAB = ["person", "chair", "table", "door", "floor", "sofa", "bottle", "cup", "laptop", "bag", "plant", "tv",
          "bed", "lamp", "box", "shelf", "window", "cabinet", "book", "dog"]
-
-
-def timed(fn, repeats: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -77,7 +60,7 @@ def main() -> int:
     for size in args.sizes:
         h, w = (int(v) for v in size.lower().split("x"))
         image = (rng.rand(h, w, 3) * 255).astype(np.uint8)
-        bare = timed(lambda: seg.backbone_forward(image), args.repeats, args.warmup, device)
+        bare = timed(lambda: seg.backbone_forward(image), args.repeats, device, warmup=args.warmup)
         tokens = ((h + 15) // 16) * ((w + 15) // 16)
         print(f"\n{h}x{w} ({tokens} tokens): bare forward {bare * 1e3:.0f} ms")
         print(f"{'P':>3} {'batch':>5} {'total ms':>9} {'x bare':>7}  stages (ms)")
@@ -90,7 +73,7 @@ def main() -> int:
                 def run() -> None:
                     last["r"] = seg.segment(image, state, present=present)
 
-                total = timed(run, args.repeats, args.warmup, device)
+                total = timed(run, args.repeats, device, warmup=args.warmup)
                 stages = {k: round(v * 1e3, 1) for k, v in last["r"].timings.items()}
                 print(f"{n:>3} {batch:>5} {total * 1e3:>9.0f} {total / bare:>7.2f}  {stages}")
                 results.append({"size": [h, w], "tokens": tokens, "present": n, "max_batch": batch,

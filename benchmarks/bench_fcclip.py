@@ -24,16 +24,15 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from benchlib import timed  # noqa: E402  (also puts the repository root on sys.path)
 
 from ovseg_ros.core.models import resolve_device  # noqa: E402
 from ovseg_ros.core.segmenter import build_segmenter  # noqa: E402
@@ -46,19 +45,6 @@ NARROW_ARCH = {"hidden_dim": 32, "mask_dim": 32, "num_queries": 12, "dec_layers"
                "dec_ffn_dim": 64, "enc_layers": 2, "enc_heads": 2, "enc_points": 2, "enc_ffn_dim": 64}
 RESIZE = {"native": (0, 0), "800": (800, 1333), "640": (640, 1138), "480": (480, 864)}
 STAGES = ("preprocess", "backbone", "pixel_decoder", "decoder", "postprocess")
-
-
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(max(1, repeats)):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -139,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             def run() -> None:
                 stage_runs.append(seg.segment(image, state).timings)
 
-            total = timed(run, args.repeats, device)
-            backbone = timed(lambda: seg.backbone_forward(image), args.repeats, device)
+            total = timed(run, args.repeats, device, warmup=0)
+            backbone = timed(lambda: seg.backbone_forward(image), args.repeats, device, warmup=0)
             stages = {s: statistics.median(r.get(s, 0.0) for r in stage_runs) for s in STAGES}
             row = {"frame": size, "resize": rule, "input": f"{x.shape[-2]}x{x.shape[-1]}",
                    "stages_ms": {k: v * 1e3 for k, v in stages.items()}, "total_ms": total * 1e3,

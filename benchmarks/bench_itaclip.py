@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from benchlib import timed  # noqa: E402  (also puts the repository root on sys.path)
 
 from ovseg_ros.core.models import resolve_device  # noqa: E402
 from ovseg_ros.core.segmenter import build_segmenter, list_presets  # noqa: E402
@@ -40,29 +38,13 @@ from ovseg_ros.core.vocabulary import Vocabulary  # noqa: E402
 ROBOT_VOCAB = ["floor", "wall", "chair", "table", "person, people", "door", "window", "plant"]
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Best wall time of ``fn`` over ``repeats`` runs after one warm-up run (the minimum is the figure least
-    disturbed by other processes on a shared machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def window_time(seg: Any, state: Any, repeats: int, device: torch.device) -> float:
     """Seconds per sliding window (all its augmented passes), from one timed batch of windows."""
     cfg = seg.config
     crops = torch.randn(cfg.batch_windows, 3, cfg.slide_crop, cfg.slide_crop, device=device)
     text = state.text.to(device)
     with torch.inference_mode():
-        return timed(lambda: seg.crop_logits(crops, text), max(1, repeats // 2), device) / cfg.batch_windows
+        return timed(lambda: seg.crop_logits(crops, text), max(1, repeats // 2), device, reduce=min) / cfg.batch_windows
 
 
 def post_vit_stages(seg: Any, state: Any, image: np.ndarray) -> dict[str, float]:
@@ -95,7 +77,7 @@ def bench_preset(preset: str, precision: str, args: argparse.Namespace, device: 
         h, w = (int(v) for v in size.lower().split("x"))
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         passes = seg.vit_passes(h, w)
-        bare = timed(lambda: seg.backbone_forward(image), args.repeats, device)
+        bare = timed(lambda: seg.backbone_forward(image), args.repeats, device, reduce=min)
         row: dict[str, Any] = {
             "preset": preset, "precision": precision, "device": str(device), "size": f"{h}x{w}",
             "processing": "x".join(map(str, seg.processing_size(h, w))), "queries": int(state.text.shape[0]),
@@ -115,7 +97,7 @@ def bench_preset(preset: str, precision: str, args: argparse.Namespace, device: 
                 nonlocal result
                 result = seg.segment(image, state)
 
-            row.update(latency_s=timed(run, args.repeats, device), estimated=False,
+            row.update(latency_s=timed(run, args.repeats, device, reduce=min), estimated=False,
                        stages={k: round(v, 4) for k, v in result.timings.items()})  # type: ignore[union-attr]
         row["ratio"] = row["latency_s"] / bare
         rows.append(row)

@@ -12,22 +12,18 @@ absolute times depend on the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Run from a source checkout without installing: the repository root holds the package.
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from benchlib import timed  # noqa: E402  (also puts the repository root on sys.path)
 
 from ovseg_ros.core.models import resolve_device  # noqa: E402
-from ovseg_ros.core.segmenter import build_segmenter, list_presets, list_segmenters  # noqa: E402
+from ovseg_ros.core.segmenter import build_segmenter, get_segmenter_class, list_presets, list_segmenters  # noqa: E402,E501
 from ovseg_ros.core.vocabulary import Vocabulary  # noqa: E402
 
 VOCAB = ["floor", "wall", "chair", "table", "person, people", "door", "window", "plant"]
@@ -42,29 +38,14 @@ def random_weights(overrides: dict[str, Any], model_keys: list[str]) -> dict[str
 
 
 def model_fields(segmenter: str) -> list[str]:
-    import dataclasses
+    """Config fields holding a ModelSpec (CaR has two: its CAM and its classifier)."""
+    import typing
 
     from ovseg_ros.core.models import ModelSpec
     from ovseg_ros.core.segmenter import get_segmenter_class
 
-    cls = get_segmenter_class(segmenter).config_cls
-    return [f.name for f in dataclasses.fields(cls)
-            if isinstance(f.default_factory, type) and issubclass(f.default_factory, ModelSpec)  # type: ignore[arg-type]
-            or isinstance(f.default, ModelSpec)]
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (kernels, caches, positional embeddings)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    hints = typing.get_type_hints(get_segmenter_class(segmenter).config_cls)
+    return [name for name, hint in hints.items() if hint is ModelSpec]
 
 
 def main() -> None:
@@ -90,6 +71,9 @@ def main() -> None:
         for preset in [p for p in args.presets if p in list_presets(name)] or [""]:
             keys = model_fields(name)
             overrides = random_weights(extra, keys)
+            own = {f.name for f in dataclasses.fields(get_segmenter_class(name).config_cls)}
+            if {"allow_random", "checkpoint"} <= own:  # a method's own trained weights (FC-CLIP's head)
+                overrides.update(allow_random=True, checkpoint="")
             for key in keys:
                 overrides[key]["precision"] = args.precision
             try:
@@ -118,7 +102,7 @@ def main() -> None:
             if device.type == "cuda":
                 print(f"{'':<11} peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
                 torch.cuda.reset_peak_memory_stats(device)
-            del seg
+
 
 
 if __name__ == "__main__":

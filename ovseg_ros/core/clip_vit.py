@@ -12,7 +12,10 @@ per-head tensors (B, heads, N, head_dim).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Optional, Sequence
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +39,40 @@ def interpolate_pos_embed(visual: nn.Module, grid: tuple[int, int], mode: str = 
     """Positional embedding (1 + gh*gw, D) for a ``grid`` of patches, resized from the trained grid.
 
     Returns the original tensor when the grid matches. ``mode`` is ``bicubic`` (open_clip/ITACLIP) or
-    ``bilinear`` (CLIP-ES).
+    ``bilinear`` (CLIP-ES). Resized tables are cached per (weights, device, dtype, grid, mode): a camera
+    stream keeps one frame size, so the interpolation runs once, not per frame.
     """
     pos = visual.positional_embedding
     n0 = pos.shape[0] - 1
     g0 = int(math.isqrt(n0))
     if (g0, g0) == tuple(grid):
         return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode=mode, **kwargs)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-    return torch.cat([cls_pos, patch_pos], dim=0)
+    # _version changes on in-place writes (load_state_dict), so reloaded weights never hit a stale entry;
+    # the weak reference guards against a new model's table reusing a freed one's id().
+    key = (id(pos), pos._version, pos.device, pos.dtype, tuple(grid), mode)
+    with _POS_LOCK:
+        hit = _POS_CACHE.get(key)
+        if hit is not None and hit[0]() is pos:
+            _POS_CACHE.move_to_end(key)
+            return hit[1]
+    # A normal (not inference-mode) tensor, so gradient-based methods (CLIP-ES, CaR) can use cached entries.
+    with torch.inference_mode(False), torch.no_grad():
+        cls_pos, patch_pos = pos[:1], pos[1:]
+        patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode=mode, **kwargs)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+        out = torch.cat([cls_pos, patch_pos], dim=0)
+    with _POS_LOCK:
+        _POS_CACHE[key] = (weakref.ref(pos), out)
+        while len(_POS_CACHE) > _POS_CACHE_SIZE:
+            _POS_CACHE.popitem(last=False)
+    return out
+
+
+_POS_CACHE: "OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]]" = OrderedDict()
+_POS_CACHE_SIZE = 32
+_POS_LOCK = threading.Lock()
 
 
 def embed(visual: nn.Module, images: torch.Tensor, pos_mode: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:

@@ -34,6 +34,24 @@ def imagenet_templates() -> tuple[str, ...]:
 #: The single template of the CLIP-ES/CaR CAM stage (chosen by the CLIP-ES sharpness criterion).
 ORIGAMI_TEMPLATE = "a clean origami {}."
 
+#: The 14 ViLD prompt templates FC-CLIP encodes every class name with (CaR's classifier adds the origami one).
+VILD_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
 #: Plain template for quick, single-prompt encodings.
 PHOTO_TEMPLATE = "a photo of a {}."
 

@@ -114,3 +114,16 @@ def test_max_over_names_uneven_counts() -> None:
     owner = torch.tensor([0, 1, 1, 2, 1])
     out = clip_vit.max_over_names(scores, owner, 3).flatten().tolist()
     assert out == [1.0, 5.0, 0.5]
+
+
+def test_resized_pos_embed_is_cached_and_follows_weight_changes(tiny_vit_checkpoint) -> None:
+    visual = load_clip(ModelSpec("ovseg-tiny-vit", "", str(tiny_vit_checkpoint))).visual
+    a = clip_vit.interpolate_pos_embed(visual, (5, 7))
+    assert clip_vit.interpolate_pos_embed(visual, (5, 7)) is a  # one interpolation per frame size
+    with torch.no_grad():
+        visual.positional_embedding.mul_(2.0)  # in-place weight change (as load_state_dict does)
+    b = clip_vit.interpolate_pos_embed(visual, (5, 7))
+    assert b is not a and torch.allclose(b, 2 * a)
+    with torch.inference_mode():
+        c = clip_vit.interpolate_pos_embed(visual, (6, 6))
+    assert not c.is_inference()  # usable by the gradient-based methods too

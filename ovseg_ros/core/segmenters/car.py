@@ -102,29 +102,13 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
-from ..text import ORIGAMI_TEMPLATE, TextEncoder, format_prompts
+from ..text import ORIGAMI_TEMPLATE, VILD_TEMPLATES, TextEncoder, format_prompts
 from ..visual_prompts import apply_visual_prompts, check_kinds, outside_appearance, to_classifier_input
 from ..vocabulary import UNLABELED, Vocabulary, vocabulary_from_texts
 
 #: The 15 classifier templates of the authors' semantic configs: CLIP-ES's origami template followed by the
 #: 14 FC-CLIP/ViLD templates.
-CAR_TEMPLATES: tuple[str, ...] = (
-    ORIGAMI_TEMPLATE,
-    "a photo of a {}.",
-    "This is a photo of a {}",
-    "There is a {} in the scene",
-    "There is the {} in the scene",
-    "a photo of a {} in the scene",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "There is a small {} in the scene.",
-    "There is a medium {} in the scene.",
-    "There is a large {} in the scene.",
-)
+CAR_TEMPLATES: tuple[str, ...] = (ORIGAMI_TEMPLATE, *VILD_TEMPLATES)
 
 #: The 23 background words of every CaR config: CLIP-ES's COCO list.
 CAR_BACKGROUND: tuple[str, ...] = COCO_BACKGROUND

@@ -41,7 +41,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
-from ..text import TextEncoder, format_prompts
+from ..text import VILD_TEMPLATES, TextEncoder, format_prompts
 from ..vocabulary import UNLABELED, Vocabulary
 
 if TYPE_CHECKING:
@@ -50,23 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: FC-CLIP's 14 prompt templates (ViLD's), applied to every synonym of every class.
-VILD_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "This is a photo of a {}",
-    "There is a {} in the scene",
-    "There is the {} in the scene",
-    "a photo of a {} in the scene",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "This is a photo of a small {}.",
-    "This is a photo of a medium {}.",
-    "This is a photo of a large {}.",
-    "There is a small {} in the scene.",
-    "There is a medium {} in the scene.",
-    "There is a large {} in the scene.",
-)
 
 _THING_SOURCES = ("coco", "vocabulary")
 _SEMANTIC_SOURCES = ("semantic", "panoptic")

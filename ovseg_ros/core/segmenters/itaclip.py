@@ -388,7 +388,6 @@ class ITACLIPSegmenter(Segmenter):
         if tuple(layers) != REFERENCE_LAYERS and not config.intermediate_layers:
             log.info("itaclip: %d-block ViT, fusing intermediate blocks %s (7, 8, 10 of 12 scaled)", depth, layers)
         self.intermediate = tuple(b - 1 for b in layers)  # 0-based
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._kernel_cache: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -498,30 +497,11 @@ class ITACLIPSegmenter(Segmenter):
         return [list(p) for p in prompts] if prompts else super().describe_prompts(state)
 
     # --- image: the ViT -----------------------------------------------------------------------------
-    def _pos_embed(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        visual = self.clip.visual
-        key = (grid, visual.positional_embedding.device, dtype)
-        pos = self._pos_cache.get(key)
-        if pos is None:
-            pos = clip_vit.interpolate_pos_embed(visual, grid, "bicubic").to(dtype)
-            self._pos_cache[key] = pos
-        return pos
-
-    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patchify + CLS + cached positional embedding + ln_pre: the input of block 1."""
-        visual = self.clip.visual
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))
-        grid = (int(x.shape[-2]), int(x.shape[-1]))
-        x = x.flatten(2).transpose(1, 2)
-        cls_tok = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls_tok, x], dim=1) + self._pos_embed(grid, x.dtype)
-        return visual.ln_pre(x), grid
-
     def dense_features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """ITACLIP token features (B, 1 + h*w, E), L2-normalised, CLS first, in the model's dtype."""
         visual = self.clip.visual
         res = clip_vit.blocks(visual)
-        x, grid = self._embed(images)
+        x, grid = clip_vit.embed(visual, images)
         x, saved = clip_vit.run_blocks(visual, x, 0, len(res) - 1, capture=self.intermediate)
         last = res[-1]
         q, k, v = clip_vit.qkv(last, x)
@@ -662,13 +642,10 @@ class ITACLIPSegmenter(Segmenter):
     @torch.inference_mode()
     def backbone_forward(self, image: np.ndarray) -> None:
         """One unmodified ViT forward of the whole frame at the processing size (benchmark baseline)."""
-        x, _ = self._embed(self._prepare(check_image(image)))
-        x, _ = clip_vit.run_blocks(self.clip.visual, x)
-        clip_vit.project_tokens(self.clip.visual, x)
+        clip_vit.bare_forward(self.clip.visual, self._prepare(check_image(image)))
 
     def to(self, device: torch.device | str) -> "ITACLIPSegmenter":
         super().to(device)
         self.clip.to(self.device)
-        self._pos_cache.clear()
         self._kernel_cache.clear()
         return self
