@@ -25,13 +25,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["ovseg_ros", "ovseg_ros.core", "ovseg_ros.core.*"]),
+    packages=find_packages(include=["ovseg_ros", "ovseg_ros.core", "ovseg_ros.core.*", "ovseg_ros.tools"]),
     package_data={
         "ovseg_ros.core": [
             "presets/**/*.yaml",
             "model_configs/*.json",
             "data/**/*",
         ],
+        "ovseg_ros.core.fcclip": ["*.tsv"],
     },
     include_package_data=False,
     install_requires=_requirements(),

@@ -31,14 +31,20 @@ from .core.segmenter import (
     list_presets,
     list_segmenters,
 )
-from .core.vocabulary import UNLABELED, Vocabulary, VocabularyError, load_vocabulary_file
+from .core.vocabulary import (
+    UNLABELED,
+    Vocabulary,
+    VocabularyError,
+    find_vocabulary_preset,
+    list_vocabulary_presets,
+    load_vocabulary_file,
+)
 
 log = logging.getLogger("ovseg_segment")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 #: The CLI runs the authors' settings by default (the node defaults to ``realtime``).
 PAPER_PRESETS = {"dense_clip": "default", "itaclip": "voc21", "clip_es": "voc", "car": "voc", "fcclip": "coco_panoptic"}
-VOCABULARY_DIR = Path(__file__).resolve().parent.parent / "config" / "vocabularies"
 
 
 def unlabeled_value(num_classes: int) -> int:
@@ -79,7 +85,11 @@ def resolve_vocabulary(args: argparse.Namespace) -> Vocabulary:
         return Vocabulary.from_request(args.vocabulary, source="command line")
     if args.vocabulary_file:
         return load_vocabulary_file(args.vocabulary_file)
-    return load_vocabulary_file(VOCABULARY_DIR / f"{args.vocabulary_preset}.yaml")
+    path = find_vocabulary_preset(args.vocabulary_preset)
+    if path is None:
+        raise VocabularyError(f"unknown vocabulary preset {args.vocabulary_preset!r}; available: "
+                              f"{', '.join(list_vocabulary_presets()) or 'none'}")
+    return load_vocabulary_file(path)
 
 
 def result_json(path: Path, result: SegmentationResult, seconds: float) -> dict[str, Any]:

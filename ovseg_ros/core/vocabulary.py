@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+import os
+import re
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import yaml
 
@@ -253,3 +255,36 @@ def load_vocabulary_file(path: str | Path, revision: int = 0) -> Vocabulary:
     if not isinstance(data, Mapping) or "classes" not in data:
         raise VocabularyError(f"vocabulary file {path} must be a mapping with a 'classes' list")
     return Vocabulary.from_mapping_list(data["classes"], revision=revision, source=path.stem)
+
+
+# --- vocabulary presets ------------------------------------------------------------------------------
+def vocabulary_preset_dirs() -> list[Path]:
+    """Where vocabulary presets (``config/vocabularies``) are looked up: ``$OVSEG_VOCABULARY_PATH`` (folders
+    separated by ``:``), the ROS install's share folder (when ament_index_python is there), then the source tree."""
+    dirs = [Path(p) for p in os.environ.get("OVSEG_VOCABULARY_PATH", "").split(":") if p]
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        try:
+            dirs.append(Path(get_package_share_directory("ovseg_ros")) / "config" / "vocabularies")
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    dirs.append(Path(__file__).resolve().parents[2] / "config" / "vocabularies")
+    return [d for d in dirs if d.is_dir()]
+
+
+def find_vocabulary_preset(name: str) -> Optional[Path]:
+    """The YAML file of preset ``name``, or None (names are plain file stems: no paths)."""
+    if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+        return None
+    for d in vocabulary_preset_dirs():
+        path = d / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def list_vocabulary_presets() -> list[str]:
+    return sorted({p.stem for d in vocabulary_preset_dirs() for p in d.glob("*.yaml")})

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import yaml
 
+from ..core.vocabulary import find_vocabulary_preset, list_vocabulary_presets  # noqa: F401  (re-exported)
 from .qos import RELIABILITIES
 
 #: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
@@ -186,36 +187,6 @@ def parse_options(text: str) -> dict[str, Any]:
 
 
 # --- vocabulary presets -----------------------------------------------------------------------------
-def vocabulary_preset_dirs() -> list[Path]:
-    """Where vocabulary presets are looked up: the installed share folder, then the source tree."""
-    dirs = []
-    try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-
-        try:
-            dirs.append(Path(get_package_share_directory("ovseg_ros")) / "config" / "vocabularies")
-        except PackageNotFoundError:
-            pass
-    except ImportError:
-        pass
-    dirs.append(Path(__file__).resolve().parents[2] / "config" / "vocabularies")
-    return [d for d in dirs if d.is_dir()]
-
-
-def find_vocabulary_preset(name: str) -> Optional[Path]:
-    if not re.match(r"^[A-Za-z0-9_.-]+$", name):
-        return None
-    for d in vocabulary_preset_dirs():
-        path = d / f"{name}.yaml"
-        if path.is_file():
-            return path
-    return None
-
-
-def list_vocabulary_presets() -> list[str]:
-    return sorted({p.stem for d in vocabulary_preset_dirs() for p in d.glob("*.yaml")})
-
-
 # --- resolved configuration ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NodeConfig:
