@@ -26,6 +26,7 @@ from .core.models import ModelLoadError
 from .core.postprocess import colorize, make_palette
 from .core.segmenter import (
     ImageError,
+    QueryResult,
     SegmentationResult,
     build_segmenter,
     list_presets,
@@ -114,6 +115,16 @@ def result_json(path: Path, result: SegmentationResult, seconds: float) -> dict[
     return out
 
 
+def write_query(stem: Path, path: Path, result: QueryResult) -> None:
+    """One 0/255 mask PNG per text and a JSON with the texts, scores and mask file names."""
+    entries = []
+    for i, (text, mask, score) in enumerate(zip(result.texts, result.masks, result.scores)):
+        name = f"{stem.name}_query{i}.png"
+        cv2.imwrite(str(stem.parent / name), mask.astype(np.uint8) * 255)
+        entries.append({"text": text, "score": round(float(score), 4), "mask": name, "area": int(mask.sum())})
+    Path(f"{stem}_query.json").write_text(json.dumps({"image": str(path), "queries": entries}, indent=2))
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ovseg-segment", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -131,6 +142,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     voc.add_argument("--vocabulary", nargs="+", help='class names, each "name, synonym, ..."')
     voc.add_argument("--vocabulary-file", help="vocabulary YAML (classes: [...])")
     voc.add_argument("--vocabulary-preset", default="indoor_robot", help="a file stem in config/vocabularies")
+    p.add_argument("--query", nargs="+", metavar="TEXT",
+                   help="free-form texts: write one mask per text (<name>_query<i>.png) and scores to <name>_query.json "
+                        "instead of the semantic outputs (CaR answers in its referring mode)")
     p.add_argument("--cache-dir", default="~/.cache/ovseg_ros", help="text-embedding and weights cache")
     p.add_argument("--online", action="store_true", help="allow downloading weights from the hub")
     p.add_argument("--list", action="store_true", help="list segmenters and presets, then exit")
@@ -178,8 +192,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     palette = make_palette(len(vocabulary))
     failures = 0
     for path in images:
+        stem = out_dir / path.stem
         try:
             image = read_rgb(path)
+            if args.query:
+                write_query(stem, path, segmenter.query(image, args.query))
+                print(f"{path} -> {stem}_query.json")
+                continue
             t0 = time.perf_counter()
             result = segmenter.segment(image)
             seconds = time.perf_counter() - t0
@@ -187,7 +206,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"skipped {path}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        stem = out_dir / path.stem
+        except VocabularyError as exc:  # e.g. a query text longer than the model's context
+            print(f"ovseg-segment: {exc}", file=sys.stderr)
+            return 2
         cv2.imwrite(f"{stem}_labels.png", encode_labels(result.labels, len(vocabulary)))
         cv2.imwrite(f"{stem}_color.png", cv2.cvtColor(colorize(result.labels, palette), cv2.COLOR_RGB2BGR))
         Path(f"{stem}.json").write_text(json.dumps(result_json(path, result, seconds), indent=2))

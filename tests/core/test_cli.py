@@ -50,3 +50,26 @@ def test_cli_reports_bad_setup_without_traceback(tmp_path, capsys) -> None:
 def test_cli_lists_segmenters(capsys) -> None:
     assert cli.main(["--list"]) == 0
     assert "dense_clip: presets" in capsys.readouterr().out
+
+
+def test_cli_referring_queries_with_car(tmp_path, tiny_vit_checkpoint, rgb_image) -> None:
+    """The offline tool answers free-form queries (CaR's referring mode): one 0/255 mask per text + scores."""
+    from ovseg_ros.core.models import save_random_checkpoint
+
+    cls_ckpt = save_random_checkpoint("ovseg-tiny-vit-l4", tmp_path / "cls.pt", seed=1)
+    img = tmp_path / "scene.png"
+    cv2.imwrite(str(img), cv2.cvtColor(rgb_image, cv2.COLOR_RGB2BGR))
+    options = ("{classifier_model: {name: ovseg-tiny-vit-l4, pretrained: '', checkpoint: '" + str(cls_ckpt) + "'}, "
+               "cam_max_side: 64, prompt_max_side: 64, classifier_input_size: 56, crf: false}")
+    out = tmp_path / "out"
+    rc = cli.main([str(img), "-o", str(out), "--segmenter", "car", "--preset", "refcoco", "--model", "ovseg-tiny-vit",
+                   "--pretrained", "", "--checkpoint", str(tiny_vit_checkpoint), "--device", "cpu",
+                   "--options", options, "--vocabulary", "unused", "--query", "the green square", "a red wall"])
+    assert rc == 0
+    meta = json.loads((out / "scene_query.json").read_text())
+    assert [q["text"] for q in meta["queries"]] == ["the green square", "a red wall"]
+    for q in meta["queries"]:
+        mask = cv2.imread(str(out / q["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (60, 80) and set(np.unique(mask)) <= {0, 255}
+        assert 0.0 <= q["score"] <= 1.0 and q["area"] == int((mask == 255).sum())
+    assert not (out / "scene_labels.png").exists()
