@@ -180,6 +180,22 @@ class Vocabulary:
         return [", ".join(c.names) for c in self.classes]
 
 
+def name_key(name: str) -> str:
+    """Comparison key of a name: lower-case letters and digits only ("Traffic-Light" == "traffic light")."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def background_without_classes(
+    words: Sequence[str], vocabulary: Vocabulary, extra_names: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """Background words minus those naming a class (or one of ``extra_names``).
+
+    A word such as "wall" must not push down the class "wall" when the user asks for it indoors.
+    """
+    taken = {name_key(n) for c in vocabulary.classes for n in c.names} | {name_key(n) for n in extra_names}
+    return tuple(w for w in words if name_key(w) not in taken)
+
+
 def default_is_thing(name: str) -> bool:
     """Guess thing/stuff from the name when the request does not say (stuff if any word is a stuff word)."""
     words = name.lower().replace("-", " ").replace("_", " ").split()

@@ -104,7 +104,7 @@ from ..segmenter import (
 )
 from ..text import ORIGAMI_TEMPLATE, VILD_TEMPLATES, TextEncoder, format_prompts
 from ..visual_prompts import apply_visual_prompts, check_kinds, outside_appearance, to_classifier_input
-from ..vocabulary import UNLABELED, Vocabulary, vocabulary_from_texts
+from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
 
 #: The 15 classifier templates of the authors' semantic configs: CLIP-ES's origami template followed by the
 #: 14 FC-CLIP/ViLD templates.
@@ -574,8 +574,8 @@ class CarSegmenter(Segmenter):
         queries = tuple(queries)
         text_bank = self.classifier.encode_queries(queries)  # raises VocabularyError on over-long prompts
         cam_tpl = tuple(cfg.cam_template.format(q) for q in queries)
-        names = {n.strip().lower() for c in vocabulary.classes for n in c.names} | {q.lower() for q in queries}
-        words = [w for w in cfg.background_words if not (cfg.drop_background_overlaps and w.lower() in names)]
+        words = list(background_without_classes(cfg.background_words, vocabulary, queries)
+                     if cfg.drop_background_overlaps else cfg.background_words)
         is_stuff = tuple(not c.is_thing for c in vocabulary.classes)
         thing_bg = tuple(cam_tpl[i] for i, s in enumerate(is_stuff) if not s)
         background = tuple(cfg.cam_template.format(w) for w in words)

@@ -64,7 +64,7 @@ from ..segmenter import (
     register_segmenter,
 )
 from ..text import ORIGAMI_TEMPLATE, TextEncoder
-from ..vocabulary import UNLABELED, Vocabulary, vocabulary_from_texts
+from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,7 @@ class ClipEsSegmenter(Segmenter):
         prompts = tuple(self._class_prompts(c.names) for c in vocabulary.classes)
         text = torch.stack([F.normalize(self.text_encoder.encode_group(list(p)).mean(dim=0), dim=-1)
                             for p in prompts])
-        taken = {n.strip().lower() for c in vocabulary.classes for n in c.names}
-        words = tuple(w for w in self.config.background if w.strip().lower() not in taken)
+        words = background_without_classes(self.config.background, vocabulary)
         bg = self.text_encoder.encode_templated(words, [self.config.template]) if words else None
         return ClipEsState(vocabulary=vocabulary, text=text, background=bg, background_words=words,
                            prompts=prompts)

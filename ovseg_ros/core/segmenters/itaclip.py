@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -86,7 +85,7 @@ from ..segmenter import (
     register_segmenter,
 )
 from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
-from ..vocabulary import UNLABELED, Vocabulary, load_vocabulary_file
+from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
 
 log = logging.getLogger(__name__)
 
@@ -346,15 +345,11 @@ def area_suppression(probs: torch.Tensor, num_classes: int, area_thd: float) -> 
     return out
 
 
-def _norm_key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
 @lru_cache(maxsize=16)
 def load_aux_file(file_name: str) -> dict[str, str]:
     """An auxiliary text file of ``data/itaclip`` as {normalised name: text}."""
     data = yaml.safe_load((AUX_DIR / file_name).read_text()) or {}
-    return {_norm_key(str(k)): str(v).strip() for k, v in data.items()}
+    return {name_key(str(k)): str(v).strip() for k, v in data.items()}
 
 
 def load_dataset_vocabulary(dataset: str) -> Vocabulary:
@@ -434,8 +429,8 @@ class ITACLIPSegmenter(Segmenter):
         if cfg.aux_file:
             table = load_aux_file(cfg.aux_file)
             for name in cls_spec.names:
-                if _norm_key(name) in table:
-                    return self._fit(table[_norm_key(name)], templates), "file"
+                if name_key(name) in table:
+                    return self._fit(table[name_key(name)], templates), "file"
         if cfg.aux_kind == "synonym" and cls_spec.synonyms:
             return cls_spec.synonyms[0], "request-synonym"
         if self.llm is not None:
@@ -466,11 +461,8 @@ class ITACLIPSegmenter(Segmenter):
                 rows = has[owner_t]
                 fused = (1.0 - beta) * text + beta * per_class[owner_t]  # not renormalised (authors')
                 text = torch.where(rows[:, None], fused, text)
-            vocab_keys = {_norm_key(n) for c in vocabulary.classes for n in c.names}
-            background = tuple(
-                w for w in cfg.background_words
-                if not (cfg.drop_background_in_vocabulary and _norm_key(w) in vocab_keys)
-            )
+            background = (background_without_classes(cfg.background_words, vocabulary)
+                          if cfg.drop_background_in_vocabulary else tuple(cfg.background_words))
             if background:
                 text = torch.cat([text, enc.encode_templated(list(background), templates)])
                 owner_t = torch.cat([owner_t, torch.full((len(background),), len(vocabulary), dtype=torch.long,
