@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Union
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -260,3 +261,21 @@ def dense_crf(
             energy = energy + weight * kernel(q)
         q = torch.softmax(energy, dim=0)
     return q.cpu().numpy() if as_numpy else q
+
+
+def dense_crf_capped(image: np.ndarray, probs: torch.Tensor, max_side: int = 0, **params: float) -> torch.Tensor:
+    """:func:`dense_crf` on a copy whose long side is at most ``max_side`` (0 = full size), marginals upsampled.
+
+    The CRF's cost grows with the pixel count, so robots run it on a downscaled frame: the image is
+    area-averaged, the probabilities resized bilinearly, and the (C, h, w) result resized back to (C, H, W).
+    ``params`` are :func:`dense_crf`'s (iterations, kernel widths and compatibilities).
+    """
+    h, w = image.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return dense_crf(image, probs, **params)
+    s = max_side / max(h, w)
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    small = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    p = F.interpolate(probs[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    q = dense_crf(small, p, **params)
+    return F.interpolate(q[None], size=(h, w), mode="bilinear", align_corners=False)[0]

@@ -93,3 +93,18 @@ def test_crf_without_pairwise_terms_returns_normalised_scores() -> None:
     np.testing.assert_allclose(dense_crf(img, probs, iterations=0), norm, rtol=1e-5, atol=1e-6)
     off = dense_crf(img, probs, iterations=5, gaussian_compat=0, bilateral_compat=0)
     np.testing.assert_allclose(off, norm, rtol=1e-5, atol=1e-6)
+
+
+def test_capped_crf_equals_full_below_the_cap_and_keeps_the_size_above() -> None:
+    import numpy as np
+    import torch
+
+    from ovseg_ros.core.crf import dense_crf, dense_crf_capped
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(3, 30, 40)).astype(np.float32)), 0)
+    assert torch.equal(dense_crf_capped(image, probs, 0, iterations=3), dense_crf(image, probs, iterations=3))
+    assert torch.equal(dense_crf_capped(image, probs, 40, iterations=3), dense_crf(image, probs, iterations=3))
+    small = dense_crf_capped(image, probs, 20, iterations=3)
+    assert small.shape == (3, 30, 40) and torch.allclose(small.sum(0), torch.ones(30, 40), atol=1e-4)

@@ -83,14 +83,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import clip_vit
 from ..cam import COCO_BACKGROUND, ClipCam, prepare_image, refine_with_affinity
-from ..crf import dense_crf
+from ..crf import dense_crf_capped
 from ..geometry import image_to_tensor, normalize
 from ..models import ClipModel, ModelSpec, load_clip
 from ..segmenter import (
@@ -817,13 +816,4 @@ def _crf_labels(image: np.ndarray, probs: torch.Tensor, bg_factor: float, max_si
     at most that, and its marginals are upsampled bilinearly (the CRF's cost grows with the pixel count)."""
     bg = (1.0 - probs.max(dim=0, keepdim=True).values).clamp(min=0).pow(bg_factor)
     p = torch.cat([bg, probs]).float()
-    h, w = image.shape[:2]
-    if max_side > 0 and max(h, w) > max_side:
-        s = max_side / max(h, w)
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        small = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        p = F.interpolate(p[None], size=size, mode="bilinear", align_corners=False)[0]
-        q = F.interpolate(dense_crf(small, p)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    else:
-        q = dense_crf(image, p)
-    return q.argmax(dim=0)
+    return dense_crf_capped(image, p, max_side).argmax(dim=0)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from .. import clip_vit
 from ..cam import VOC_BACKGROUND, ClipCam, prepare_image, refine_with_affinity
-from ..crf import dense_crf
+from ..crf import dense_crf_capped
 from ..geometry import resize
 from ..models import ClipModel, ModelSpec, load_clip
 from ..segmenter import (
@@ -251,18 +251,11 @@ class ClipEsSegmenter(Segmenter):
 
     def _crf(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        h, w = image.shape[:2]
-        img_t = torch.from_numpy(image if image.flags.writeable else image.copy()).to(probs.device)
-        small = cfg.crf_max_side > 0 and max(h, w) > cfg.crf_max_side
-        if small:
-            s = cfg.crf_max_side / max(h, w)
-            size = (max(1, round(h * s)), max(1, round(w * s)))
-            img_t = F.interpolate(img_t.permute(2, 0, 1)[None].float(), size=size, mode="bilinear",
-                                  align_corners=False, antialias=True)[0].round().clamp(0, 255).byte().permute(1, 2, 0)
-            probs = resize(probs[None], size)[0]
-        q = dense_crf(img_t, probs, cfg.crf_iterations, cfg.crf_gaussian_sxy, cfg.crf_gaussian_compat,
-                      cfg.crf_bilateral_sxy, cfg.crf_bilateral_srgb, cfg.crf_bilateral_compat)
-        return resize(q[None], (h, w))[0] if small else q
+        return dense_crf_capped(
+            image, probs, cfg.crf_max_side, iterations=cfg.crf_iterations, gaussian_sxy=cfg.crf_gaussian_sxy,
+            gaussian_compat=cfg.crf_gaussian_compat, bilateral_sxy=cfg.crf_bilateral_sxy,
+            bilateral_srgb=cfg.crf_bilateral_srgb, bilateral_compat=cfg.crf_bilateral_compat,
+        )
 
     def segment(
         self,
