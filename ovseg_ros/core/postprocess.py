@@ -51,12 +51,6 @@ def class_codes(labels: np.ndarray, num_classes: int) -> Optional[np.ndarray]:
     return labels.astype(np.uint8)  # -1 wraps to 255
 
 
-def _row_span(profile: np.ndarray) -> tuple[int, int]:
-    """First and last index of the non-zero entries of a 1-D profile."""
-    nz = np.flatnonzero(profile)
-    return int(nz[0]), int(nz[-1])
-
-
 def panoptic_from_semantic(
     labels: np.ndarray,
     confidence: np.ndarray,
@@ -71,10 +65,11 @@ def panoptic_from_semantic(
     Segment ids are 1..S in order of class id then component scan order (OpenCV's labelling order);
     score = mean confidence (``confidence`` float in [0, 1], or uint8 0..255 as on the wire).
 
-    Cost: per present class one byte comparison and two row/column reductions (its bounding box), then
+    Cost: per present class one byte comparison and its bounding box (``cv2.boundingRect``), then
     connected components with statistics (area, box) only inside that box, aligned to even coordinates so
     OpenCV's 2x2-block labelling numbers components exactly as on the whole image; stuff ids are written by
-    one table lookup, scores are one weighted histogram of the final ids. No ``ufunc.at``.
+    one table lookup; scores are masked means in each segment's box (or, beyond 64 thing segments, one
+    weighted histogram of all ids). No ``ufunc.at``.
     """
     if labels.ndim != 2 or confidence.shape[:2] != labels.shape:
         raise ValueError(f"labels {labels.shape} and confidence {confidence.shape} must be (H, W) of one size")
@@ -84,76 +79,79 @@ def panoptic_from_semantic(
     n_cls = len(vocabulary)
     codes = class_codes(labels, n_cls)
     if codes is not None:
-        counts = np.bincount(codes.ravel(), minlength=256)
-        present = [c for c in np.flatnonzero(counts[:255]) if c < n_cls]
+        if codes.size < 2**24:  # OpenCV's float histogram is exact below 2**24 counts
+            counts = cv2.calcHist([codes], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+        else:
+            counts = np.bincount(codes.ravel(), minlength=256)
+        present = [int(c) for c in np.flatnonzero(counts[:255]) if c < n_cls]
     else:
-        flat = labels.ravel()
-        present = [int(c) for c in np.unique(flat) if 0 <= c < n_cls]
-    # 8-connectivity: BBDT gives the default (Spaghetti) numbering with much cheaper statistics.
+        present = [int(c) for c in np.unique(labels) if 0 <= c < n_cls]
+    conf = confidence if confidence.dtype in (np.uint8, np.float32, np.float64) else confidence.astype(np.float32)
+    scale = 1.0 / 255.0 if conf.dtype == np.uint8 else 1.0
+    # 8-connectivity: BBDT numbers components as the default (Spaghetti) does, with much cheaper statistics.
     algorithm = cv2.CCL_BBDT if connectivity == 8 else cv2.CCL_DEFAULT
     keep_area = max(min_area, 1)
-    # Per class: (class, is_thing, crop (y0, x0) or None, component map of the crop, stats rows kept).
-    plans: list[tuple[int, bool, int, int, Optional[np.ndarray], np.ndarray]] = []
-    for cls in present:
-        cls = int(cls)
-        mask = cv2.compare(codes, cls, cv2.CMP_EQ) if codes is not None else (labels == cls).view(np.uint8)
-        y0, y1 = _row_span(cv2.reduce(mask, 1, cv2.REDUCE_MAX).ravel())
-        x0, x1 = _row_span(cv2.reduce(mask, 0, cv2.REDUCE_MAX).ravel())
-        if not vocabulary.classes[cls].is_thing:
-            area = int(counts[cls]) if codes is not None else int(cv2.countNonZero(mask))
-            stats = np.array([[x0, y0, x1 - x0 + 1, y1 - y0 + 1, area]], dtype=np.int64)
-            plans.append((cls, False, 0, 0, None, stats))
-            continue
-        ya, xa = y0 - y0 % 2, x0 - x0 % 2  # keep OpenCV's 2x2 block grid: same component order as uncropped
-        crop = np.ascontiguousarray(mask[ya:y1 + 1, xa:x1 + 1])
-        _, comp, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-            crop, connectivity, cv2.CV_32S, algorithm)
-        stats = stats[1:].astype(np.int64)
-        stats[:, 0] += xa
-        stats[:, 1] += ya
-        plans.append((cls, True, ya, xa, comp, stats))
-
-    # Final ids in class order; stuff through one lookup table, things written inside their crops.
-    ids_lut = np.zeros(256 if codes is not None else 0, dtype=np.int32)
-    segments_meta: list[tuple[int, bool, np.ndarray]] = []  # (class, thing, stats row) per final id
     ids = np.zeros((h, w), dtype=np.int32)
-    thing_writes: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    ids_lut = np.zeros(256, dtype=np.int32)
+    meta: list[tuple[int, bool, np.ndarray, float]] = []  # (class, thing, stats row, score) per final id
+    # Per thing class: (y, x, component map and class mask of its box, remap to final ids, kept labels, first).
+    things: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]] = []
     next_id = 1
-    for cls, thing, ya, xa, comp, stats in plans:
-        kept = stats[:, 4] >= keep_area
-        n_kept = int(kept.sum())
-        if not thing:
-            if n_kept:
-                if codes is not None:
-                    ids_lut[cls] = next_id
-                else:
-                    ids[labels == cls] = next_id
-                segments_meta.append((cls, False, stats[0]))
-                next_id += 1
+    for cls in present:
+        mask = cv2.compare(codes, cls, cv2.CMP_EQ) if codes is not None else (labels == cls).view(np.uint8)
+        bx, by, bw, bh = cv2.boundingRect(mask)  # of the non-zero pixels
+        if not vocabulary.classes[cls].is_thing:
+            box = (slice(by, by + bh), slice(bx, bx + bw))
+            area = int(counts[cls]) if codes is not None else int(cv2.countNonZero(mask))
+            if area < keep_area:
+                continue
+            score = cv2.mean(conf[box], mask=mask[box])[0] * scale
+            if codes is not None:
+                ids_lut[cls] = next_id
+            else:
+                np.copyto(ids[box], next_id, where=mask[box].view(bool))
+            meta.append((cls, False, np.array([bx, by, bw, bh, area], np.int64), score))
+            next_id += 1
+            continue
+        ya, xa = by - by % 2, bx - bx % 2  # keep OpenCV's 2x2 block grid: the same numbering as uncropped
+        crop = np.ascontiguousarray(mask[ya:by + bh, xa:bx + bw])
+        _, comp, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(crop, connectivity, cv2.CV_32S, algorithm)
+        stats = stats[1:].astype(np.int64)
+        kept = np.flatnonzero(stats[:, 4] >= keep_area)
+        if not len(kept):
             continue
         remap = np.zeros(len(stats) + 1, dtype=np.int32)
-        remap[1:][kept] = np.arange(next_id, next_id + n_kept, dtype=np.int32)
-        thing_writes.append((ya, xa, comp, remap))  # type: ignore[arg-type]
-        segments_meta.extend((cls, True, row) for row in stats[kept])
-        next_id += n_kept
-    if not segments_meta:
+        remap[kept + 1] = np.arange(next_id, next_id + len(kept), dtype=np.int32)
+        things.append((ya, xa, comp, crop, remap, kept + 1, len(meta)))
+        for row in stats[kept]:  # boxes in image coordinates
+            meta.append((cls, True, row + np.array([xa, ya, 0, 0, 0]), 0.0))
+        next_id += len(kept)
+    if not meta:
         return PanopticResult(ids, [])
     if codes is not None and ids_lut.any():
-        ids = cv2.LUT(codes, ids_lut)  # int32 table -> int32 ids (thing classes map to 0 here)
-    for ya, xa, comp, remap in thing_writes:
-        region = ids[ya:ya + comp.shape[0], xa:xa + comp.shape[1]]
-        if len(remap) > 1 and np.all(np.diff(remap[1:]) == 1) and remap[1] > 0:
-            values = comp + (remap[1] - 1)  # nothing dropped: a shift, no gather
+        ids = cv2.LUT(codes, ids_lut)  # int32 table -> int32 ids; thing classes map to 0 here
+    # Few thing segments: a masked mean in each one's own box; many: one weighted histogram of all ids.
+    few = next_id - 1 - sum(1 for m in meta if not m[1]) <= 64
+    for ya, xa, comp, crop, remap, local, first in things:
+        box = (slice(ya, ya + comp.shape[0]), slice(xa, xa + comp.shape[1]))
+        if len(local) == len(remap) - 1:  # nothing dropped: a shift of the component labels
+            values = cv2.add(comp, int(remap[1]) - 1, mask=crop)
         else:
             values = remap[comp]
-        np.copyto(region, values, where=comp > 0)
-    n = next_id
-    sums = np.bincount(ids.ravel(), weights=confidence.reshape(-1).astype(np.float64), minlength=n)
-    scale = 1.0 / 255.0 if confidence.dtype == np.uint8 else 1.0
+        ids[box] += values  # zero there so far: thing classes are 0 in the stuff table
+        if few:
+            for i, k in enumerate(local.tolist(), start=first):
+                cls, thing, row, _ = meta[i]
+                x, y, bw, bh = int(row[0]) - xa, int(row[1]) - ya, int(row[2]), int(row[3])
+                own = (comp[y:y + bh, x:x + bw] == k).view(np.uint8)
+                score = cv2.mean(conf[int(row[1]):int(row[1]) + bh, int(row[0]):int(row[0]) + bw], mask=own)[0]
+                meta[i] = (cls, thing, row, score * scale)
+    if not few:
+        sums = np.bincount(ids.ravel(), weights=conf.astype(np.float64).ravel(), minlength=next_id)
+        meta = [(c, t, r, float(sums[k] / r[4] * scale) if t else sc) for k, (c, t, r, sc) in enumerate(meta, start=1)]
     segments = [
-        Segment(k, cls, thing, float(sums[k] / row[4] * scale), int(row[4]),
-                (int(row[0]), int(row[1]), int(row[2]), int(row[3])))
-        for k, (cls, thing, row) in enumerate(segments_meta, start=1)
+        Segment(k, cls, thing, float(score), int(row[4]), (int(row[0]), int(row[1]), int(row[2]), int(row[3])))
+        for k, (cls, thing, row, score) in enumerate(meta, start=1)
     ]
     return PanopticResult(ids, segments)
 
