@@ -29,6 +29,8 @@ from ovseg_ros.core.models import resolve_device  # noqa: E402
 from ovseg_ros.core.segmenter import build_segmenter, get_segmenter_class  # noqa: E402
 from ovseg_ros.core.vocabulary import Vocabulary, find_vocabulary_preset, load_vocabulary_file  # noqa: E402
 
+#: Text settings that only make the untimed vocabulary encoding faster (one template instead of 80).
+TEXT_FAST = {"dense_clip": {"templates": "photo"}, "itaclip": {"templates": "photo"}}
 SMALL = ["floor", "wall", "chair", "table", "person, people", "door", "window", "plant"]
 
 
@@ -74,14 +76,19 @@ def main() -> int:
         paths = [("fast", {}), ("exact", {"fast_upsample": False})] if "fast_upsample" in own else [("-", {})]
         for label, extra in paths:
             try:
-                seg = build(name, "realtime", extra, device)
+                seg = build(name, "realtime", {**TEXT_FAST.get(name, {}), **extra}, device)
             except Exception as exc:  # report and go on
                 print(f"{name:<11} skipped: {type(exc).__name__}: {exc}")
                 break
-            ms = []
-            for n in (small, large):
-                state = seg.encode_vocabulary(vocabs[n])
-                ms.append(timed(lambda: seg.segment(image, state), args.repeats, device, reduce=min) * 1e3)
+            states = [seg.encode_vocabulary(vocabs[n]) for n in (small, large)]
+            for st in states:  # warm-up
+                seg.segment(image, st)
+            # Interleaved runs, minimum of each: load changes on a shared machine hit both sizes alike.
+            best = [float("inf"), float("inf")]
+            for _ in range(max(1, args.repeats)):
+                for i, st in enumerate(states):
+                    best[i] = min(best[i], timed(lambda: seg.segment(image, st), 1, device, warmup=0))
+            ms = [b * 1e3 for b in best]
             print(f"{name:<11} {label:<7} {ms[0]:>10.0f} {ms[1]:>11.0f} {ms[1] / ms[0]:>6.2f}", flush=True)
             del seg
     return 0
