@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--size", default="480x640")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--paths", nargs="*", default=None, help="only these rows (fast, exact, nopamr, -)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     h, w = (int(v) for v in args.size.split("x"))
@@ -74,6 +75,10 @@ def main() -> int:
     for name in args.segmenters:
         own = {f.name for f in dataclasses.fields(get_segmenter_class(name).config_cls)}
         paths = [("fast", {}), ("exact", {"fast_upsample": False})] if "fast_upsample" in own else [("-", {})]
+        if name == "itaclip":  # PAMR refines every name's logits: the part of ITACLIP that grows with K
+            paths.append(("nopamr", {"pamr_steps": 0}))
+        if args.paths:
+            paths = [p for p in paths if p[0] in args.paths]
         for label, extra in paths:
             try:
                 seg = build(name, "realtime", {**TEXT_FAST.get(name, {}), **extra}, device)
