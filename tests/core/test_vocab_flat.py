@@ -30,7 +30,7 @@ def random_scores(gen: torch.Generator, k: int, h: int, w: int, smooth: bool) ->
 @pytest.mark.parametrize("smooth", [True, False])
 def test_topk_upsampling_agrees_with_the_full_path(smooth: bool) -> None:
     gen = torch.Generator().manual_seed(int(smooth))
-    for k, (h, w), size in [(150, (12, 16), (120, 160)), (40, (9, 13), (70, 101)), (64, (20, 20), (15, 17)),
+    for k, (h, w), size in [(150, (12, 16), (120, 160)), (40, (9, 13), (70, 101)), (64, (20, 20), (15, 17)), (64, (20, 20), (30, 30)),
                             (300, (6, 8), (48, 64)), (8, (10, 10), (40, 40))]:
         s = random_scores(gen, k, h, w, smooth)
         best, label = upsample_max(s, size)
