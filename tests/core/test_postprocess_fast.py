@@ -147,3 +147,18 @@ def test_fast_colorize_and_overlay_equal_reference() -> None:
         for alpha in (0.0, 0.3, 1.0):
             assert np.array_equal(overlay(img, col, alpha, lab), reference_overlay(img, col, alpha, lab))
         assert np.array_equal(overlay(img, col, 0.5), reference_overlay(img, col, 0.5))
+
+
+def test_wire_encoded_labels_and_other_int_dtypes() -> None:
+    rng = np.random.default_rng(6)
+    lab = rng.integers(-1, 20, (30, 40)).astype(np.int32)
+    pal = make_palette(20)
+    wire = lab.astype(np.uint8)  # what encode_labels publishes: -1 -> 255
+    img = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    assert np.array_equal(colorize(wire, pal), reference_colorize(lab, pal))
+    col = colorize(lab, pal)
+    assert np.array_equal(overlay(img, col, 0.5, wire), reference_overlay(img, col, 0.5, lab))
+    v = Vocabulary.from_request([f"c{i}" for i in range(20)], is_thing=[i % 3 == 0 for i in range(20)])
+    conf = rng.random((30, 40)).astype(np.float32)
+    for dtype in (np.int64, np.int16):
+        assert_same(panoptic_from_semantic(lab.astype(dtype), conf, v), reference_panoptic(lab, conf, v))
