@@ -15,18 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from sensor_msgs.msg import CompressedImage, Image
 
 from . import messages
-from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge, numpy_to_image
+from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge
 from .diagnostics import CameraStats
 from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason
 from .mailbox import Frame, LatestFrameMailbox
-from .qos import latched_qos, output_qos  # noqa: F401  (latched_qos: re-exported for the node)
-
-#: Output name -> (message type factory, topic relative to the camera's output prefix)
-IMAGE_OUTPUTS = ("labels", "confidence", "color", "overlay")
-
+from .qos import output_qos
 
 @dataclass(frozen=True)
 class CameraSpec:
@@ -63,6 +60,8 @@ class Camera:
         self.subs: list[Any] = []
         self.extras: list[Any] = []  # optional per-camera outputs (e.g. the semantic point cloud)
         self.max_pixels: Callable[[], int] = lambda: 4096 * 4096
+        # One group per camera: cameras convert in parallel, each camera's frames in order.
+        self.callback_group = MutuallyExclusiveCallbackGroup()
 
     # --- outputs (configure .. cleanup) --------------------------------------------------------------
     def create_outputs(self) -> None:
@@ -157,10 +156,6 @@ class Camera:
         self.stats.refuse(why)
         where = f" on camera {self.spec.name}" if self.spec.name else ""
         self.node.get_logger().warning(f"frame refused{where}: {why}", throttle_duration_sec=LOG_THROTTLE_S)
-
-
-def image_msg(arr: np.ndarray, encoding: str, header: Any) -> Any:
-    return numpy_to_image(arr, encoding, header)
 
 
 def _quietly(fn: Callable[[], Any]) -> None:

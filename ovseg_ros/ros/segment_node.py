@@ -87,7 +87,6 @@ class SegmentNode(LifecycleNode):
         self._last_transition_error = ""
         self._bridge = make_cv_bridge()
 
-        self._cb_image = MutuallyExclusiveCallbackGroup()
         self._cb_services = ReentrantCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
         self.vocab = VocabularyService(self, self._publish_lock)
@@ -239,7 +238,7 @@ class SegmentNode(LifecycleNode):
         events = _qos_advice(self, cfg.image_reliability)
         self._frames_ready.clear()
         for cam in self._cameras:
-            cam.subscribe(qos, cfg.use_compressed, self._cb_image, events)
+            cam.subscribe(qos, cfg.use_compressed, cam.callback_group, events)
         self._pipeline = Pipeline(self, self._cameras, self._frames_ready, lambda: self.vocab.binding,
                                   self._publish_item, self.errors)
         self._pipeline.start()
@@ -508,7 +507,10 @@ def main(args: Optional[list[str]] = None) -> int:
     code = 0
     try:
         node = SegmentNode()
-        executor = MultiThreadedExecutor(num_threads=6)
+        # Threads: one per camera's image callbacks, services (a waiting set_vocabulary and query), lifecycle,
+        # diagnostics, and one spare.
+        cameras = len(current_values(node)["cameras"]) or 1
+        executor = MultiThreadedExecutor(num_threads=5 + cameras)
         executor.add_node(node)
         # Autostart before spinning: the node is seen "active" (or failed) by the time it answers get_state.
         if node.autostart and not stop.is_set():
