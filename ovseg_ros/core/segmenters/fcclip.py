@@ -41,6 +41,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import VILD_TEMPLATES, TextEncoder, format_prompts
 from ..vocabulary import UNLABELED, Vocabulary
 
@@ -95,6 +96,22 @@ class FCCLIPConfig:
     instance_topk: int = 100
     #: Post-processing band size in queries x rows x width elements (small bands stay in the CPU cache).
     band_elements: int = 1 << 20
+
+
+declare_constraints(
+    FCCLIPConfig,
+    min_size=SIDE, max_size=SIDE, size_divisibility=Range(0, 1024), alpha=UNIT, beta=UNIT,
+    object_mask_threshold=UNIT, overlap_threshold=UNIT, thing_from=OneOf(_THING_SOURCES),
+    semantic_source=OneOf(_SEMANTIC_SOURCES), semantic_threshold=UNIT, instance_topk=Range(0, 100_000),
+    band_elements=Range(1, 1 << 31),
+)
+declare_constraints(
+    FCCLIPArch,
+    **{name: Range(1, 65536) for name in ("hidden_dim", "mask_dim", "num_queries", "dec_layers", "dec_heads",
+                                          "dec_ffn_dim", "enc_layers", "enc_heads", "enc_points", "enc_ffn_dim",
+                                          "gn_groups")},
+    deform_kernel=OneOf(("auto", "grid_sample", "gather")),
+)
 
 
 @dataclass(frozen=True)

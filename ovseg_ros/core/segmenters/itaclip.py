@@ -84,6 +84,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
 
@@ -212,6 +213,18 @@ class ITACLIPConfig:
         if not self.img_engineering:
             return ("original",)
         return ("original",) + tuple(self.feature_augs) + tuple(self.flip_augs)
+
+
+declare_constraints(
+    ITACLIPConfig,
+    short_side=SIDE, max_long_side=SIDE, slide_crop=SIDE, slide_stride=Range(1, 16384), batch_windows=Range(1, 4096),
+    intermediate_layers=Range(1, 1000), attn_fusion=UNIT, feature_augs=OneOf(_FEATURE_AUGS),
+    flip_augs=OneOf(_FLIP_AUGS), img_eng_coefficient=UNIT, blur_kernel=Range(1, 1001, odd=True),
+    blur_sigma=Range(0, 1000, lo_open=True), templates=OneOf(("imagenet80", "photo")),
+    aux_kind=OneOf(("definition", "synonym", "none")), def_coefficient=UNIT, logit_scale=POSITIVE,
+    pamr_steps=Range(0, 100), pamr_dilations=Range(1, 1000), refine_at=OneOf(("input", "processing")),
+    prob_thd=UNIT, area_thd=UNIT, close_kernel=Range(1, 1001, odd=True), chunk_rows=Range(0, 1 << 31),
+)
 
 
 @dataclass(frozen=True, eq=False)
