@@ -102,7 +102,12 @@ def test_default_params_file_matches_the_specs() -> None:
     "name,value,expected",
     [("device", "cuda:1", None), ("device", "tpu", "device must be"), ("precision", "bf16", None),
      ("overlay_alpha", -0.1, "overlay_alpha must be in"), ("max_image_pixels", 8192 * 8192 + 1, "must be in"),
-     ("segmenter_options", "{a: 1}", None), ("segmenter_options", "a: [", "not valid YAML"),
+     ("segmenter_options", "{short_side: 96}", None), ("segmenter_options", "{a: 1}", "unknown option"),
+     ("segmenter_options", "{logit_scale: .nan}", "finite"), ("segmenter_options", "{logit_scale: -1}", "> 0"),
+     ("segmenter_options", "2001-12-14", "must be a mapping"), ("segmenter_options", "{short_side: 2001-12-14}",
+                                                                 "must be an integer"),
+     ("segmenter_options", "a: [", "not valid YAML"), ("device", "cpu\n", "device must be"),
+     ("device", 3, "device must be"), ("overlay_alpha", float("nan"), "finite"), ("overlay_alpha", "x", "type"),
      ("vocabulary", ["a", ""], "the name is empty"), ("preset", "", None)],
 )
 def test_validate(name: str, value: object, expected: str | None) -> None:
