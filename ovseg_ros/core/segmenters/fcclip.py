@@ -20,7 +20,6 @@ else the vocabulary's guess from the name; ``vocabulary`` always uses the vocabu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..models import file_content_hash
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import VILD_TEMPLATES, TextEncoder, format_prompts
 from ..vocabulary import UNLABELED, Vocabulary
@@ -138,9 +138,8 @@ class FCCLIPPrediction:
 
 
 def _file_key(name: str, path: str) -> str:
-    st = Path(path).stat()
-    ident = f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{name}@fcclip:{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    # Content hash: a different file at the same path, size and mtime must not reuse cached embeddings.
+    return f"{name}@fcclip:{file_content_hash(path)[:32]}"
 
 
 class _DropRandomInitWarning(logging.Filter):
