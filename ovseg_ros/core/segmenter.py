@@ -571,7 +571,7 @@ def _declare_shared_constraints() -> None:
     declare_constraints(
         LLMConfig,
         timeout_s=Range(0, 600, lo_open=True), temperature=Range(0, 2), top_p=Range(0, 1, lo_open=True),
-        max_words=Range(1, 200), retry_after_s=Range(0, 86400),
+        max_words=Range(1, 200), retry_after_s=Range(0, 86400), max_body_bytes=Range(1024, 16 << 20),
     )
 
 

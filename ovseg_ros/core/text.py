@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from .models import ClipModel
+from .untrusted import atomic_write as _atomic_write
 from .vocabulary import VocabularyError
 
 log = logging.getLogger(__name__)
@@ -237,19 +237,3 @@ def _embedding_dim(model: torch.nn.Module) -> Optional[int]:
         return int(proj.out_features)
     dim = getattr(getattr(model, "text", None), "output_dim", None)
     return int(dim) if isinstance(dim, int) else None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, renamed into place (readers never
-    see half a file); the temp file is removed when anything fails."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise

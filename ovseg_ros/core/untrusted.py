@@ -15,7 +15,9 @@ code sees it, so that no input can cost more than a known amount of time or memo
 
 from __future__ import annotations
 
+import os
 import reprlib
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +200,24 @@ def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TE
         raise UntrustedInputError(
             f"{what} {str(p)!r} is not UTF-8 text (invalid byte at offset {exc.start}); expected a UTF-8 YAML file"
         ) from None
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder renamed into place (readers never
+    see half a file); the temp file is removed when anything fails (full disk, permissions, interrupt).
+
+    Raises:
+        OSError: the write failed (nothing is left behind).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise

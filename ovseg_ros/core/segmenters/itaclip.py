@@ -426,11 +426,21 @@ class ITACLIPSegmenter(Segmenter):
         return all(count_tokens(self.clip.tokenizer, p) <= limit for p in format_prompts(text, templates))
 
     def _fit(self, text: str, templates: Sequence[str]) -> str:
-        """Trim words from the end of a (non-user) text until every templated prompt fits the context."""
+        """The longest word prefix of a (non-user) text whose templated prompts all fit the context.
+
+        Token counts grow with the prefix, so a binary search needs O(log n) tokenisations, not O(n).
+        """
         words = text.split()
-        while words and not self._fits(" ".join(words), templates):
-            words.pop()
-        return " ".join(words)
+        if self._fits(" ".join(words), templates):
+            return " ".join(words)
+        lo, hi = 0, len(words) - 1  # words[:lo] fits (the empty prefix trivially); words[:hi + 1] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._fits(" ".join(words[:mid]), templates):
+                lo = mid
+            else:
+                hi = mid - 1
+        return " ".join(words[:lo])
 
     def _aux_text(self, cls_spec, templates: Sequence[str]) -> tuple[str, str]:
         """(auxiliary text, source) of one class; ("", "none") when there is none."""
