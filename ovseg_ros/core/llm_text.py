@@ -199,11 +199,7 @@ class LLMTextClient:
             self.stats["requests"] += 1
         raw = post_json(chat_url(cfg.endpoint), json.dumps(body).encode(), headers, cfg.timeout_s,
                         cfg.max_body_bytes)
-        payload = json.loads(raw.decode("utf-8"))
-        content = payload["choices"][0]["message"]["content"]
-        if not isinstance(content, str):
-            raise ValueError(f"unexpected content type {type(content).__name__}")
-        return clean_answer(content, kind, cfg.max_words)
+        return parse_chat_response(raw, kind, cfg.max_words)
 
     def _read_cache(self) -> dict[str, str]:
         """The answers of the cache file; a missing file is empty, a malformed one is ignored with a warning
@@ -240,7 +236,23 @@ class LLMTextClient:
 
 
 class EndpointError(RuntimeError):
-    """The endpoint gave no usable answer (HTTP status, redirect, too large, too slow)."""
+    """The endpoint gave no usable answer (HTTP status, redirect, too large, too slow, malformed)."""
+
+
+def parse_chat_response(raw: bytes, kind: str, max_words: int = 0) -> str:
+    """The cleaned answer text of a chat-completions response body.
+
+    Raises:
+        EndpointError: not UTF-8 JSON, or no string at ``choices[0].message.content``.
+    """
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+        content = payload["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
+        raise EndpointError(f"malformed chat response ({type(exc).__name__})") from None
+    if not isinstance(content, str):
+        raise EndpointError(f"malformed chat response (content is {type(content).__name__}, not text)")
+    return clean_answer(content, kind, max_words)
 
 
 def post_json(url: str, body: bytes, headers: dict[str, str], timeout_s: float, max_body_bytes: int) -> bytes:

@@ -440,8 +440,9 @@ def make_config(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
         config = cls(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError, AttributeError, OverflowError) as exc:
-        # The config's own __post_init__ checks, or one comparing a value of the wrong type.
+    except Exception as exc:  # noqa: BLE001
+        # The config's own __post_init__ checks (ValueError), or one tripping on an odd value (e.g. an
+        # OSError from a file-name check given a 5000-character name): either way a refusal with the reason.
         text = str(exc)
         raise ConfigError(f"{cls.__name__}: {text if len(text) <= 300 else text[:297] + '...'}") from None
     validate_config(config, prefix)

@@ -198,7 +198,7 @@ def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TE
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UntrustedInputError(
-            f"{what} {str(p)!r} is not UTF-8 text (invalid byte at offset {exc.start}); expected a UTF-8 YAML file"
+            f"{what} {str(p)!r} is not UTF-8 text (invalid byte at offset {exc.start}); expected a UTF-8 text file"
         ) from None
 
 

@@ -34,6 +34,9 @@ MAX_OPTIONS_DEPTH = 8
 #: The core's check_image refuses more than this; the node's limit cannot be larger.
 MAX_PIXELS_LIMIT = 8192 * 8192
 
+#: Longest refusal reason returned by :func:`validate`.
+MAX_REASON_CHARS = 1000
+
 LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic"})
 ON_ACTIVATE = frozenset({"image_reliability", "use_compressed"})
 
@@ -58,7 +61,7 @@ def _check_segmenter(value: str, values: Mapping[str, Any]) -> Optional[str]:
     from ..core.segmenter import list_segmenters
 
     known = list_segmenters()
-    return None if value in known else f"unknown segmenter {value!r}; available: {', '.join(known)}"
+    return None if value in known else f"unknown segmenter {short_repr(value)}; available: {', '.join(known)}"
 
 
 def _check_preset(value: str, values: Mapping[str, Any]) -> Optional[str]:
@@ -69,7 +72,7 @@ def _check_preset(value: str, values: Mapping[str, Any]) -> Optional[str]:
     name = values.get("segmenter", "")
     presets = list_presets(name)
     if value not in presets:
-        return f"segmenter {name!r} has no preset {value!r}; available: {', '.join(presets) or 'none'}"
+        return f"segmenter {short_repr(name)} has no preset {short_repr(value)}; available: {', '.join(presets) or 'none'}"
     return None
 
 
@@ -184,7 +187,9 @@ def validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
     this runs in rclpy's parameter callback, where an escaping exception kills the process.
     """
     try:
-        return _validate(name, value, values)
+        reason = _validate(name, value, values)
+        # Bounded: a reason goes into a parameter-set reply and the logs.
+        return reason if reason is None or len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
     except Exception as exc:  # noqa: BLE001  (any input must end in a reason, never in a traceback)
         return f"{name}: value {short_repr(value)} could not be checked ({type(exc).__name__}: {short_repr(str(exc))})"
 
