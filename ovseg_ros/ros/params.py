@@ -311,7 +311,11 @@ class NodeConfig:
         cls = get_segmenter_class(self.segmenter)
         key = cls.primary_model_field  # "model"; CaR's is its CAM model
         overrides = dict(self.options)
-        model: dict[str, Any] = dict(overrides.get(key) or {})
+        given = overrides.get(key) or {}
+        if not isinstance(given, Mapping):
+            raise ValueError(f"segmenter_options: {key!r} must be a mapping such as '{{{key}: {{name: ...}}}}', "
+                             f"got {short_repr(given)}")
+        model: dict[str, Any] = dict(given)
         if self.model:
             model["name"] = self.model
             # The preset's tag belongs to the preset's architecture.
