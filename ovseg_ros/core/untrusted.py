@@ -19,7 +19,7 @@ import os
 import reprlib
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -81,8 +81,9 @@ def load_yaml(
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise UntrustedInputError(f"{what} is {size} bytes; at most {max_bytes} are accepted")
-    loader = _BoundedLoader(text, max_depth)
+    loader: Optional[_BoundedLoader] = None
     try:
+        loader = _BoundedLoader(text, max_depth)  # the reader already rejects some characters here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -97,7 +98,8 @@ def load_yaml(
     except Exception as exc:  # noqa: BLE001  (constructor errors on odd scalars, e.g. an impossible date)
         raise UntrustedInputError(f"{what} could not be read: {type(exc).__name__}: {short_repr(str(exc))}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 class _BoundedLoader(yaml.SafeLoader):

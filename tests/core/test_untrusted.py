@@ -43,6 +43,7 @@ def test_expanded_count_includes_aliases() -> None:
     ("a: [", "not valid YAML"),
     ("!!python/object:os.system x", "not valid YAML"),
     ("d: 2001-13-45", "could not be read"),
+    ("\x1c", "not valid YAML"),  # refused by PyYAML's reader before parsing starts
 ])
 def test_refusals(doc: str, fragment: str) -> None:
     with pytest.raises(UntrustedInputError, match=fragment):
