@@ -297,7 +297,38 @@ class OneOf:
         return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
 
 
-Constraint = Union[Range, OneOf]
+@dataclass(frozen=True)
+class Template:
+    """A prompt template: exactly one ``{}`` and no other format field (``{0.__class__}``, ``{1}``) that
+    ``str.format`` would resolve or fail on at encode time; at most ``max_chars`` characters."""
+
+    max_chars: int = 300
+
+    def reason(self, value: Any) -> Optional[str]:
+        import string
+
+        if len(value) > self.max_chars:
+            return f"must be at most {self.max_chars} characters"
+        try:
+            fields = [f for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
+        except ValueError:
+            return "must be a template with one '{}' (unbalanced braces)"
+        if fields != [""]:
+            return "must contain exactly one '{}' and no other {...} field"
+        return None
+
+
+@dataclass(frozen=True)
+class PlainName:
+    """A file name inside a package folder: no path separators or parent references."""
+
+    def reason(self, value: Any) -> Optional[str]:
+        if value and (len(value) > 200 or "/" in value or "\\" in value or value.startswith(".")):
+            return "must be a plain file name (no folders)"
+        return None
+
+
+Constraint = Union[Range, OneOf, Template, PlainName]
 #: Numbers without a declared constraint must be finite and >= 0 (sizes, counts, thresholds, scales);
 #: a field that may be negative declares its Range.
 DEFAULT_RANGE = Range()
@@ -395,7 +426,7 @@ def _check_value(path: str, hint: Any, value: Any, rule: Optional[Constraint]) -
             why = rule.reason(value)
         if why:
             fail(why)
-    elif isinstance(rule, OneOf):
+    elif rule is not None and not isinstance(rule, Range):
         why = rule.reason(value)
         if why:
             fail(why)

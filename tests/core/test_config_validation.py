@@ -85,6 +85,10 @@ def test_logit_scale(name: str, value: float, fragment: str) -> None:
     ("dense_clip", {"model": "ViT-B-16"}, "mapping"),
     ("dense_clip", {"model": {"precision": "fp8"}}, "model.precision"),
     ("dense_clip", {"nonsense": 1}, "unknown option"),
+    ("car", {"cam_template": "{0.__class__}"}, "exactly one"),
+    ("car", {"templates": ["a {}.", "{1} {}"]}, r"templates\[1\]"),
+    ("clip_es", {"template": "a {} {"}, "unbalanced"),
+    ("itaclip", {"aux_file": "../../../etc/passwd"}, "plain file name"),
 ])
 def test_specific_rules(name: str, options: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):

@@ -101,7 +101,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
-from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, VILD_TEMPLATES, TextEncoder, format_prompts
 from ..visual_prompts import apply_visual_prompts, check_kinds, outside_appearance, to_classifier_input
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
@@ -206,7 +206,7 @@ declare_constraints(
     classifier_logit_scale=POSITIVE, classifier_input_size=SIDE, prompt_chunk=Range(1, 4096),
     max_steps=Range(0, 100_000), bg_factor=Range(0, 100), stuff_bg_factor=Range(0, 100), crf_max_side=SIDE,
     iom_threshold=UNIT, min_pred_threshold=UNIT, matching_threshold=UNIT, refer_merge_threshold=UNIT,
-    refer_min_cover=UNIT,
+    refer_min_cover=UNIT, cam_template=Template(), templates=Template(),
 )
 
 

@@ -63,7 +63,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
-from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, TextEncoder
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
 
@@ -128,7 +128,7 @@ declare_constraints(
     max_batch=Range(1, 4096), grad_mode=OneOf(("replicate", "vmap")), presence_threshold=UNIT,
     max_present=Range(1, 100_000), min_present=Range(0, 100_000), bg_power=Range(0, 100),
     crf_iterations=Range(0, 100), crf_gaussian_sxy=POSITIVE, crf_bilateral_sxy=POSITIVE, crf_bilateral_srgb=POSITIVE,
-    crf_max_side=SIDE, prob_threshold=UNIT, ignore_below=UNIT,
+    crf_max_side=SIDE, prob_threshold=UNIT, ignore_below=UNIT, template=Template(),
 )
 
 

@@ -84,7 +84,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
-from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, PlainName, Range, declare_constraints
 from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
 
@@ -224,6 +224,7 @@ declare_constraints(
     aux_kind=OneOf(("definition", "synonym", "none")), def_coefficient=UNIT, logit_scale=POSITIVE,
     pamr_steps=Range(0, 100), pamr_dilations=Range(1, 1000), refine_at=OneOf(("input", "processing")),
     prob_thd=UNIT, area_thd=UNIT, close_kernel=Range(1, 1001, odd=True), chunk_rows=Range(0, 1 << 31),
+    aux_file=PlainName(), dataset=PlainName(),
 )
 
 
