@@ -120,6 +120,19 @@ def test_parse_options() -> None:
     assert parse_options('{"short_side": 224}') == {"short_side": 224}
     with pytest.raises(ValueError, match="mapping"):
         parse_options("3")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        parse_options("2001-12-14")  # a YAML date: refused with a reason, never a TypeError
+    with pytest.raises(ValueError, match="expands to more than|nested more than"):
+        parse_options("a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(6)))
+
+
+def test_model_override_that_is_not_a_mapping_is_a_clean_error() -> None:
+    defaults = {p.name: p.default for p in PARAMS}
+    cfg = NodeConfig.from_values({**defaults, "segmenter": "dense_clip", "model": "ovseg-tiny-vit",
+                                  "segmenter_options": "{model: ViT-B-16}"})
+    with pytest.raises(ValueError, match="'model' must be a mapping"):
+        cfg.segmenter_overrides()
 
 
 def test_model_parameters_become_overrides(tmp_path: Path) -> None:
