@@ -101,6 +101,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, VILD_TEMPLATES, TextEncoder, format_prompts
 from ..visual_prompts import apply_visual_prompts, check_kinds, outside_appearance, to_classifier_input
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
@@ -195,6 +196,18 @@ class CarConfig:
     # --- referring merge (refer) ---
     refer_merge_threshold: float = 0.5
     refer_min_cover: float = 0.05
+
+
+declare_constraints(
+    CarConfig,
+    cam_threshold=UNIT, cam_logit_scale=POSITIVE, cam_max_side=SIDE, cam_max_batch=Range(1, 4096),
+    mask_threshold=UNIT, confidence_threshold=UNIT, prompt_color=Range(0, 255), prompt_thickness=Range(0, 1000),
+    blur_kernel=Range(1, 1001, odd=True), gray_order=OneOf(("rgb", "bgr")), prompt_max_side=SIDE,
+    classifier_logit_scale=POSITIVE, classifier_input_size=SIDE, prompt_chunk=Range(1, 4096),
+    max_steps=Range(0, 100_000), bg_factor=Range(0, 100), stuff_bg_factor=Range(0, 100), crf_max_side=SIDE,
+    iom_threshold=UNIT, min_pred_threshold=UNIT, matching_threshold=UNIT, refer_merge_threshold=UNIT,
+    refer_min_cover=UNIT, cam_template=Template(), templates=Template(),
+)
 
 
 # --- stage 1 protocol and its CLIP-ES implementation ----------------------------------------------------

@@ -63,6 +63,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, TextEncoder
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
 
@@ -118,6 +119,17 @@ class ClipEsConfig:
     prob_threshold: float = 0.0
     #: Pseudo-label export: pixels whose winning score is below this become 255 (ignore), as the authors.
     ignore_below: float = 0.95
+
+
+declare_constraints(
+    ClipEsConfig,
+    short_side=SIDE, max_long_side=SIDE, synonyms=OneOf(("join", "mean")), logit_scale=POSITIVE,
+    attn_layers=Range(1, 1000), sinkhorn_rounds=Range(0, 100), affinity_power=Range(1, 16), box_threshold=UNIT,
+    max_batch=Range(1, 4096), grad_mode=OneOf(("replicate", "vmap")), presence_threshold=UNIT,
+    max_present=Range(1, 100_000), min_present=Range(0, 100_000), bg_power=Range(0, 100),
+    crf_iterations=Range(0, 100), crf_gaussian_sxy=POSITIVE, crf_bilateral_sxy=POSITIVE, crf_bilateral_srgb=POSITIVE,
+    crf_max_side=SIDE, prob_threshold=UNIT, ignore_below=UNIT, template=Template(),
+)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates
 from ..vocabulary import UNLABELED, Vocabulary
 
@@ -55,6 +56,13 @@ class DenseClipConfig:
     logit_scale: float = 50.0
     #: Pixels whose best class probability is below this are left unlabeled.
     prob_threshold: float = 0.0
+
+
+declare_constraints(
+    DenseClipConfig,
+    short_side=SIDE, max_long_side=SIDE, window=SIDE, window_stride=Range(1, 16384), window_batch=Range(1, 4096),
+    templates=OneOf(("imagenet80", "photo")), logit_scale=POSITIVE, prob_threshold=UNIT,
+)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ else the vocabulary's guess from the name; ``vocabulary`` always uses the vocabu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -41,6 +40,8 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..models import file_content_hash
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import VILD_TEMPLATES, TextEncoder, format_prompts
 from ..vocabulary import UNLABELED, Vocabulary
 
@@ -97,6 +98,22 @@ class FCCLIPConfig:
     band_elements: int = 1 << 20
 
 
+declare_constraints(
+    FCCLIPConfig,
+    min_size=SIDE, max_size=SIDE, size_divisibility=Range(0, 1024), alpha=UNIT, beta=UNIT,
+    object_mask_threshold=UNIT, overlap_threshold=UNIT, thing_from=OneOf(_THING_SOURCES),
+    semantic_source=OneOf(_SEMANTIC_SOURCES), semantic_threshold=UNIT, instance_topk=Range(0, 100_000),
+    band_elements=Range(1, 1 << 31),
+)
+declare_constraints(
+    FCCLIPArch,
+    **{name: Range(1, 65536) for name in ("hidden_dim", "mask_dim", "num_queries", "dec_layers", "dec_heads",
+                                          "dec_ffn_dim", "enc_layers", "enc_heads", "enc_points", "enc_ffn_dim",
+                                          "gn_groups")},
+    deform_kernel=OneOf(("auto", "grid_sample", "gather")),
+)
+
+
 @dataclass(frozen=True)
 class FCCLIPState(VocabularyState):
     text: torch.Tensor = None  # type: ignore[assignment]  # (T, D) one normalised row per class name
@@ -121,9 +138,8 @@ class FCCLIPPrediction:
 
 
 def _file_key(name: str, path: str) -> str:
-    st = Path(path).stat()
-    ident = f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{name}@fcclip:{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    # Content hash: a different file at the same path, size and mtime must not reuse cached embeddings.
+    return f"{name}@fcclip:{file_content_hash(path)[:32]}"
 
 
 class _DropRandomInitWarning(logging.Filter):

@@ -84,6 +84,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, PlainName, Range, declare_constraints
 from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
 
@@ -212,6 +213,19 @@ class ITACLIPConfig:
         if not self.img_engineering:
             return ("original",)
         return ("original",) + tuple(self.feature_augs) + tuple(self.flip_augs)
+
+
+declare_constraints(
+    ITACLIPConfig,
+    short_side=SIDE, max_long_side=SIDE, slide_crop=SIDE, slide_stride=Range(1, 16384), batch_windows=Range(1, 4096),
+    intermediate_layers=Range(1, 1000), attn_fusion=UNIT, feature_augs=OneOf(_FEATURE_AUGS),
+    flip_augs=OneOf(_FLIP_AUGS), img_eng_coefficient=UNIT, blur_kernel=Range(1, 1001, odd=True),
+    blur_sigma=Range(0, 1000, lo_open=True), templates=OneOf(("imagenet80", "photo")),
+    aux_kind=OneOf(("definition", "synonym", "none")), def_coefficient=UNIT, logit_scale=POSITIVE,
+    pamr_steps=Range(0, 100), pamr_dilations=Range(1, 1000), refine_at=OneOf(("input", "processing")),
+    prob_thd=UNIT, area_thd=UNIT, close_kernel=Range(1, 1001, odd=True), chunk_rows=Range(0, 1 << 31),
+    aux_file=PlainName(), dataset=PlainName(),
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -413,11 +427,21 @@ class ITACLIPSegmenter(Segmenter):
         return all(count_tokens(self.clip.tokenizer, p) <= limit for p in format_prompts(text, templates))
 
     def _fit(self, text: str, templates: Sequence[str]) -> str:
-        """Trim words from the end of a (non-user) text until every templated prompt fits the context."""
+        """The longest word prefix of a (non-user) text whose templated prompts all fit the context.
+
+        Token counts grow with the prefix, so a binary search needs O(log n) tokenisations, not O(n).
+        """
         words = text.split()
-        while words and not self._fits(" ".join(words), templates):
-            words.pop()
-        return " ".join(words)
+        if self._fits(" ".join(words), templates):
+            return " ".join(words)
+        lo, hi = 0, len(words) - 1  # words[:lo] fits (the empty prefix trivially); words[:hi + 1] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._fits(" ".join(words[:mid]), templates):
+                lo = mid
+            else:
+                hi = mid - 1
+        return " ".join(words[:lo])
 
     def _aux_text(self, cls_spec, templates: Sequence[str]) -> tuple[str, str]:
         """(auxiliary text, source) of one class; ("", "none") when there is none."""
