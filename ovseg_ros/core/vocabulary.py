@@ -283,7 +283,7 @@ def vocabulary_preset_dirs() -> list[Path]:
 
         try:
             dirs.append(Path(get_package_share_directory("ovseg_ros")) / "config" / "vocabularies")
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH unset (no ROS sourced)
             pass
     except ImportError:
         pass

@@ -33,7 +33,8 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 MAX_PIXELS_LIMIT = 8192 * 8192
 
 LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic"})
-ON_ACTIVATE = frozenset({"image_reliability", "use_compressed"})
+ON_ACTIVATE = frozenset({"image_reliability", "use_compressed", "publish_points", "min_depth", "max_depth",
+                         "points_rgb", "depth_slop"})
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ def _check_options(value: str, values: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+def _check_depth_range(value: float, values: Mapping[str, Any]) -> Optional[str]:
+    lo, hi = values.get("min_depth", 0.1), values.get("max_depth", 10.0)
+    return None if lo < hi else f"min_depth ({lo}) must be smaller than max_depth ({hi})"
+
+
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("segmenter", DEFAULT_SEGMENTER, "str", "Segmentation method (core registry name).", check=_check_segmenter),
     ParamSpec("preset", "", "str", "Preset of the segmenter (ovseg_ros/core/presets/<segmenter>/); empty: its "
@@ -140,6 +146,18 @@ PARAMS: tuple[ParamSpec, ...] = (
               read_only=True),
     ParamSpec("segmenter_options", "", "str", "YAML/JSON mapping of segmenter options merged onto the preset, "
               "e.g. '{short_side: 224, templates: photo}'.", check=_check_options),
+    ParamSpec("publish_points", False, "bool", "Publish ~/semantic/points, the organised semantic point cloud "
+              "pixel-aligned with the labels, from depth/image (registered to the colour camera; 16UC1 mm or "
+              "32FC1 m) and depth/camera_info."),
+    ParamSpec("min_depth", 0.1, "float", "Depth below this (m) gives NaN points.", range=(0.0, 1000.0),
+              check=_check_depth_range),
+    ParamSpec("max_depth", 10.0, "float", "Depth beyond this (m) gives NaN points.", range=(0.001, 1000.0),
+              check=_check_depth_range),
+    ParamSpec("points_rgb", False, "bool", "Add the camera colour as a packed 'rgb' field to ~/semantic/points."),
+    ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
+              "paired with it.", range=(0.0, 10.0)),
+    ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
+              "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 
@@ -212,6 +230,12 @@ class NodeConfig:
     diagnostics_period: float
     autostart: bool
     segmenter_options: str
+    publish_points: bool = False
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+    points_rgb: bool = False
+    depth_slop: float = 0.05
+    nav2_compatible: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -51,6 +51,7 @@ from .conversions import (
     numpy_to_image,
 )
 from .mailbox import Frame, LatestFrameMailbox
+from .points import PointsOptions, SemanticPointsOutput
 from .params import (
     LIVE,
     ON_ACTIVATE,
@@ -118,6 +119,9 @@ class SegmentNode(LifecycleNode):
         self._cb_image = MutuallyExclusiveCallbackGroup()
         self._cb_services = ReentrantCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
+        self._cb_depth = MutuallyExclusiveCallbackGroup()
+        self._points: Optional[SemanticPointsOutput] = None  # ~/semantic/points (publish_points)
+        self._published_revision = -1  # revision of the vocabulary/LabelInfo last published
         self._pubs: dict[str, Any] = {}
         self._subs: list[Any] = []
         self._srvs: list[Any] = []
@@ -162,6 +166,9 @@ class SegmentNode(LifecycleNode):
         try:
             device = resolve_device(cfg.device)
             vocabulary = self._initial_vocabulary(cfg)
+            nav2_reason = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
+            if nav2_reason:
+                raise VocabularyError(nav2_reason)
             preset = cfg.resolved_preset()
             self.get_logger().info(f"loading segmenter {cfg.segmenter!r} (preset {preset or '-'!r}) on {device}")
             t0 = time.monotonic()
@@ -213,12 +220,23 @@ class SegmentNode(LifecycleNode):
             self._subs.append(self.create_subscription(
                 CompressedImage, "image/compressed", self._on_compressed, qos, callback_group=self._cb_image,
                 event_callbacks=events))
+        if cfg.publish_points:
+            try:
+                opts = PointsOptions(cfg.min_depth, cfg.max_depth, cfg.points_rgb, cfg.depth_slop,
+                                     cfg.max_image_pixels)
+            except ValueError as exc:
+                return self._fail(_reason(exc), "activate")
+            self._points = SemanticPointsOutput(self, "depth/image", "depth/camera_info", "~/semantic/points", qos,
+                                                self._cb_depth, opts)
         self._worker = threading.Thread(target=self._work, name="ovseg_worker", daemon=True)
         self._worker.start()
         with self._publish_lock:
             self._is_active = True
         topics = ", ".join(s.topic_name for s in self._subs)
         self.get_logger().info(f"active: segmenting {topics} ({cfg.image_reliability})")
+        if self._points is not None:
+            depth, info, cloud = self._points.topics
+            self.get_logger().info(f"semantic points: {depth} + {info} -> {cloud}")
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -285,6 +303,9 @@ class SegmentNode(LifecycleNode):
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
+        if self._points is not None:
+            self._points.destroy()
+            self._points = None
         self._stop_event.set()
         self._mailbox.close()
         if self._worker is not None:
@@ -321,11 +342,15 @@ class SegmentNode(LifecycleNode):
     # --- vocabulary ------------------------------------------------------------------------------------
     def _set_state(self, vocab_state: Any) -> None:
         """Swap in a new vocabulary state (one reference) and republish the latched vocabulary/LabelInfo."""
-        with self._state_lock:
-            self._vstate = vocab_state
-            self._revision = max(self._revision, int(vocab_state.vocabulary.revision))
-            self._vocab_stamp = self.get_clock().now().to_msg()
-        self._publish_vocabulary(vocab_state)
+        # Under the publish lock: LabelInfo of a new revision goes out before any frame of it, and frames of
+        # the previous revision still in flight are dropped (their ids may be absent from the new LabelInfo).
+        with self._publish_lock:
+            with self._state_lock:
+                self._vstate = vocab_state
+                self._revision = max(self._revision, int(vocab_state.vocabulary.revision))
+                self._vocab_stamp = self.get_clock().now().to_msg()
+            self._publish_vocabulary(vocab_state)
+            self._published_revision = int(vocab_state.vocabulary.revision)
 
     def _vocabulary_msg(self, vocab_state: Any) -> Any:
         prompts = None
@@ -361,6 +386,9 @@ class SegmentNode(LifecycleNode):
                     list(req.classes), list(req.descriptions), [bool(b) for b in req.is_thing],
                     revision=self._revision + 1, source="service",
                 )
+                nav2_reason = messages.nav2_vocabulary_error(len(vocab), bool(self._cfg and self._cfg.nav2_compatible))
+                if nav2_reason:
+                    raise VocabularyError(nav2_reason)
                 # The expensive part, outside the inference path: the worker keeps using the old state.
                 vocab_state = segmenter.encode_vocabulary(vocab)
             except VocabularyError as exc:
@@ -525,10 +553,14 @@ class SegmentNode(LifecycleNode):
         outputs.append(("info", messages.info_msg(
             header, vocab, self._cfg.segmenter, latency_ms, inference_ms, dropped, result.labels)))
         with self._publish_lock:
-            if not self._is_active:
+            if not self._is_active or int(vocab.revision) != self._published_revision:
                 return
             for name, msg in outputs:
                 self._pubs[name].publish(msg)
+        points = self._points
+        if points is not None:
+            points.publish(header, result.labels, result.confidence, frame.image,
+                           unlabeled_id=messages.label_encoding(n)[1])
         with self._stats.lock:
             self._stats.processed += 1
             self._stats.latencies_ms.append(latency_ms)
@@ -579,6 +611,9 @@ class SegmentNode(LifecycleNode):
             "inference_ms_mean": f"{np.mean(inf):.1f}" if inf else "",
         }
         kv.update(_cuda_memory(self._device))
+        points = self._points
+        if points is not None:
+            kv.update(points.diagnostics())
         if self._last_transition_error:
             kv["last_transition_error"] = self._last_transition_error
         status.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
