@@ -85,6 +85,7 @@ class ApproximateTimeMatcher(Generic[F, D]):
                 stamp, old, _ = self._pending.pop(0)
                 self._stats.pending_overflow += 1
                 out.append(self._take(stamp, old))
+            out += self._resolve_pending(now)  # max_wait 0: no waiting at all
             return out
 
     def poll(self, now: float) -> list[tuple[F, Optional[D]]]:
