@@ -41,6 +41,7 @@ __all__ = [
     "CloudLayout",
     "cloud_layout",
     "pack_cloud",
+    "semantic_cloud",
 ]
 
 #: encoding -> (numpy dtype code, metres per unit). mono16 is accepted as 16UC1 (same bytes, drivers differ).
@@ -296,3 +297,52 @@ def pack_cloud(
 
 def is_bigendian() -> bool:
     return sys.byteorder == "big"
+
+
+def semantic_cloud(
+    depth_m: np.ndarray,
+    intr: Intrinsics,
+    min_depth: float,
+    max_depth: float,
+    labels: np.ndarray,
+    confidence: np.ndarray,
+    unlabeled_id: int = 65535,
+    rgb: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, CloudLayout]:
+    """:func:`project` + :func:`pack_cloud` in one pass, written straight into the message buffer.
+
+    ``depth_m`` (H, W) metres at the labels' resolution, ``intr`` for that resolution, ``labels`` (H, W) int32
+    with -1 = unlabeled (written as ``unlabeled_id``), ``confidence`` (H, W) float32, optional (H, W, 3) uint8
+    RGB. Same bytes as ``pack_cloud(project(...), ...)`` without the intermediate arrays (about half the time:
+    the per-frame budget is a few milliseconds on one core).
+    """
+    h, w = labels.shape
+    if depth_m.shape != (h, w) or confidence.shape != (h, w):
+        raise DepthError(f"depth {depth_m.shape}, labels {(h, w)} and confidence {confidence.shape} differ")
+    if (w, h) != (intr.width, intr.height):
+        raise DepthError(f"intrinsics are for {intr.width}x{intr.height}, labels are {w}x{h}")
+    layout = cloud_layout(rgb is not None)
+    buf = np.empty((h, w, layout.point_step // 4), np.float32)
+    z = buf[..., 2]
+    np.copyto(z, depth_m)
+    with np.errstate(invalid="ignore"):
+        out_of_range = depth_m < min_depth
+        out_of_range |= depth_m > max_depth
+    z[out_of_range] = np.nan  # NaN depth stays NaN
+    xs, ys = _rays(intr)
+    np.multiply(z, xs[None, :], out=buf[..., 0])
+    np.multiply(z, ys[:, None], out=buf[..., 1])
+    np.copyto(buf[..., 3], confidence, casting="same_kind")
+    halves = buf.view(np.uint16)
+    label = halves[..., 8]
+    np.copyto(label, labels, casting="unsafe")
+    label[labels < 0] = unlabeled_id
+    halves[..., 9] = 0
+    if rgb is not None:
+        if rgb.shape != (h, w, 3):
+            raise DepthError(f"rgb {rgb.shape} does not match the labels {(h, w)}")
+        packed = buf.view(np.uint32)[..., 5]
+        np.left_shift(rgb[..., 0], 16, out=packed, dtype=np.uint32)
+        packed |= rgb[..., 1].astype(np.uint32) << 8
+        packed |= rgb[..., 2]
+    return buf.reshape(-1).view(np.uint8), layout

@@ -222,13 +222,12 @@ class SemanticPointsOutput:
                 f"{frame.header.frame_id!r}: the cloud uses the colour frame; the depth must be registered to it")
         metres = dp.depth_msg_to_metres(depth_msg, self._opts.max_pixels)
         metres = dp.resample_nearest(metres, h, w)
-        points = dp.project(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth)
-        labels = frame.labels.astype(np.uint16)
-        labels[frame.labels < 0] = frame.unlabeled_id
         rgb = frame.rgb
         if rgb is not None and rgb.shape[:2] != (h, w):
             rgb = dp.resample_nearest(rgb, h, w)
-        data, layout = dp.pack_cloud(points, labels, frame.confidence.astype(np.float32, copy=False), rgb)
+        data, layout = dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth,
+                                         frame.labels, frame.confidence.astype(np.float32, copy=False),
+                                         frame.unlabeled_id, rgb)
         msg = PointCloud2()
         msg.header = frame.header
         msg.height, msg.width = h, w

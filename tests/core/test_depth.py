@@ -187,3 +187,23 @@ def test_pack_cloud_layout() -> None:
         if with_rgb:
             packed = rec[:, off["rgb"]:off["rgb"] + 4].copy().view(np.uint32).reshape(-1)
             assert packed[0] == 0xFF0000 and packed[1] == 0x00FF00 and packed[3] == 0x010203
+
+
+@pytest.mark.parametrize("with_rgb", [False, True])
+def test_fused_cloud_equals_project_then_pack(with_rgb: bool) -> None:
+    rng = np.random.default_rng(3)
+    h, w = 12, 16
+    depth = rng.uniform(0.0, 12.0, (h, w)).astype(np.float32)
+    depth[0, :4] = np.nan
+    intr = dp.Intrinsics(20.0, 21.0, 7.5, 5.5, w, h)
+    labels = rng.integers(-1, 300, (h, w)).astype(np.int32)
+    conf = rng.random((h, w), dtype=np.float32)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if with_rgb else None
+    lab16 = labels.astype(np.uint16)
+    lab16[labels < 0] = 255
+    ref, ref_layout = dp.pack_cloud(dp.project(depth, intr, 0.5, 10.0), lab16, conf, rgb)
+    got, layout = dp.semantic_cloud(depth, intr, 0.5, 10.0, labels, conf, 255, rgb)
+    assert layout == ref_layout
+    np.testing.assert_array_equal(got, ref)  # byte for byte (NaNs included)
+    with pytest.raises(dp.DepthError, match="differ"):
+        dp.semantic_cloud(depth[:4], intr, 0.5, 10.0, labels, conf)
