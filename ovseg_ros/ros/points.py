@@ -103,6 +103,12 @@ class SemanticPointsOutput:
         self._last_error = ""
         self._frame_warned = False
         self._ms: deque = deque(maxlen=100)
+        # The message buffer, reused frame to frame (publish copies it into the middleware synchronously); the
+        # emit lock serialises building + publishing (frames are emitted from the publishing thread and from
+        # the depth callback).
+        self._emit_lock = threading.Lock()
+        self._data = array.array("B")
+        self._data_f32: Optional[np.ndarray] = None
         qos = qos if qos is not None else input_qos()
         self._depth_topic, self._info_topic = depth_topic, camera_info_topic
         self._pub = node.create_publisher(PointCloud2, points_topic, output_qos())
@@ -186,22 +192,23 @@ class SemanticPointsOutput:
                 f"{frame.header.stamp.sec}.{frame.header.stamp.nanosec:09d} on {self._depth_topic}: "
                 "no cloud for it", throttle_duration_sec=LOG_THROTTLE_S)
             return False
-        try:
-            t0 = time.perf_counter()
-            msg = self._cloud(frame, depth[0])
-        except dp.DepthError as exc:
-            self._refuse(str(exc))
-            return False
-        except Exception as exc:  # noqa: BLE001
-            self._error(f"cloud: {type(exc).__name__}: {exc}")
-            return False
-        with self._lock:
-            if self._closed:
+        with self._emit_lock:
+            try:
+                t0 = time.perf_counter()
+                msg = self._cloud(frame, depth[0])
+            except dp.DepthError as exc:
+                self._refuse(str(exc))
                 return False
-            self._pub.publish(msg)
-            self._published += 1
-            self._ms.append((time.perf_counter() - t0) * 1e3)
-        return True
+            except Exception as exc:  # noqa: BLE001
+                self._error(f"cloud: {type(exc).__name__}: {exc}")
+                return False
+            with self._lock:
+                if self._closed:
+                    return False
+                self._pub.publish(msg)
+                self._published += 1
+                self._ms.append((time.perf_counter() - t0) * 1e3)
+            return True
 
     def _cloud(self, frame: _Frame, depth_msg: Image) -> PointCloud2:
         with self._lock:
@@ -225,9 +232,15 @@ class SemanticPointsOutput:
         rgb = frame.rgb
         if rgb is not None and rgb.shape[:2] != (h, w):
             rgb = dp.resample_nearest(rgb, h, w)
-        data, layout = dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth,
-                                         frame.labels, frame.confidence.astype(np.float32, copy=False),
-                                         frame.unlabeled_id, rgb)
+        layout = dp.cloud_layout(rgb is not None)
+        size = h * w * layout.point_step
+        if len(self._data) != size:
+            self._data_f32 = None  # release the exported view before resizing
+            self._data = array.array("B", bytes(size))
+            self._data_f32 = np.frombuffer(self._data, dtype=np.float32)
+        dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth, frame.labels,
+                          frame.confidence.astype(np.float32, copy=False), frame.unlabeled_id, rgb,
+                          out=self._data_f32)
         msg = PointCloud2()
         msg.header = frame.header
         msg.height, msg.width = h, w
@@ -236,9 +249,7 @@ class SemanticPointsOutput:
         msg.point_step = layout.point_step
         msg.row_step = layout.point_step * w
         msg.is_dense = False
-        buf = array.array("B")
-        buf.frombytes(data.data)
-        msg.data = buf
+        msg.data = self._data  # by reference: the setter keeps an array('B') as is
         return msg
 
     # --- bookkeeping -----------------------------------------------------------------------------------
