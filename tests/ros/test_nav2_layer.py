@@ -268,3 +268,19 @@ def test_nav2_mode_refuses_more_than_255_classes(node: NodeProcess, client: RosC
     req.classes = CLASSES
     assert client.call(SetVocabulary, f"{node.fqn}/set_vocabulary", req, timeout=60).success
     assert node.alive()
+
+
+def test_nav2_params_from_the_running_node(node: NodeProcess, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from ovseg_ros.tools import nav2_params
+
+    assert nav2_params.main(["--node", node.fqn, "--cost", "person=lethal", "--cost", "floor=free"]) == 0
+    block = yaml.safe_load(capsys.readouterr().out)["semantic_layer"]
+    src = block[block["observation_sources"]]
+    assert [src[t]["classes"][0] for t in src["class_types"]] == CLASSES
+    assert src["pointcloud_topic"] == f"{node.fqn}/semantic/points"
+    assert src["labels_topic"] == f"{node.fqn}/label_info"
+    assert src["person"]["max_cost"] == 254 and src["floor"]["max_cost"] == 0
+    assert nav2_params.main(["--node", node.fqn + "_absent", "--timeout", "1"]) == 2
+    assert "not available" in capsys.readouterr().err
