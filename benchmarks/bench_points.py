@@ -4,12 +4,13 @@
                                                         # 1280x720 -> 640x360 resampled, with and without rgb
     python benchmarks/bench_points.py --repeats 200
 
-Stages timed (minimum of ``--repeats`` runs, ``--median`` for medians): decode (bytes -> metres, invalid -> NaN), resample (nearest, only
-when sizes differ), cloud (``semantic_cloud``: x y z with the range check, confidence, label, [rgb], written
-straight into the PointCloud2 buffer), copy (a fresh numpy buffer into a new ``array('B')``), and the total of
-the chain as ``SemanticPointsOutput`` runs it per frame (decode, resample, cloud written in place into the
-message's kept ``array('B')``); "fresh buffers" is the same chain with new buffers every frame. For reference, the two-step form ``project`` +
-``pack_cloud`` (intermediate arrays) is timed too.
+Stages timed (minimum of ``--repeats`` runs; ``--median`` for medians): decode (bytes -> metres, invalid ->
+NaN), resample (nearest, only when sizes differ), cloud (``semantic_cloud``: x y z with the range check,
+confidence, label, [rgb], written straight into the PointCloud2 buffer), copy (a fresh numpy buffer into a new
+``array('B')``), and the total of the chain as ``SemanticPointsOutput`` runs it per frame (decode, resample,
+cloud written in place into the message's kept ``array('B')``); "fresh buffers" is the same chain with new
+buffers every frame. For reference, the two-step form ``project`` + ``pack_cloud`` (intermediate arrays) is
+timed too.
 Target: <= 5 ms per 640x480 frame on one core.
 """
 

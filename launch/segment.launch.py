@@ -117,7 +117,8 @@ def _node(context: LaunchContext) -> list:
     except ValueError:
         respawn_delay = -1.0
     if not respawn_delay >= 0.0:
-        raise ValueError(f"launch argument respawn_delay must be a number of seconds >= 0, got {arg('respawn_delay')!r}")
+        raise ValueError(
+            f"launch argument respawn_delay must be a number of seconds >= 0, got {arg('respawn_delay')!r}")
 
     overrides: dict[str, object] = {
         "use_compressed": arg("use_compressed").lower() == "true",
