@@ -102,6 +102,7 @@ class SemanticPointsOutput:
         self._last_refusal = ""
         self._last_error = ""
         self._frame_warned = False
+        self._health_mark = (0, 0, 0)  # (matched, unmatched, published) at the last health() call
         self._ms: deque = deque(maxlen=100)
         # The message buffer, reused frame to frame (publish copies it into the middleware synchronously); the
         # emit lock serialises building + publishing (frames are emitted from the publishing thread and from
@@ -291,6 +292,21 @@ class SemanticPointsOutput:
                               if camera is not None else "missing")
         out["points_ms_mean"] = f"{np.mean(ms):.2f}" if ms else ""
         return out
+
+    def health(self) -> Optional[str]:
+        """Why the frames resolved since the previous call produced no cloud at all (None when some did, or when
+        no frame came): for the node's diagnostics level."""
+        st = self._matcher.stats()
+        with self._lock:
+            now = (st.matched, st.unmatched, self._published)
+            before, self._health_mark = self._health_mark, now
+            last = self._last_refusal or self._last_error
+        if now[:2] == before[:2] or now[2] > before[2]:
+            return None
+        if now[1] > before[1]:
+            return (f"no semantic points: no depth image within depth_slop={self._opts.slop} s on "
+                    f"{self._depth_topic} ({st.depth_received} received)")
+        return f"no semantic points: {last}"
 
     def destroy(self) -> None:
         """Stop publishing and remove the subscriptions and the publisher (idempotent)."""

@@ -612,8 +612,10 @@ class SegmentNode(LifecycleNode):
         }
         kv.update(_cuda_memory(self._device))
         points = self._points
+        points_problem = None
         if points is not None:
             kv.update(points.diagnostics())
+            points_problem = points.health()
         if self._last_transition_error:
             kv["last_transition_error"] = self._last_transition_error
         status.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
@@ -630,6 +632,8 @@ class SegmentNode(LifecycleNode):
             status.level, status.message = DiagnosticStatus.OK, "active, waiting for images"
         else:
             status.level, status.message = DiagnosticStatus.OK, f"active, {rates[1]:.1f} fps"
+        if points_problem and status.level == DiagnosticStatus.OK:
+            status.level, status.message = DiagnosticStatus.WARN, points_problem
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.status = [status]

@@ -256,7 +256,9 @@ def test_nav2_layer_sees_the_expected_cells(node: NodeProcess, client: RosClient
     diag = diagnostics.wait_for(counted, timeout=10)
     assert diag is not None, "the node's diagnostics must count the matched depth images"
     values = {v.key: v.value for st in diag.status if fqn in st.name for v in st.values}
-    assert values["depth_refused"] == "0" and values["camera_info"] == f"{DW}x{DH} (P)", values
+    assert values["camera_info"] == f"{DW}x{DH} (P)", values
+    # the only refusal possible here: a first depth image paired before the first camera_info got through
+    assert values["depth_refused"] == "0" or "camera_info" in values["depth_last_refusal"], values
 
 
 def test_nav2_mode_refuses_more_than_255_classes(node: NodeProcess, client: RosClient) -> None:

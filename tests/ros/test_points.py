@@ -244,3 +244,17 @@ def test_depth_parameters_are_validated() -> None:
     assert "depth_slop must be in" in validate("depth_slop", -1.0, {})
     with pytest.raises(ValueError, match="min_depth"):
         PointsOptions(min_depth=3.0, max_depth=1.0)
+
+
+def test_health_names_why_no_cloud_comes_out(out: tuple[SemanticPointsOutput, Capture]) -> None:
+    o, cap = out
+    assert o.health() is None  # nothing happened
+    labels, conf, rgb = frame_arrays()
+    o.publish(header(60), labels, conf, rgb)  # no depth at all (max_wait 0: resolved at once)
+    assert "no depth image within depth_slop" in o.health()
+    o._on_depth(depth_image(np.full((2 * H, 2 * W), 2000, np.uint16), "16UC1", 61))
+    o.publish(header(61), labels, conf, rgb)  # paired, but no camera_info yet
+    assert "camera_info" in o.health()
+    o._on_camera_info(camera_info())
+    good_roundtrip(o, cap, 62)
+    assert o.health() is None
