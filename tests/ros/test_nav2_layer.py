@@ -285,3 +285,52 @@ def test_nav2_params_from_the_running_node(node: NodeProcess, capsys: pytest.Cap
     assert src["person"]["max_cost"] == 254 and src["floor"]["max_cost"] == 0
     assert nav2_params.main(["--node", node.fqn + "_absent", "--timeout", "1"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+def test_bad_depth_through_the_node_is_refused_and_it_keeps_serving(node: NodeProcess, client: RosClient,
+                                                                    namespace: str) -> None:
+    fqn = node.fqn
+    diagnostics = client.subscribe("/diagnostics", DiagnosticArray)
+    clouds = client.subscribe(f"{fqn}/semantic/points", PointCloud2)
+    color_pub = client.publisher(f"{namespace}/image", Image)
+    depth_pub = client.publisher(f"{namespace}/depth/image", Image)
+    info_pub = client.publisher(f"{namespace}/depth/camera_info", CameraInfo)
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[:, :] = PAINT[1]
+    bad = [
+        _image(np.zeros((DH, DW, 3), np.uint8), "rgb8", (0, 0), "camera_color_optical_frame"),  # not depth
+        _image(np.full((DH, 3 * DW), 1000, np.uint16), "16UC1", (0, 0), "camera_color_optical_frame"),  # aspect
+    ]
+
+    def refusal(reason: str) -> Any:
+        def match(msg: DiagnosticArray) -> bool:
+            return any(fqn in st.name and reason in {v.key: v.value for v in st.values}.get("depth_last_refusal", "")
+                       for st in msg.status)
+        return match
+
+    for k, (msg, reason) in enumerate(zip(bad, ["unsupported depth encoding 'rgb8'", "registered"])):
+        hit = None
+        deadline = time.monotonic() + 20
+        while hit is None and time.monotonic() < deadline:
+            stamp = (3_000_000 + 100 * k, int(time.monotonic() * 1e3) % 1000 * 1_000_000)
+            info_pub.publish(camera_info(stamp))
+            msg.header.stamp.sec, msg.header.stamp.nanosec = stamp
+            depth_pub.publish(msg)
+            color_pub.publish(_image(rgb, "rgb8", stamp, "camera_color_optical_frame"))
+            hit = diagnostics.wait_for(refusal(reason), timeout=0.6, new_only=True)
+        assert hit is not None, f"no refusal {reason!r}; node log:\n{node.output()[-2000:]}"
+        assert node.alive()
+    # still serving: a good depth image gives a cloud
+    depth_mm = np.full((DH, DW), 3000, np.uint16)
+    got = None
+    deadline = time.monotonic() + 20
+    i = 0
+    while got is None and time.monotonic() < deadline:
+        i += 1
+        stamp = (4_000_000 + i, 0)
+        info_pub.publish(camera_info(stamp))
+        depth_pub.publish(_image(depth_mm, "16UC1", stamp, "camera_color_optical_frame"))
+        color_pub.publish(_image(rgb, "rgb8", stamp, "camera_color_optical_frame"))
+        got = clouds.wait_for(lambda m: m.header.stamp.sec >= 4_000_000, timeout=0.5)
+    assert got is not None
+    np.testing.assert_allclose(cloud_fields(got)["z"], 3.0)
