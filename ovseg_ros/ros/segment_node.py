@@ -209,6 +209,8 @@ class SegmentNode(LifecycleNode):
         try:
             self._move_model(self._device)
             qos = input_qos(cfg.image_reliability)
+            points_opts = PointsOptions(cfg.min_depth, cfg.max_depth, cfg.points_rgb, cfg.depth_slop,
+                                        cfg.max_image_pixels) if cfg.publish_points else None
         except (RuntimeError, ValueError) as exc:
             return self._fail(_reason(exc), "activate")
         self._stop_event.clear()
@@ -220,14 +222,9 @@ class SegmentNode(LifecycleNode):
             self._subs.append(self.create_subscription(
                 CompressedImage, "image/compressed", self._on_compressed, qos, callback_group=self._cb_image,
                 event_callbacks=events))
-        if cfg.publish_points:
-            try:
-                opts = PointsOptions(cfg.min_depth, cfg.max_depth, cfg.points_rgb, cfg.depth_slop,
-                                     cfg.max_image_pixels)
-            except ValueError as exc:
-                return self._fail(_reason(exc), "activate")
+        if points_opts is not None:
             self._points = SemanticPointsOutput(self, "depth/image", "depth/camera_info", "~/semantic/points", qos,
-                                                self._cb_depth, opts)
+                                                self._cb_depth, points_opts)
         self._worker = threading.Thread(target=self._work, name="ovseg_worker", daemon=True)
         self._worker.start()
         with self._publish_lock:
