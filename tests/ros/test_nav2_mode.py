@@ -111,3 +111,21 @@ def _header() -> Any:
     h = Header()
     h.stamp.sec, h.frame_id = 7, "cam"
     return h
+
+
+def test_points_output_follows_the_lifecycle(ros_session: None, namespace: str) -> None:
+    n = make_node(namespace, publish_points=True, min_depth=0.3, max_depth=6.0, points_rgb=True)
+    try:
+        assert n.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert n._points is None  # subscriptions belong to the active state
+        for _ in range(2):
+            assert n.trigger_activate() == TransitionCallbackReturn.SUCCESS
+            depth, info, cloud = n._points.topics
+            assert depth.endswith("/depth/image") and info.endswith("/depth/camera_info")
+            assert cloud.endswith("/segment_node/semantic/points")
+            assert n._points._opts.min_depth == 0.3 and n._points._opts.rgb
+            points = n._points
+            assert n.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+            assert n._points is None and points._closed
+    finally:
+        n.destroy_node()
