@@ -23,6 +23,7 @@ from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, i
 from .diagnostics import CameraStats
 from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason
 from .mailbox import Frame, LatestFrameMailbox
+from .points import PointsOptions, SemanticPointsOutput
 from .qos import output_qos
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Camera:
         self.max_pixels: Callable[[], int] = lambda: 4096 * 4096
         # One group per camera: cameras convert in parallel, each camera's frames in order.
         self.callback_group = MutuallyExclusiveCallbackGroup()
+        self.depth_group = MutuallyExclusiveCallbackGroup()
+        self.points: Optional[SemanticPointsOutput] = None  # ~/semantic/points (publish_points)
 
     # --- outputs (configure .. cleanup) --------------------------------------------------------------
     def create_outputs(self) -> None:
@@ -111,11 +114,22 @@ class Camera:
                 CompressedImage, f"{topic}/compressed", on_compressed, qos, callback_group=group,
                 event_callbacks=events))
 
+    def start_points(self, qos: Any, options: PointsOptions) -> None:
+        """Subscribe ``depth/image`` + ``depth/camera_info`` and publish ``semantic/points`` (activate)."""
+        p = self.spec.input_prefix
+        self.points = SemanticPointsOutput(self.node, f"{p}depth/image", f"{p}depth/camera_info",
+                                           f"{self.spec.output_prefix}semantic/points", qos, self.depth_group, options)
+        depth, info, cloud = self.points.topics
+        self.node.get_logger().info(f"semantic points: {depth} + {info} -> {cloud}")
+
     def unsubscribe(self) -> None:
         self.mailbox.close()
         for sub in self.subs:
             _quietly(lambda s=sub: self.node.destroy_subscription(s))
         self.subs = []
+        if self.points is not None:
+            _quietly(self.points.destroy)
+            self.points = None
         self.mailbox.clear()
 
     @property

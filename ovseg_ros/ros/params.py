@@ -39,7 +39,8 @@ MAX_REASON_CHARS = 1000
 
 LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "max_vocabulary_classes",
                   "vocabulary_timeout", "max_query_texts"})
-ON_ACTIVATE = frozenset({"image_reliability", "use_compressed"})
+ON_ACTIVATE = frozenset({"image_reliability", "use_compressed", "publish_points", "min_depth", "max_depth",
+                         "points_rgb", "depth_slop"})
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,11 @@ def _auto_preset(segmenter: str) -> str:
     return next((p for p in AUTO_PRESETS if p in available), "")
 
 
+def _check_depth_range(value: float, values: Mapping[str, Any]) -> Optional[str]:
+    lo, hi = values.get("min_depth", 0.1), values.get("max_depth", 10.0)
+    return None if lo < hi else f"min_depth ({lo}) must be smaller than max_depth ({hi})"
+
+
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("segmenter", DEFAULT_SEGMENTER, "str", "Segmentation method (core registry name).", check=_check_segmenter),
     ParamSpec("preset", "", "str", "Preset of the segmenter (ovseg_ros/core/presets/<segmenter>/); empty: its "
@@ -199,6 +205,18 @@ PARAMS: tuple[ParamSpec, ...] = (
               range=(1, MAX_QUERY_TEXTS)),
     ParamSpec("segmenter_options", "", "str", "YAML/JSON mapping of segmenter options merged onto the preset, "
               "e.g. '{short_side: 224, templates: photo}'.", check=_check_options),
+    ParamSpec("publish_points", False, "bool", "Publish ~/semantic/points, the organised semantic point cloud "
+              "pixel-aligned with the labels, from depth/image (registered to the colour camera; 16UC1 mm or "
+              "32FC1 m) and depth/camera_info."),
+    ParamSpec("min_depth", 0.1, "float", "Depth below this (m) gives NaN points.", range=(0.0, 1000.0),
+              check=_check_depth_range),
+    ParamSpec("max_depth", 10.0, "float", "Depth beyond this (m) gives NaN points.", range=(0.001, 1000.0),
+              check=_check_depth_range),
+    ParamSpec("points_rgb", False, "bool", "Add the camera colour as a packed 'rgb' field to ~/semantic/points."),
+    ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
+              "paired with it.", range=(0.0, 10.0)),
+    ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
+              "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 
@@ -313,6 +331,12 @@ class NodeConfig:
     vocabulary_timeout: float
     max_query_texts: int
     segmenter_options: str
+    publish_points: bool = False
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+    points_rgb: bool = False
+    depth_slop: float = 0.05
+    nav2_compatible: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
