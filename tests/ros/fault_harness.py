@@ -335,7 +335,7 @@ class Target:
 
         return self.client.call(Query, self.srv("query"), Query.Request(texts=list(texts)), timeout)
 
-    def set_params(self, values: dict[str, Any], timeout: float = 30.0) -> list[Any]:
+    def set_params(self, values: dict[str, Any], timeout: float = 10.0) -> list[Any]:
         """``ros2 param set``: one SetParameters call; the per-parameter results (successful, reason)."""
         from rcl_interfaces.srv import SetParameters
 

@@ -285,13 +285,13 @@ def test_query_with_thousands_of_texts_is_refused(node: Target) -> None:
 def test_concurrent_set_vocabulary_calls_never_block_the_executor(node: Target) -> None:
     """Four changes at once (a few seconds of encoding each): get_state keeps answering within 1 s, frames keep
     coming during the encoding, every call is answered (accepted, or refused as busy with the reason)."""
-    sets = [[f"c{j} item {i}" for i in range(2500)] for j in range(4)]
+    sets = [[f"c{j} item {i}" for i in range(1500)] for j in range(4)]
     with StateProbe(node) as probe:
         calls = [node.set_vocabulary_async(s) for s in sets]
         time.sleep(0.5)
         during = node.labels.wait_for(timeout=5.0, new_only=True)
         for _, done in calls:
-            assert done.wait(120.0), f"a set_vocabulary call was never answered\n{node.tail()}"
+            assert done.wait(60.0), f"a set_vocabulary call was never answered\n{node.tail()}"
     probe.check()
     assert during is not None, "no frames were published while vocabularies were encoding"
     results = [f.result() for f, _ in calls]
@@ -310,7 +310,7 @@ def test_concurrent_set_vocabulary_calls_never_block_the_executor(node: Target) 
 
 # --- item 3: transitions while services run ------------------------------------------------------------------------
 def test_cleanup_while_set_vocabulary_and_queries_run(node: Target) -> None:
-    big = [f"object {i}" for i in range(3000)]
+    big = [f"object {i}" for i in range(2000)]
     with StateProbe(node) as probe:
         vocab_call = node.set_vocabulary_async(big)
         queries = []
@@ -324,11 +324,11 @@ def test_cleanup_while_set_vocabulary_and_queries_run(node: Target) -> None:
             fut.add_done_callback(lambda _f, d=done: d.set())
             queries.append((fut, done, cli))
         time.sleep(0.3)
-        assert node.transition("deactivate", timeout=90.0)
-        cleaned = node.transition("cleanup", timeout=90.0)
+        assert node.transition("deactivate", timeout=30.0)
+        cleaned = node.transition("cleanup", timeout=30.0)
         assert node.proc.alive(), f"the node died during cleanup with calls in flight:\n{node.tail()}"
         assert cleaned, "cleanup failed"
-        vocab_call[1].wait(60.0)
+        vocab_call[1].wait(30.0)
     probe.check()
     for fut, done, _ in [(vocab_call[0], vocab_call[1], None)] + queries:
         if done.is_set():
@@ -342,13 +342,13 @@ def test_cleanup_while_set_vocabulary_and_queries_run(node: Target) -> None:
 
 def test_reconfigure_while_set_vocabulary_encodes_never_installs_it(node: Target) -> None:
     """Item 4: cleanup -> configure while a change encodes: the late result is answered as stale, never used."""
-    big = [f"object {i}" for i in range(3000)]
+    big = [f"object {i}" for i in range(2000)]
     fut, done = node.set_vocabulary_async(big)
     time.sleep(0.3)
     t_cleanup = time.monotonic()
-    assert node.transition("deactivate", timeout=90.0) and node.transition("cleanup", timeout=90.0)
-    assert node.transition("configure", timeout=90.0) and node.transition("activate", timeout=90.0)
-    assert done.wait(90.0), f"the in-flight set_vocabulary was never answered\n{node.tail()}"
+    assert node.transition("deactivate", timeout=30.0) and node.transition("cleanup", timeout=30.0)
+    assert node.transition("configure", timeout=30.0) and node.transition("activate", timeout=30.0)
+    assert done.wait(30.0), f"the in-flight set_vocabulary was never answered\n{node.tail()}"
     answered_after_cleanup = fut.answered_at >= t_cleanup
     resp = fut.result()
     time.sleep(1.0)  # a late swap would land now
