@@ -384,6 +384,38 @@ class Target:
         return self.proc.stop()
 
 
+class StateProbe:
+    """Asks get_state every ``period`` s from a thread while an attack runs; every answer must come in 1 s."""
+
+    def __init__(self, node: Target, period: float = 0.25) -> None:
+        self.node, self.period = node, period
+        self.missed: list[float] = []
+        self.answered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            if self.node.state(GET_STATE_BOUND_S) is None:
+                self.missed.append(time.monotonic() - t0)
+            else:
+                self.answered += 1
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "StateProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    def check(self) -> None:
+        assert not self.missed, f"get_state went unanswered for > {GET_STATE_BOUND_S} s {len(self.missed)} times"
+        assert self.answered > 0
+
+
 # --- parameter messages -------------------------------------------------------------------------------
 def to_parameter_msg(name: str, value: Any) -> Any:
     from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
