@@ -32,7 +32,8 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: The core's check_image refuses more than this; the node's limit cannot be larger.
 MAX_PIXELS_LIMIT = 8192 * 8192
 
-LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic"})
+LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "max_vocabulary_classes",
+                  "vocabulary_timeout", "max_query_texts"})
 ON_ACTIVATE = frozenset({"image_reliability", "use_compressed"})
 
 
@@ -107,6 +108,21 @@ def _check_options(value: str, values: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+_CAMERA_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*")
+
+
+def _check_cameras(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
+    names = list(value or [])
+    if len(names) > 16:
+        return f"at most 16 cameras per node, got {len(names)}"
+    for name in names:
+        if not isinstance(name, str) or not _CAMERA_RE.fullmatch(name):
+            return f"camera name {str(name)[:40]!r} is not a relative ROS name (letters, digits, _ and /)"
+    if len(set(names)) != len(names):
+        return "camera names must be unique"
+    return None
+
+
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("segmenter", DEFAULT_SEGMENTER, "str", "Segmentation method (core registry name).", check=_check_segmenter),
     ParamSpec("preset", "", "str", "Preset of the segmenter (ovseg_ros/core/presets/<segmenter>/); empty: its "
@@ -138,6 +154,15 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("diagnostics_period", 1.0, "float", "Seconds between /diagnostics messages.", range=(0.1, 60.0)),
     ParamSpec("autostart", True, "bool", "Configure and activate at startup (false: wait for a lifecycle manager).",
               read_only=True),
+    ParamSpec("cameras", [], "list", "Camera names served by this node with one model: camera 'front' subscribes "
+              "front/image and publishes under ~/front/. Empty: one camera on image, outputs under ~/.",
+              check=_check_cameras),
+    ParamSpec("max_vocabulary_classes", 2000, "int", "~/set_vocabulary refuses requests with more classes "
+              "(bounds the encoding cost).", range=(1, 65534)),
+    ParamSpec("vocabulary_timeout", 60.0, "float", "Seconds a ~/set_vocabulary or ~/query call waits for its "
+              "encoding/inference; past it the request is abandoned and the vocabulary stays unchanged.",
+              range=(0.1, 3600.0)),
+    ParamSpec("max_query_texts", 64, "int", "~/query refuses requests with more texts.", range=(1, 1024)),
     ParamSpec("segmenter_options", "", "str", "YAML/JSON mapping of segmenter options merged onto the preset, "
               "e.g. '{short_side: 224, templates: photo}'.", check=_check_options),
 )
@@ -211,6 +236,10 @@ class NodeConfig:
     publish_panoptic: bool
     diagnostics_period: float
     autostart: bool
+    cameras: tuple[str, ...]
+    max_vocabulary_classes: int
+    vocabulary_timeout: float
+    max_query_texts: int
     segmenter_options: str
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -218,6 +247,7 @@ class NodeConfig:
     def from_values(cls, values: Mapping[str, Any]) -> "NodeConfig":
         kwargs = {p.name: values.get(p.name, p.default) for p in PARAMS}
         kwargs["vocabulary"] = tuple(kwargs["vocabulary"] or ())
+        kwargs["cameras"] = tuple(kwargs["cameras"] or ())
         return cls(**kwargs, options=parse_options(kwargs["segmenter_options"]))
 
     def resolved_preset(self) -> str:
