@@ -280,7 +280,10 @@ class Target:
         return label
 
     def transition(self, label: str, timeout: float = 60.0) -> bool:
-        return self.client.change_state(self.fqn, label, timeout)
+        try:
+            return self.client.change_state(self.fqn, label, timeout)
+        except TimeoutError as exc:
+            raise AssertionError(f"{label}: {exc}\n{self.tail()}") from exc
 
     def bring_active(self, timeout: float = 60.0) -> None:
         """Back to active from wherever the node is (unconfigured, inactive)."""

@@ -192,7 +192,7 @@ def _lifecycle_actor(s: Soak, rng: random.Random, tid: int) -> None:
         try:
             s.node.transition(step, timeout=CALL_TIMEOUT_S)
             s.note(f"transition {step}")
-        except TimeoutError:
+        except AssertionError:
             s.fail(f"transition {step} not answered within {CALL_TIMEOUT_S} s")
         finally:
             if teardown:
