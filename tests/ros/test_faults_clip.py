@@ -9,6 +9,7 @@ ids of the vocabulary revision it carries.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 from fault_harness import ColorKeyOracle, Restartable, StateProbe, Target
-from ros_harness import RosClient, image_array, require_ros_or_skip, stamp_of
+from ros_harness import RosClient, image_array, make_image, require_ros_or_skip, stamp_of
 
 require_ros_or_skip()
 
@@ -145,6 +146,63 @@ def test_segmenter_switch_at_reconfigure_serves_the_new_method(node: Target, fas
             _reconfigure(node, back)
             node.bring_active()
     node.assert_healthy()
+
+
+def _query_scores(node: Target, texts: list[str], image: Any) -> list[float]:
+    from ovseg_ros.srv import Query
+
+    resp = node.client.call(Query, node.srv("query"), Query.Request(texts=texts, image=image), 60.0)
+    assert resp.success, resp.message
+    return [float(x) for x in resp.scores]
+
+
+def test_text_cache_is_not_fooled_by_same_path_size_and_mtime(node: Target, tmp_path: Path, fast_params: dict,
+                                                               other_checkpoint: Path) -> None:
+    """Item 8: other weights at the same path, with the same size and mtime, must not get the cached text
+    embeddings of the previous weights (observable in ~/query's scores)."""
+    path, cache = tmp_path / "weights.pt", tmp_path / "text_cache"
+    a, b = Path(fast_params["checkpoint"]).read_bytes(), other_checkpoint.read_bytes()
+    assert len(a) == len(b), "the two random checkpoints differ in size; the test needs equal sizes"
+    path.write_bytes(a)
+    st = path.stat()
+    image = make_image(64, 48, frame_id="cache_probe")
+    texts = ["a red chair", "the floor", "an open door", "a person"]
+    try:
+        assert _reconfigure(node, {"checkpoint": str(path), "cache_dir": str(cache)}) and node.transition("activate")
+        scores_a = _query_scores(node, texts, image)
+        assert _reconfigure(node, {}) and node.transition("activate")  # same weights again: cache hits
+        assert _query_scores(node, texts, image) == pytest.approx(scores_a, abs=1e-5)
+        assert node.transition("deactivate") and node.transition("cleanup")
+        path.write_bytes(b)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert node.transition("configure", timeout=120.0) and node.transition("activate")
+        scores_cached = _query_scores(node, texts, image)
+        assert _reconfigure(node, {"cache_dir": ""}) and node.transition("activate")
+        scores_b = _query_scores(node, texts, image)
+        assert scores_b != pytest.approx(scores_a, abs=1e-4), "both random models score alike; cannot tell"
+        assert scores_cached == pytest.approx(scores_b, abs=1e-4), (
+            "the new weights were served the old weights' cached text embeddings")
+    finally:
+        if node.proc.alive():
+            _reconfigure(node, {"checkpoint": fast_params["checkpoint"], "cache_dir": ""})
+            node.bring_active()
+    node.assert_healthy()
+
+
+def test_class_name_with_the_cache_separator(node: Target) -> None:
+    """Item 8: a text containing \\x1f (the old prompt-key separator) is one text, never two."""
+    resp = node.query(["chair\x1fdoor"])
+    if resp.success:
+        assert len(resp.masks) == len(resp.scores) == 1, f"{len(resp.masks)} masks for one text"
+    else:
+        assert resp.message.strip()
+    voc = node.set_vocabulary(["chair\x1fdoor", "table"])
+    if voc.success:
+        assert len(voc.class_ids) == 2
+    else:
+        assert voc.message.strip()
+    node.assert_healthy()
+    assert node.set_vocabulary(["floor", "chair", "person, people", "door"]).success
 
 
 def test_huge_vocabulary_is_refused_by_a_cost_limit(node: Target) -> None:
