@@ -328,6 +328,16 @@ class Target:
             self.checker.learn(int(resp.revision), tuple(c.split(",")[0].strip() for c in classes))
         return resp
 
+    def set_vocabulary_when_free(self, classes: list[str], timeout: float = 90.0) -> Any:
+        """set_vocabulary, retried while the node answers "busy" (a change still encoding, possibly one
+        abandoned by a reconfigure)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            resp = self.set_vocabulary(classes, timeout)
+            if resp.success or "busy" not in resp.message or time.monotonic() > deadline:
+                return resp
+            time.sleep(0.5)
+
     def vocabulary_in_use(self) -> Any:
         from ovseg_ros.srv import GetVocabulary
 
