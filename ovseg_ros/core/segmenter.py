@@ -328,7 +328,20 @@ class PlainName:
         return None
 
 
-Constraint = Union[Range, OneOf, Template, PlainName]
+@dataclass(frozen=True)
+class Pattern:
+    """A string field (or every element of a tuple field) that must fully match ``regex``; ``describe`` says how."""
+
+    regex: str
+    describe: str
+
+    def reason(self, value: Any) -> Optional[str]:
+        import re
+
+        return None if len(value) <= 200 and re.fullmatch(self.regex, value) else f"must be {self.describe}"
+
+
+Constraint = Union[Range, OneOf, Template, PlainName, Pattern]
 #: Numbers without a declared constraint must be finite and >= 0 (sizes, counts, thresholds, scales);
 #: a field that may be negative declares its Range.
 DEFAULT_RANGE = Range()
