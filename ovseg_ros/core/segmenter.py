@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,7 +97,8 @@ class SegmentationResult:
 
     Attributes:
         labels: (H, W) int32 class ids into ``vocabulary.classes``; :data:`UNLABELED` (-1) where no class.
-        confidence: (H, W) float32 in [0, 1], the score of the chosen label (0 where unlabeled by rule).
+        confidence: (H, W) float32 in [0, 1], the score of the chosen label (0 where unlabeled by rule); a
+            segmenter asked for wire dtypes may give uint8 0..255 instead (consumers accept both).
         vocabulary: the vocabulary this result was computed with (its ``revision`` goes into every output).
         panoptic: real instances when the method predicts them (FC-CLIP); None otherwise.
         timings: seconds per stage, for latency reporting.
@@ -566,15 +568,24 @@ def check_image(image: np.ndarray, max_pixels: int = 8192 * 8192) -> np.ndarray:
 
 
 class StageTimer:
-    """Collects per-stage wall times; synchronises CUDA so GPU stages are measured, not just queued."""
+    """Collects per-stage wall times.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    On CUDA the device is synchronised around each stage only when profiling (``profile=True``, or the
+    environment variable ``OVSEG_PROFILE_STAGES=1``): a synchronisation per stage stalls the queue, so by
+    default GPU stage times are the time to queue the work and the last stage (the host copy) absorbs the
+    wait. Profile runs (benchmarks) turn it on to see where GPU time goes.
+    """
+
+    def __init__(self, device: torch.device, profile: Optional[bool] = None) -> None:
+        self.device = torch.device(device)
+        if profile is None:
+            profile = os.environ.get("OVSEG_PROFILE_STAGES", "") not in ("", "0")
+        self.profile = bool(profile)
         self.times: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        sync = self.device.type == "cuda"
+        sync = self.profile and self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -586,14 +597,37 @@ class StageTimer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Device tensors -> numpy arrays with one wait: on CUDA each is copied into pinned host memory
+    asynchronously and the stream is synchronised once; CPU tensors are shared, not copied."""
+    if not tensors or all(t.device.type != "cuda" for t in tensors):
+        return [t.detach().cpu().numpy() for t in tensors]
+    outs = []
+    for t in tensors:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t.detach(), non_blocking=True)
+        outs.append(host)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [h.numpy() for h in outs]
+
+
+def confidence_to_u8(conf: torch.Tensor) -> torch.Tensor:
+    """[0, 1] scores -> uint8 0..255 on the scores' device (round half to even, like the wire encoder)."""
+    return conf.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def labels_from_probs(
-    probs: torch.Tensor, background: Optional[torch.Tensor] = None, prob_threshold: float = 0.0
+    probs: torch.Tensor,
+    background: Optional[torch.Tensor] = None,
+    prob_threshold: float = 0.0,
+    confidence_u8: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(K, H, W) class scores -> (labels int32, confidence float32) as numpy, one GPU->CPU copy each.
+    """(K, H, W) class scores -> (labels int32, confidence) as numpy, copied to the host once.
 
     Pixels where ``background`` (H, W) beats every class, or where the best class score is below
     ``prob_threshold``, are :data:`UNLABELED`. Confidence is the winning score (the background score
-    where background wins), clamped to [0, 1].
+    where background wins), clamped to [0, 1]: float32, or with ``confidence_u8`` the ``mono8`` wire values
+    0..255 computed on the device (a quarter of the bytes to copy, no host-side encoding).
     """
     conf, idx = probs.max(dim=0)
     labels = idx.to(torch.int32)
@@ -604,7 +638,9 @@ def labels_from_probs(
         conf = torch.where(bg_wins, background.to(conf.dtype), conf)
     if prob_threshold > 0:
         labels = torch.where(conf < prob_threshold, unlabeled, labels)
-    return labels.cpu().numpy(), conf.float().clamp(0, 1).cpu().numpy()
+    conf_out = confidence_to_u8(conf.clamp(0, 1)) if confidence_u8 else conf.float().clamp(0, 1)
+    labels_np, conf_np = to_host(labels, conf_out)
+    return labels_np, conf_np
 
 
 def _declare_shared_constraints() -> None:

@@ -71,7 +71,16 @@ import torch.nn.functional as F
 import yaml
 
 from .. import clip_vit
-from ..geometry import image_to_tensor, normalize, resize, short_side_size, slide_inference, sliding_windows
+from ..geometry import (
+    bilinear_at,
+    image_to_tensor,
+    normalize,
+    resize,
+    short_side_size,
+    slide_inference,
+    sliding_windows,
+    upsample_max_topk,
+)
 from ..llm_text import LLMConfig, LLMTextClient
 from ..models import ClipModel, ModelSpec, load_clip, resolve_device
 from ..pamr import pamr
@@ -83,6 +92,7 @@ from ..segmenter import (
     VocabularyState,
     check_image,
     register_segmenter,
+    to_host,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, PlainName, Range, declare_constraints
 from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
@@ -172,6 +182,9 @@ class ITACLIPConfig:
     close_kernel: int = 3
     #: Rows per chunk of the softmax/max-over-names step (0 = all at once; memory only).
     chunk_rows: int = 0
+    #: With ``refine_at: processing`` and no area suppression: upsample only each pixel's candidate classes
+    #: (:func:`upsample_max_topk`), so the cost is flat in vocabulary size; labels equal up to ties.
+    fast_upsample: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -624,7 +637,33 @@ class ITACLIPSegmenter(Segmenter):
             conf_out = torch.where(labels >= 0, chosen, top)
         else:
             conf_out = torch.where(labels >= 0, conf, top)
-        return labels.cpu().numpy(), conf_out.float().clamp(0, 1).cpu().numpy()
+        labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
+        return labels_np, conf_np
+
+    def _labels_fast(self, low: torch.Tensor, size: tuple[int, int], state: ITACLIPState) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_labels` of ``resize(low, size)`` without upsampling every class (see ``fast_upsample``)."""
+        cfg = self.config
+        k = len(state.vocabulary)
+        conf, idx = upsample_max_topk(low[:k], size)
+        labels = idx.to(torch.int32)
+        top = conf
+        if state.num_background:
+            bg = resize(low[k:k + 1][None].float(), size)[0, 0]
+            labels = torch.where(bg > conf, torch.full_like(labels, UNLABELED), labels)
+            top = torch.maximum(conf, bg)
+        if cfg.prob_thd > 0:
+            labels = torch.where(top < cfg.prob_thd, torch.full_like(labels, UNLABELED), labels)
+        chosen = conf
+        if cfg.close_kernel > 1:
+            closed = close_labels_torch(labels, cfg.close_kernel)
+            moved = ((closed != labels) & (closed >= 0)).nonzero(as_tuple=True)
+            chosen = conf.clone()
+            if moved[0].numel():  # the closed label's own probability, only where closing changed it
+                chosen[moved] = bilinear_at(low[:k], size, moved[0], moved[1], closed[moved].long())
+            labels = closed
+        conf_out = torch.where(labels >= 0, chosen, top)
+        labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
+        return labels_np, conf_np
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:
@@ -650,9 +689,12 @@ class ITACLIPSegmenter(Segmenter):
                 logits = pamr(guide, logits, cfg.pamr_steps, cfg.pamr_dilations)
         with timer.stage("classify"):
             probs = self._class_probs(logits[0], st)
-            if cfg.refine_at == "processing":
-                probs = resize(probs[None], (h, w))[0]
-            labels, conf = self._labels(probs, st)
+            if cfg.refine_at == "processing" and cfg.fast_upsample and cfg.area_thd <= 0:
+                labels, conf = self._labels_fast(probs, (h, w), st)
+            else:
+                if cfg.refine_at == "processing":
+                    probs = resize(probs[None], (h, w))[0]
+                labels, conf = self._labels(probs, st)
         return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
 
     @torch.inference_mode()
