@@ -226,7 +226,12 @@ def test_classifier_negatives_let_a_single_query_fail(classifier_checkpoint: Pat
     strict = _scripted(classifier_checkpoint, boxes, confidence_threshold=score + 1e-3, crf=False,
                        classifier_negatives=True)
     q = strict.query(rgb_image, ["a unicorn"])
-    assert q.scores == [0.0]  # dropped (the loop keeps it as the best, with score 0)
+    # the authors' loop never drops the best query: it stays, with its own score below θ
+    assert q.scores[0] == pytest.approx(score, abs=1e-6) and q.masks[0].any()
+    reject = _scripted(classifier_checkpoint, boxes, confidence_threshold=score + 1e-3, crf=False,
+                       classifier_negatives=True, keep_best_when_empty=False)
+    q = reject.query(rgb_image, ["a unicorn"])
+    assert q.scores == [0.0] and not q.masks[0].any()  # rejected
 
 
 @pytest.mark.parametrize("bad, fragment", [

@@ -50,7 +50,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import clip_vit
-from ..cam import VOC_BACKGROUND, ClipCam, prepare_image, refine_with_affinity
+from ..cam import (
+    CLIP_ES_EPS,
+    RESIZE_MODES,
+    VOC_BACKGROUND,
+    ClipCam,
+    authors_crf_image,
+    prepare_image,
+    refine_with_affinity,
+)
 from ..crf import dense_crf_capped
 from ..geometry import resize
 from ..models import ClipModel, ModelSpec, load_clip
@@ -76,6 +84,8 @@ class ClipEsConfig:
     short_side: int = 0
     #: Cap on the long side (0 = none). H and W are then rounded up to patch multiples.
     max_long_side: int = 0
+    #: Input resampling: ``pil`` = the authors' PIL bicubic on the uint8 image; ``torch`` = torch bicubic.
+    resize: str = "pil"
     #: Prompt template for classes and background words.
     template: str = ORIGAMI_TEMPLATE
     #: ``join``: one prompt per class with its names comma-joined (authors); ``mean``: average per name.
@@ -93,6 +103,8 @@ class ClipEsConfig:
     box_threshold: float = 0.4
     #: Reproduce the authors' box clipping at the right/bottom edge.
     clip_box_edges: bool = False
+    #: Min-max epsilon of the CAM normalisation (the authors' pytorch-grad-cam: 1e-7).
+    cam_eps: float = CLIP_ES_EPS
     #: CaR's rule: redo an all-zero CAM without the background words.
     retry_without_background: bool = False
     #: Classes per batched last-block forward/backward (memory vs. speed), and how the batch is formed:
@@ -114,6 +126,9 @@ class ClipEsConfig:
     crf_bilateral_srgb: float = 3.0
     crf_bilateral_compat: float = 4.0
     crf_max_side: int = 0
+    #: Image the CRF's bilateral kernel sees: ``rgb`` (ours) or ``authors`` (BGR minus the mean, cast to
+    #: uint8 with wrap-around, as ``eval_cam_with_crf.py``).
+    crf_image: str = "rgb"
     #: ``segment``: pixels whose winning score is below this are UNLABELED.
     prob_threshold: float = 0.0
     #: Pseudo-label export: pixels whose winning score is below this become 255 (ignore), as the authors.
@@ -147,6 +162,10 @@ class ClipEsSegmenter(Segmenter):
         super().__init__(config, clip.device)
         if config.synonyms not in ("join", "mean"):
             raise ValueError(f"synonyms must be 'join' or 'mean', got {config.synonyms!r}")
+        if config.resize not in RESIZE_MODES:
+            raise ValueError(f"clip_es: resize must be one of {RESIZE_MODES}, got {config.resize!r}")
+        if config.crf_image not in ("rgb", "authors"):
+            raise ValueError(f"clip_es: crf_image must be 'rgb' or 'authors', got {config.crf_image!r}")
         self.clip = clip
         self.text_encoder = text_encoder
         self.cam = ClipCam(
@@ -157,6 +176,7 @@ class ClipEsSegmenter(Segmenter):
             pos_mode="bilinear",
             max_batch=config.max_batch,
             grad_mode=config.grad_mode,
+            eps=config.cam_eps,
         )
 
     @classmethod
@@ -187,7 +207,8 @@ class ClipEsSegmenter(Segmenter):
 
     # --- image --------------------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
-        return prepare_image(self.clip, image, self.config.short_side, self.config.max_long_side)
+        cfg = self.config
+        return prepare_image(self.clip, image, cfg.short_side, cfg.max_long_side, resize=cfg.resize)
 
     def _choose_present(self, image_probs: torch.Tensor) -> list[int]:
         cfg = self.config
@@ -239,7 +260,8 @@ class ClipEsSegmenter(Segmenter):
         if cfg.use_affinity:
             with timer.stage("affinity"):
                 s = self.cam.affinity(enc)
-                cams = refine_with_affinity(s, cams, cfg.box_threshold, cfg.affinity_power, cfg.clip_box_edges)
+                cams = refine_with_affinity(s, cams, cfg.box_threshold, cfg.affinity_power, cfg.clip_box_edges,
+                                            eps=cfg.cam_eps)
         with timer.stage("postprocess"):
             cams = resize(cams[None].float(), (h, w))[0].clamp_(0, 1)
             bg_score = (1 - cams.max(dim=0, keepdim=True).values).pow(cfg.bg_power)
@@ -251,6 +273,8 @@ class ClipEsSegmenter(Segmenter):
 
     def _crf(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        if cfg.crf_image == "authors":
+            image = authors_crf_image(image)
         return dense_crf_capped(
             image, probs, cfg.crf_max_side, iterations=cfg.crf_iterations, gaussian_sxy=cfg.crf_gaussian_sxy,
             gaussian_compat=cfg.crf_gaussian_compat, bilateral_sxy=cfg.crf_bilateral_sxy,
