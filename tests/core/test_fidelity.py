@@ -142,3 +142,33 @@ def test_reference_classifier_input_is_clips_stock_preprocess(shape) -> None:
     got = vp.reference_classifier_input(img, 56)
     t = tv.Compose([tv.Resize(56, interpolation=tv.InterpolationMode.BICUBIC), tv.CenterCrop(56)])
     assert np.array_equal(got, np.asarray(t(Image.fromarray(img))))
+
+
+# --- FC-CLIP's "seen" rule ---------------------------------------------------------------------------------
+def test_fcclip_authors_seen_rule_is_exact_match_against_their_label_file() -> None:
+    from ovseg_ros.core.fcclip import coco_panoptic as cp
+
+    assert len(cp.AUTHORS_COCO_NAMES) == 133
+    assert cp.is_seen_authors(["sofa"]) and cp.is_seen_authors(["palm tree"])  # in their couch / tree lines
+    assert not cp.is_seen_authors(["Couch"]) and cp.is_seen(["Couch"])  # exact strings vs our normalisation
+    assert not cp.is_seen_authors(["pedestrian"]) and cp.is_seen(["pedestrian"])  # our synonym table only
+    classes = [["wall"], ["rail"], ["person", "pedestrian"], ["pedestrian"]]
+    assert cp.seen_mask_by(classes, "authors") == [True, False, True, False]
+    assert cp.seen_mask_by(classes, "synonyms")[3] is True
+    with pytest.raises(ValueError, match="seen_rule"):
+        cp.seen_mask_by(classes, "fuzzy")
+
+
+def test_paper_presets_default_to_the_authors_behaviour() -> None:
+    from ovseg_ros.core.segmenter import load_preset
+
+    for name in ("voc", "coco_object", "pascal_context", "ade", "refcoco", "demo"):
+        p = load_preset("car", name)
+        assert p["prompt_backend"] == "authors" and p["reuse_whole_stack"] and p["cam_clip_box_edges"], name
+        assert p["gray_order"] == "bgr" and p["keep_full_image"] is False and p["crf_image"] == "authors"
+    for name in ("voc", "coco"):
+        p = load_preset("clip_es", name)
+        assert p["clip_box_edges"] and p["crf_image"] == "authors" and p["resize"] == "pil"
+    for name in ("ade20k", "cityscapes", "coco_panoptic"):
+        p = load_preset("fcclip", name)
+        assert p["seen_rule"] == "authors" and p["thing_from"] == "vocabulary"

@@ -92,6 +92,8 @@ class ClipEsConfig:
     synonyms: str = "join"
     #: Background words added to every softmax (VOC list: 25 words; COCO: 23).
     background: tuple[str, ...] = VOC_BACKGROUND
+    #: Drop background words equal to a vocabulary name or synonym (ours; the authors keep every word).
+    drop_background_overlaps: bool = True
     #: Softmax temperature (pretrained CLIP's exp(logit_scale) = 100).
     logit_scale: float = 100.0
     #: Blocks whose attention the affinity averages, Sinkhorn rounds, and the power t of S.
@@ -197,7 +199,8 @@ class ClipEsSegmenter(Segmenter):
         prompts = tuple(self._class_prompts(c.names) for c in vocabulary.classes)
         text = torch.stack([F.normalize(self.text_encoder.encode_group(list(p)).mean(dim=0), dim=-1)
                             for p in prompts])
-        words = background_without_classes(self.config.background, vocabulary)
+        words = (background_without_classes(self.config.background, vocabulary)
+                 if self.config.drop_background_overlaps else tuple(self.config.background))
         bg = self.text_encoder.encode_templated(words, [self.config.template]) if words else None
         return ClipEsState(vocabulary=vocabulary, text=text, background=bg, background_words=words,
                            prompts=prompts)
