@@ -29,53 +29,23 @@ the background words; the label map paints stuff, then things, each in ascending
 (softmax over that sentence and the background words), one CRF per mask; :meth:`CarSegmenter.refer` merges
 the masks of sentences that describe one object by score-weighted mean (falling back to their union).
 
-Deliberate differences from the authors' code (numbers change only where a switch is named):
+The loop counts survivors as the authors' ``_forward_car`` does: when no query passes θ, ``_filter_texts``
+appends the best query to the survivor list in place, so it counts as a positive and the loop goes on with
+it (an empty first step does not end the loop; see :func:`run_recurrence`).
 
-* open_clip models (``ViT-B-16-quickgelu``/``ViT-L-14-quickgelu`` with the ``openai`` tag are the same
-  weights); any open_clip model can be the classifier (non-ViT ones run their full ``encode_image``).
-* Text embeddings are encoded once per vocabulary and cached across steps, frames and processes (the authors
-  re-encode N x 15 prompts every step); the CAM backbone forward and the attention affinity are computed once
-  per image and reused by every step and both passes (the authors recompute them per step and, in referring
-  mode, per sentence).
-* All prompted images of a step go through the classifier in one batch; the "outside the mask" image (blur,
-  gray) is computed once per image instead of once per mask.
-* Prompts are drawn with torch (see :mod:`ovseg_ros.core.visual_prompts` for the pixel-level differences);
-  ``gray_order: rgb`` uses RGB luma weights (``bgr`` reproduces the authors' ``BGR2GRAY`` on RGB data).
-* Background words equal to a vocabulary name are dropped from the CAM softmax (``drop_background_overlaps``;
-  a class "helmet" would otherwise compete with the background word "helmet").
-* Synonyms: one query per class, its names joined by ``synonym_joiner`` (the authors' class strings are
-  comma-joined synonyms, e.g. "person with clothes,people,human").
-* The stuff/thing split comes from the vocabulary's ``is_thing`` flags; painting order is stuff then things
-  in every mode (identical to the authors' where they have both passes, and where all classes are things).
-* If every proposal of a step is zero, the previous step's proposals *of the live queries* are reused (the
-  authors reuse the whole previous stack, whose rows no longer match the queries).
-* Stage 1 and the CRF are the shared CLIP-ES modules (:mod:`~ovseg_ros.core.cam`, :mod:`~ovseg_ros.core.crf`):
-  a torch dense CRF instead of pydensecrf (no BGR-minus-mean uint8 wrap-around), and boxes touching the
-  right/bottom edge kept whole (``cam_clip_box_edges: true`` reproduces the clipping).
-* Prompted images are padded with the normalisation mean (zero after normalising) under ``keep_full_image``.
-* ``query`` gives an empty mask to a text whose score is 0 (the authors return the best text's mask with
-  score 0 when nothing survives; :meth:`CarSegmenter.refer` keeps that, as their RefCOCO merge needs it).
-* Optional knobs absent from the reference, off in the authors' presets: ``cam_max_side`` (CAM input size),
-  ``prompt_max_side`` (size at which prompts are composed), ``crf_max_side`` (size at which the CRF runs),
-  ``max_steps``, ``crf: false``, and ``classifier_negatives`` (background words as extra stage-2 softmax
-  columns, so a lone query can be rejected: alone in the softmax it always scores 1).
-
-Reference defects fixed (behind a switch where the fix changes numbers; ``docs/methods/car.md`` lists them):
-
-* ``fix_empty_first_step``: when no query survives step 1, the authors keep the best query but pair it with
-  the proposal of query 0 (``zip`` over mismatched lists). We pair it with its own proposal.
-* ``keep_full_image``: the classifier's stock preprocessing centre-crops, so on wide images a prompt near the
-  left/right edge is cut away; we pad to a square before resizing.
-* The authors' SAM path cannot run (``forward`` called with 3 arguments, ``cfg.sam.matching_thresh`` read but
-  absent from every config). Ours is a hook, ``mask_source``: any callable returning candidate masks, matched
-  as the paper describes (IoM, then IoU against the CaR mask).
-* CRF one-hot (no switch: it only restores lost masks): the authors' ``F.one_hot`` infers the number of
-  classes from the labels present, so trailing queries that win no pixel lose their masks (and a per-mask CRF
-  that labels everything background returns no mask at all); ours always returns one mask per query.
-
-Kept on purpose (the thresholds θ were tuned with them): the classifier reads the CLS token after L-1 blocks
-(``classifier_skip_last_block``, kevin-ssy/CLIP_as_RNN#12), and step 1 sends raw names to the CAM while later
-steps send "a clean origami {}." (``cam_raw_names_first_step``).
+Differences from the authors' code. Each one that changes numbers has a switch restoring the authors'
+behaviour, and the paper presets (voc, coco_object, pascal_context, ade, refcoco, demo) set all of them;
+``docs/methods/car.md`` has the table. Switch (authors' value): ``cam_resize`` (``pil``, the default),
+``cam_eps`` (1e-15, the default), ``cam_clip_box_edges`` (true), ``drop_background_overlaps`` (false),
+``gray_order`` (``bgr``), ``prompt_backend`` (``authors``: OpenCV prompts and PIL classifier input),
+``keep_full_image`` (false: centre crop), ``reuse_whole_stack`` (true), ``crf_image`` (``authors``),
+``crf_onehot_shift`` (true). Without a switch, because the numbers do not change: open_clip models, cached
+text embeddings, the CAM backbone and affinity once per image, batched classification, one "outside" image
+per image. Not reproducible: their SAM path (it cannot run; ours is the ``mask_source`` hook) and pydensecrf
+(ours is the shared torch CRF). Additions, off in the paper presets: ``cam_max_side``, ``prompt_max_side``,
+``crf_max_side``, ``max_steps``, ``crf: false``, ``classifier_negatives``, ``keep_best_when_empty: false``.
+Kept as the authors' because θ was tuned with them: ``classifier_skip_last_block`` (kevin-ssy/CLIP_as_RNN#12)
+and ``cam_raw_names_first_step``.
 """
 
 from __future__ import annotations
@@ -824,7 +794,7 @@ class CarSegmenter(Segmenter):
 
     def _referring(self, image: np.ndarray, texts: list[str]) -> tuple[list[np.ndarray], list[float], dict]:
         """Referring-mode loop: the final mask and score of each text (texts the loop dropped: empty, 0; the
-        best text when nothing survived: its mask with score 0, as the authors return it)."""
+        best text is never dropped unless ``keep_best_when_empty`` is off, as the authors' loop)."""
         image = check_image(image)
         vocab = vocabulary_from_texts(texts)  # validates: non-empty, no empty texts
         timer = StageTimer(self.device)
