@@ -172,3 +172,16 @@ def test_paper_presets_default_to_the_authors_behaviour() -> None:
     for name in ("ade20k", "cityscapes", "coco_panoptic"):
         p = load_preset("fcclip", name)
         assert p["seen_rule"] == "authors" and p["thing_from"] == "vocabulary"
+
+
+def test_fcclip_pil_resize_is_detectron2s() -> None:
+    from ovseg_ros.core.fcclip.preprocess import prepare_image
+
+    img = _photo(45, 70, seed=6)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    x, (h, w) = prepare_image(img, torch.device("cpu"), mean, std, 64, 128, 32, resize="pil")
+    ref = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)).astype(np.float32)
+    ref = (ref / 255.0 - 0.5) / 0.25
+    assert np.allclose(x[0, :, :h, :w].permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    fast, _ = prepare_image(img, torch.device("cpu"), mean, std, 64, 128, 32)
+    assert not torch.equal(fast, x)

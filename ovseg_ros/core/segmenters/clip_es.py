@@ -11,33 +11,15 @@ gradients for all present classes (softmax Grad-CAM), CAA refinement with the bo
 ``(1 - max_c cam)^α``, optional dense CRF, argmax. Labels are vocabulary ids, UNLABELED where the
 background wins (or the winning score is below ``prob_threshold``).
 
-Deliberate differences from the authors' code:
-
-1. **Present classes**: the authors read ground-truth image tags; we take them from the caller (``query``,
-   ``segment(..., present=...)``, the pseudo-label tool) or decide per frame by image-level CLIP
-   classification (softmax over vocabulary ∪ background words at temperature 100, ``presence_threshold``,
-   ``max_present``, ``min_present``).
-2. **Batched Grad-CAM**: one last-block forward/backward for up to ``max_batch`` classes (activation
-   replicated per class, or ``grad_mode: vmap``: one forward and a vmapped backward) instead of one
-   backward per class; gradients via ``torch.autograd.grad`` w.r.t. the ``ln_1`` output only (frozen
-   weights), not hooks and ``.backward()``.
-3. **CAA cost**: Sinkhorn once per image (the authors redo it for every class), and ``S·(S·(B⊙cam))``
-   instead of forming ``S²`` (O(N²) instead of O(N³) per class); on the model's device in float32 (the
-   authors move the attention to the CPU).
-4. **Box mask at the right/bottom edge**: the authors clip each box's exclusive end to ``size - 1``, so the
-   last patch column/row never counts and a region there is lost; we keep those boxes whole
-   (``clip_box_edges: true`` restores the authors' behaviour).
-5. **CRF**: our torch mean-field CRF (:mod:`ovseg_ros.core.crf`: exact Gaussian kernel, permutohedral
-   bilateral kernel) on the RGB image; pydensecrf on BGR-minus-mean-cast-to-uint8 (which wraps) in the
-   authors' code. Optionally on a downscaled copy (``crf_max_side``).
-6. **Synonyms**: fused into one comma-joined prompt per class as the authors do (``synonyms: join``);
-   ``synonyms: mean`` averages per-name embeddings instead (for long synonym lists). Background words
-   equal to a vocabulary name or synonym are dropped so a class never competes with itself.
-7. **Input size**: the authors use the original size; ``short_side``/``max_long_side`` can shrink frames
-   first (bicubic with antialiasing), then H and W are rounded up to patch multiples as theirs.
-8. **Numerics**: positional embeddings are interpolated in the model's dtype (the authors cast to fp16
-   even on CPU); the last-block-only quirk for 77-token inputs is not reproduced; no flipped copy is
-   computed (the authors compute and discard one).
+Deliberate differences from the authors' code (``docs/methods/clip_es.md`` has the table). Each one that
+changes numbers has a switch, set to the authors' value in the paper presets (voc, coco): ``resize``
+(``pil``: their PIL bicubic; the default), ``cam_eps`` (1e-7, applied twice as their pytorch-grad-cam),
+``clip_box_edges`` (true: box ends clipped to size - 1), ``crf_image`` (``authors``: BGR minus mean cast to
+uint8), ``drop_background_overlaps`` (false), ``present`` tags given by the caller (their ground-truth tags;
+otherwise decided per frame), ``short_side: 0`` (original size), ``synonyms: join``. Without a switch because
+the numbers do not change: batched Grad-CAM via ``torch.autograd.grad``, Sinkhorn once per image and
+``S·(S·(B⊙cam))``, no discarded flipped copy. Not reproduced: fp16 positional embeddings on CPU, the
+77-token quirk, pydensecrf (ours: :mod:`ovseg_ros.core.crf`).
 """
 
 from __future__ import annotations

@@ -77,6 +77,9 @@ class FCCLIPConfig:
     min_size: int = 800
     max_size: int = 1333
     size_divisibility: int = 32
+    #: Input resize: ``device`` (bilinear on float pixels on the device, rounded) or ``pil`` (the authors':
+    #: detectron2's PIL bilinear on the uint8 image).
+    resize: str = "device"
     #: Geometric-ensemble weight of frozen CLIP for classes seen in COCO panoptic (alpha) and unseen ones (beta).
     alpha: float = 0.4
     beta: float = 0.8
@@ -234,6 +237,8 @@ class FCCLIPSegmenter(Segmenter):
             raise ValueError(f"thing_from must be one of {_THING_SOURCES}, got {config.thing_from!r}")
         from ..fcclip.coco_panoptic import SEEN_RULES
 
+        if config.resize not in ("device", "pil"):
+            raise ValueError(f"resize must be 'device' or 'pil', got {config.resize!r}")
         if config.seen_rule not in SEEN_RULES:
             raise ValueError(f"seen_rule must be one of {SEEN_RULES}, got {config.seen_rule!r}")
         if config.semantic_source not in _SEMANTIC_SOURCES:
@@ -295,7 +300,7 @@ class FCCLIPSegmenter(Segmenter):
 
         cfg = self.config
         return prepare_image(image, self.device, self.clip.mean, self.clip.std, cfg.min_size, cfg.max_size,
-                             cfg.size_divisibility)
+                             cfg.size_divisibility, cfg.resize)
 
     def _resizer(self, mask_hw: tuple[int, int], padded_hw: tuple[int, int], crop_hw: tuple[int, int],
                  out_hw: tuple[int, int]) -> "SeparableResize":
