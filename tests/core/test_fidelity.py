@@ -185,3 +185,18 @@ def test_fcclip_pil_resize_is_detectron2s() -> None:
     assert np.allclose(x[0, :, :h, :w].permute(1, 2, 0).numpy(), ref, atol=1e-5)
     fast, _ = prepare_image(img, torch.device("cpu"), mean, std, 64, 128, 32)
     assert not torch.equal(fast, x)
+
+
+def test_itaclip_cv2_resize_is_mmsegs(tiny_model_overrides) -> None:
+    from ovseg_ros.core.segmenter import build_segmenter
+
+    seg = build_segmenter("itaclip", "voc21", {**tiny_model_overrides, "short_side": 50})
+    assert seg.config.resize == "cv2"  # the dataset presets resize as the authors
+    img = _photo(45, 71, seed=7)
+    s = min(2048 / 71, 50 / 45)  # mmcv rescale_size with scale (2048, 50)
+    h, w = int(45 * s + 0.5), int(71 * s + 0.5)
+    assert seg.processing_size(45, 71) == (h, w)
+    ref = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    mean, std = seg.clip.pixel_stats()
+    expected = (torch.from_numpy(ref).permute(2, 0, 1)[None] - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    assert torch.allclose(seg._prepare(img), expected, atol=1e-5)
