@@ -242,5 +242,6 @@ def compare(got: dict, ref: dict, rtol: float = 1e-3, atol: float = 1e-4, label_
             if not np.isclose(g[key], r[key], rtol=rtol, atol=tol * n):
                 errors.append(f"{stage}: {key} {g[key]:.6g} != {r[key]:.6g}")
         if not np.allclose(g["samples"], r["samples"], rtol=rtol, atol=tol):
-            errors.append(f"{stage}: samples drifted (max {np.max(np.abs(np.subtract(g['samples'], r['samples']))):.3g})")
+            worst = float(np.max(np.abs(np.subtract(g["samples"], r["samples"]))))
+            errors.append(f"{stage}: samples drifted (max {worst:.3g})")
     return errors
