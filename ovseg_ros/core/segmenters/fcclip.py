@@ -15,7 +15,9 @@ tower, which that file may lack, from open_clip's ``convnext_large_d_320`` / ``l
 
 Thing/stuff per class (``thing_from``): ``coco`` (default) keeps a flag the request or vocabulary file gave
 explicitly, else uses COCO-panoptic membership of the class name or a synonym (things win when both match),
-else the vocabulary's guess from the name; ``vocabulary`` always uses the vocabulary's flag.
+else the vocabulary's guess from the name; ``vocabulary`` always uses the vocabulary's flag (the authors':
+their dataset's own ``isthing``; the paper presets use it). "Seen" per class (``seen_rule``): ``synonyms``
+(ours) or ``authors`` (exact names of their COCO label file; the paper presets use it).
 """
 
 from __future__ import annotations
@@ -76,9 +78,15 @@ class FCCLIPConfig:
     min_size: int = 800
     max_size: int = 1333
     size_divisibility: int = 32
+    #: Input resize: ``device`` (bilinear on float pixels on the device, rounded) or ``pil`` (the authors':
+    #: detectron2's PIL bilinear on the uint8 image).
+    resize: str = "device"
     #: Geometric-ensemble weight of frozen CLIP for classes seen in COCO panoptic (alpha) and unseen ones (beta).
     alpha: float = 0.4
     beta: float = 0.8
+    #: Which classes count as "seen" (alpha): ``synonyms`` (ours: our COCO synonym table, case- and
+    #: hyphen-insensitive) or ``authors`` (exact match against their COCO label file's names).
+    seen_rule: str = "synonyms"
     #: Ignore frozen CLIP for queries whose mask is empty at the CLIP feature resolution (the authors' ResNet setting).
     ensemble_on_valid_mask: bool = False
     #: Panoptic: queries whose best class is void, or whose best probability is at or below this, are dropped.
@@ -243,6 +251,12 @@ class FCCLIPSegmenter(Segmenter):
     def __init__(self, config: FCCLIPConfig, network: FCCLIPNetwork, text_encoder: TextEncoder) -> None:
         if config.thing_from not in _THING_SOURCES:
             raise ValueError(f"thing_from must be one of {_THING_SOURCES}, got {config.thing_from!r}")
+        from ..fcclip.coco_panoptic import SEEN_RULES
+
+        if config.resize not in ("device", "pil"):
+            raise ValueError(f"resize must be 'device' or 'pil', got {config.resize!r}")
+        if config.seen_rule not in SEEN_RULES:
+            raise ValueError(f"seen_rule must be one of {SEEN_RULES}, got {config.seen_rule!r}")
         if config.semantic_source not in _SEMANTIC_SOURCES:
             raise ValueError(f"semantic_source must be one of {_SEMANTIC_SOURCES}, got {config.semantic_source!r}")
         super().__init__(config, network.clip.device)
@@ -277,7 +291,7 @@ class FCCLIPSegmenter(Segmenter):
         return flags
 
     def encode_vocabulary(self, vocabulary: Vocabulary) -> FCCLIPState:
-        from ..fcclip.coco_panoptic import seen_mask
+        from ..fcclip.coco_panoptic import seen_mask_by
 
         names, owner = vocabulary.query_names()
         # Per name: the 14 prompts normalised, averaged, renormalised (raises VocabularyError if too long).
@@ -287,7 +301,8 @@ class FCCLIPSegmenter(Segmenter):
             vocabulary=vocabulary,
             text=text,
             owner=torch.tensor(owner, dtype=torch.long, device=text.device),
-            seen=torch.tensor(seen_mask([c.names for c in vocabulary.classes]), dtype=torch.bool),
+            seen=torch.tensor(seen_mask_by([c.names for c in vocabulary.classes], self.config.seen_rule),
+                              dtype=torch.bool),
             is_thing=torch.tensor(self._thing_flags(vocabulary), dtype=torch.bool),
             prompts=prompts,
         )
@@ -301,7 +316,7 @@ class FCCLIPSegmenter(Segmenter):
 
         cfg = self.config
         return prepare_image(image, self.device, self.clip.mean, self.clip.std, cfg.min_size, cfg.max_size,
-                             cfg.size_divisibility)
+                             cfg.size_divisibility, cfg.resize)
 
     def _resizer(self, mask_hw: tuple[int, int], padded_hw: tuple[int, int], crop_hw: tuple[int, int],
                  out_hw: tuple[int, int]) -> "SeparableResize":
