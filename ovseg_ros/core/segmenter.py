@@ -244,7 +244,16 @@ def load_preset(segmenter: str, preset: str) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"preset file {path} must hold a mapping")
+    data.pop("paper", None)  # published results of the preset (for ovseg-eval), not an option
     return data
+
+
+def load_paper_results(segmenter: str, preset: str) -> list[dict[str, Any]]:
+    """The ``paper:`` entries of a preset: the authors' published numbers (``ovseg_ros.eval`` reads them)."""
+    path = PRESET_DIR / segmenter / f"{preset}.yaml"
+    data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    entries = data.get("paper") if isinstance(data, dict) else None
+    return [dict(e) for e in entries] if isinstance(entries, list) else []
 
 
 def make_config(cls: type, values: Mapping[str, Any]) -> Any:
