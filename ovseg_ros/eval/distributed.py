@@ -49,7 +49,7 @@ def env_world() -> tuple[int, int, int]:
         return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                 int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError as exc:
-        raise RuntimeError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {exc}") from None
+        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {exc}") from None
 
 
 def init(device: str = "auto", backend: str = "auto") -> tuple[DistContext, str]:
@@ -58,10 +58,12 @@ def init(device: str = "auto", backend: str = "auto") -> tuple[DistContext, str]
     ``device``: ``auto`` / ``cuda`` become ``cuda:LOCAL_RANK`` when GPUs exist, else ``cpu``; an explicit
     ``cuda:K`` or ``cpu`` is kept. ``backend``: ``auto`` = NCCL for CUDA devices, gloo otherwise.
     """
+    from ..core.models import resolve_device
+
     rank, world, local = env_world()
-    if device in ("auto", "cuda"):
-        device = f"cuda:{local % max(torch.cuda.device_count(), 1)}" if torch.cuda.is_available() else (
-            "cpu" if device == "auto" else "cuda")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local % torch.cuda.device_count()}"  # one GPU per process on each machine
+    device = str(resolve_device(device))  # an unavailable or invalid device fails here, with the reason
     if world <= 1:
         return DistContext(), device
     import torch.distributed as dist
