@@ -248,3 +248,25 @@ def test_label_size_mismatch_is_reported(tmp_path) -> None:
     shape = next(iter(raw))
     with pytest.raises(DatasetError, match="annotation .* is 3x3 but the image is"):
         _run(ds, OracleSegmenter({shape: np.zeros(shape)}), tmp_path / "out")
+
+
+def test_list_and_layouts(capsys) -> None:
+    assert eval_main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "voc21  [paper: voc mIoU 67.9]" in out and "voc  [paper: voc mIoU 67.6 (unverified)]" in out
+    assert eval_main(["--layouts"]) == 0
+    assert "SegmentationClassContext" in capsys.readouterr().out
+    assert eval_main(["--segmenter", "itaclip"]) == 2
+    assert "give --dataset, --root" in capsys.readouterr().err
+
+
+def test_panoptic_markdown_report(tmp_path) -> None:
+    from ovseg_ros.eval.report import markdown
+
+    truth = write_coco_panoptic(tmp_path / "coco")
+    ds = open_dataset("coco_panoptic", tmp_path / "coco")
+    preds = {s: np.full(s, -1) for s in truth}
+    _, report = _run(ds, OracleSegmenter(preds), tmp_path / "out")
+    md = markdown(report)
+    assert "| things | 0.00 | 0.00 | 0.00 | 2 |" in md and "| 2 | sky-other-merged |" in md
+    assert report["metrics"]["panoptic"]["per_class"][0]["FN"] == 2  # two persons, nothing predicted
