@@ -138,6 +138,7 @@ def run_evaluation(
     records = {dataset.samples[i].id: done[dataset.samples[i].id] for i in mine if dataset.samples[i].id in done}
     bar = _progress(len(mine), len(mine) - len(todo), ctx, progress)
     t0 = time.perf_counter()
+    (out_dir / RECORDS).mkdir(parents=True, exist_ok=True)  # other machines may not share rank 0's folder
     with open(out_dir / RECORDS / f"{ctx.tag}.jsonl", "a") as sink:
         for i in todo:
             rec = evaluate_image(segmenter, state, dataset, i)
