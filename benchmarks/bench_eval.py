@@ -103,7 +103,7 @@ def random_overrides(segmenter: str, one_template: bool = True) -> dict:
 
 
 def bench_preset(segmenter: str, preset: str, dataset_root: Path, dataset: str, n: int, work: Path,
-                 one_template: bool = True) -> dict:
+                 one_template: bool = True, warmup: bool = True) -> dict:
     ds = open_dataset(dataset, dataset_root)
     t0 = time.perf_counter()
     seg = build_segmenter(segmenter, preset, random_overrides(segmenter, one_template), "cpu",
@@ -112,7 +112,8 @@ def bench_preset(segmenter: str, preset: str, dataset_root: Path, dataset: str, 
     t0 = time.perf_counter()
     state = seg.encode_vocabulary(ds.vocabulary)
     encode = time.perf_counter() - t0
-    seg.segment(ds.load_image(0), state)  # warm-up (allocations, lazy initialisation)
+    if warmup:
+        seg.segment(ds.load_image(0), state)  # allocations, lazy initialisation
     out = work / f"{segmenter}-{preset}"
     run = {"segmenter": segmenter, "preset": preset, "overrides": {}, "dataset": dataset, "root": str(dataset_root),
            "num_classes": ds.num_classes}
@@ -167,6 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--segmenters", nargs="*", default=[s for s, _, _ in PAPER])
     ap.add_argument("--images", type=int, default=2, help="images per preset (after one warm-up image)")
+    ap.add_argument("--no-warmup", action="store_true", help="no untimed first image (slow presets: it is noise)")
     ap.add_argument("--size", default="96x128", help="HxW of the synthetic images")
     ap.add_argument("--all-templates", action="store_true", help="encode the presets' full template sets")
     ap.add_argument("--skip-presets", action="store_true")
@@ -185,15 +187,14 @@ def main() -> None:
             write_coco_panoptic(work / "coco", args.images, h, w)
             print(f"{'segmenter':<11} {'preset':<14} {'dataset':<14} {'classes':>7} {'build s':>8} {'encode s':>9} "
                   f"{'s/image':>8} {'images/s':>9} {'paper/realtime':>15}")
-            for segmenter, paper_preset, dataset in PAPER:
-                if segmenter not in args.segmenters:
-                    continue
+            for segmenter, paper_preset, dataset in sorted(
+                    (p for p in PAPER if p[0] in args.segmenters), key=lambda p: args.segmenters.index(p[0])):
                 rows = {}
                 for preset in (paper_preset, "realtime"):
                     root = work / ("coco" if dataset == "coco_panoptic" else "voc")
                     try:
                         rows[preset] = r = bench_preset(segmenter, preset, root, dataset, args.images, work,
-                                                             not args.all_templates)
+                                                             not args.all_templates, not args.no_warmup)
                     except Exception as exc:  # one method must not stop the table
                         print(f"{segmenter:<11} {preset:<14} skipped: {type(exc).__name__}: {exc}")
                         continue
