@@ -32,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -89,10 +89,8 @@ class Dataset:
     ignore_index: int = IGNORE
     kind: str = "semantic"  # or "panoptic"
     layout: str = ""
-    #: Panoptic only: contiguous class -> vocabulary id (inverse of label_of_class).
+    #: Reader-specific data (the COCO panoptic reader keeps the segments of every image here).
     _extra: dict = field(default_factory=dict)
-
-    LAYOUT: ClassVar[str] = ""
 
     def __len__(self) -> int:
         return len(self.samples)
