@@ -5,12 +5,14 @@ scaling of a 2-process torch.distributed (gloo) run on CPU.
 Real architectures with random weights (speed does not depend on weight values; nothing is downloaded),
 on small synthetic datasets written in the paper preset's layout (VOC for the semantic methods, COCO
 panoptic with the 133 COCO classes for FC-CLIP), through the same loop as the command (reading, segmenting,
-scoring, per-image records). The presets resize inputs to their own processing size, so a small image still
-costs what the preset costs. Vocabulary encoding runs once, before the loop, and is reported apart; to keep
+scoring, per-image records). Images are VOC-sized (375x500) by default: most presets resize to their own
+processing size, but CLIP-ES's and CaR's paper presets run at the original size, so a smaller image would flatter
+them. Vocabulary encoding runs once, before the loop, and is reported apart; to keep
 it short on a CPU the prompt templates are cut to one (``--all-templates`` keeps them): the per-image cost
 depends on the number of classes, not on the number of templates averaged into each class embedding.
 
     python benchmarks/bench_eval.py                       # every segmenter, 2 images each, then the scaling run
+    python benchmarks/bench_eval.py --images 1 --no-warmup --skip-scaling   # the figures in docs/benchmarks.md
     python benchmarks/bench_eval.py --segmenters dense_clip clip_es --images 4
     python benchmarks/bench_eval.py --skip-presets --scaling-images 8
 """
@@ -169,7 +171,7 @@ def main() -> None:
     ap.add_argument("--segmenters", nargs="*", default=[s for s, _, _ in PAPER])
     ap.add_argument("--images", type=int, default=2, help="images per preset (after one warm-up image)")
     ap.add_argument("--no-warmup", action="store_true", help="no untimed first image (slow presets: it is noise)")
-    ap.add_argument("--size", default="96x128", help="HxW of the synthetic images")
+    ap.add_argument("--size", default="375x500", help="HxW of the synthetic images")
     ap.add_argument("--all-templates", action="store_true", help="encode the presets' full template sets")
     ap.add_argument("--skip-presets", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
