@@ -270,3 +270,24 @@ def test_panoptic_markdown_report(tmp_path) -> None:
     md = markdown(report)
     assert "| things | 0.00 | 0.00 | 0.00 | 2 |" in md and "| 2 | sky-other-merged |" in md
     assert report["metrics"]["panoptic"]["per_class"][0]["FN"] == 2  # two persons, nothing predicted
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_clip(tiny_model_overrides):
+    from ovseg_ros.core.segmenter import build_segmenter
+
+    return build_segmenter("dense_clip", "realtime", {**tiny_model_overrides, "short_side": 32, "templates": "photo"})
+
+
+@pytest.mark.parametrize("layout,reader,values,rule,k", CASES, ids=[c[1] for c in CASES])
+def test_tiny_random_model_in_every_layout(tmp_path, tiny_dense_clip, layout, reader, values, rule, k) -> None:
+    """A real (tiny, random) segmenter through each reader: every scored pixel lands in the matrix once."""
+    raw = write_semantic(layout, tmp_path / "data", values)
+    ds = open_dataset(reader, tmp_path / "data")
+    totals, report = _run(ds, tiny_dense_clip, tmp_path / "out")
+    scored = sum(int((rule(r) != 255).sum()) for r in raw.values())
+    assert totals.confusion.shape == (k, k + 1) and int(totals.confusion.sum()) == scored
+    sem = report["metrics"]["semantic"]
+    assert 0.0 <= sem["mIoU"] <= 1.0 and 0.0 <= sem["pixel_accuracy"] <= 1.0
+    if ds.unlabeled_label == 0:  # background datasets: unlabeled predictions are background, never "no class"
+        assert sem["unlabeled_pixels"] == 0
