@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
-"""Benchmark the real segment_node under a camera stream over loopback DDS.
+"""Benchmark the real segment_node under camera streams over loopback DDS.
 
-Starts the installed node (default: the tiny random-weight ``ovseg-tiny-vit`` with dense_clip's realtime
-preset, slow enough on a CPU that frames must be dropped), publishes ``--frames`` synthetic frames at
-``--rate`` Hz stamped with the publish time, and reports processed fps, dropped frames, end-to-end latency
-(stamp -> labels received by this client: mean/p50/p95/max) and the node's RSS before and after.
+Starts the installed node, publishes ``--frames`` frames per camera at ``--rate`` Hz stamped with the publish
+time, and reports per camera: processed fps, dropped frames, end-to-end latency (stamp -> labels received by
+this client: mean/p50/p95/max), the node's own stage times (~/info, /diagnostics) and the node's RSS.
 
-    source scripts/env.sh && python benchmarks/bench_node_stream.py --frames 300
+* ``--segmenter color_key`` (default): the model-free segmenter on a scene painted in its key colours, so the
+  ROS layer alone is measured (labels, confidence, panoptic and info are all published and received here).
+  ``--cost-ms`` adds a simulated model time. Any other segmenter runs the tiny random model (or ``--model``).
+* ``--cameras N``: one node serving N cameras (one model); ``--separate`` runs N nodes of one camera each.
+
+    source scripts/env.sh && python benchmarks/bench_node_stream.py --frames 600 --rate 30
+    python benchmarks/bench_node_stream.py --segmenter dense_clip --frames 300       # the tiny model
+    python benchmarks/bench_node_stream.py --cameras 4 [--separate]
 
 DDS settings (loopback profile, domain id) come from scripts/env.sh.
 """
@@ -19,22 +25,26 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", type=int, default=1000, help="frames to publish (default 1000)")
-    p.add_argument("--rate", type=float, default=30.0, help="camera rate, Hz")
+    p.add_argument("--frames", type=int, default=600, help="frames to publish per camera (default 600)")
+    p.add_argument("--rate", "--hz", type=float, default=30.0, help="camera rate, Hz")
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
-    p.add_argument("--segmenter", default="dense_clip")
+    p.add_argument("--segmenter", default="color_key")
     p.add_argument("--preset", default="realtime")
-    p.add_argument("--model", default="ovseg-tiny-vit")
-    p.add_argument("--checkpoint", type=Path, default=None, help="weights (default: random tiny weights)")
+    p.add_argument("--model", default="ovseg-tiny-vit", help="open_clip model (segmenters with a model)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="weights (default: random weights)")
     p.add_argument("--device", default="auto")
     p.add_argument("--options", default="", help="segmenter_options YAML")
+    p.add_argument("--cost-ms", type=float, default=0.0, help="color_key: simulated model time per frame")
+    p.add_argument("--cameras", type=int, default=1, help="cameras (default 1)")
+    p.add_argument("--separate", action="store_true", help="one node per camera instead of one node for all")
     p.add_argument("--no-panoptic", action="store_true", help="publish_panoptic:=false")
     p.add_argument("--workdir", type=Path, default=Path("log/bench_node_stream"))
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -49,106 +59,146 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "max": float(a.max())}
 
 
-def main() -> int:
-    args = parse_args()
-    import rclpy
-    from sensor_msgs.msg import Image
-
-    from ovseg_ros.msg import SegmentationInfo, Vocabulary
-    from ovseg_ros.ros.stream_client import NodeProcess, StreamClient, rgb_image_msg, stamp_ns, synthetic_frame
-
+def node_params(args: argparse.Namespace, cameras: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {"segmenter": args.segmenter, "preset": args.preset, "device": args.device,
+                              "cache_dir": "", "vocabulary_preset": "indoor_robot",
+                              "publish_panoptic": not args.no_panoptic, "cameras": cameras,
+                              "segmenter_options": args.options}
+    if args.segmenter == "color_key":
+        if args.cost_ms and not args.options:
+            params["segmenter_options"] = f"{{cost_ms: {args.cost_ms}}}"
+        return params
     ckpt = args.checkpoint
     if ckpt is None:
         from ovseg_ros.core.models import save_random_checkpoint
 
         ckpt = save_random_checkpoint(args.model, args.workdir / f"{args.model}-random.pt", seed=0)
+    params.update(model=args.model, checkpoint=str(ckpt))
+    return params
+
+
+def main() -> int:
+    args = parse_args()
+    import rclpy
+    from sensor_msgs.msg import Image
+
+    from ovseg_ros.msg import PanopticSegmentation, SegmentationInfo, Vocabulary
+    from ovseg_ros.ros.stream_client import NodeProcess, StreamClient, key_scene, rgb_image_msg, stamp_ns, synthetic_frame
+
     ns = f"/ovseg_bench_{os.getpid()}"
-    params = {"segmenter": args.segmenter, "preset": args.preset, "model": args.model, "checkpoint": str(ckpt),
-              "device": args.device, "cache_dir": "", "vocabulary_preset": "indoor_robot",
-              "segmenter_options": args.options, "publish_panoptic": not args.no_panoptic}
-    node = NodeProcess(ns, params, args.workdir)
+    names = [f"cam{i}" for i in range(args.cameras)] if args.cameras > 1 else [""]
+    # (node process, camera name, input topic, output prefix) per camera
+    nodes: list[Any] = []
+    targets: list[tuple[Any, str, str, str]] = []
+    if len(names) == 1:
+        node = NodeProcess(ns, node_params(args, []), args.workdir)
+        nodes.append(node)
+        targets.append((node, "", f"{ns}/image", f"{node.fqn}/"))
+    elif args.separate:  # N nodes, each in its camera's namespace, each with its own copy of the model
+        for cam in names:
+            node = NodeProcess(f"{ns}/{cam}", node_params(args, []), args.workdir / cam)
+            nodes.append(node)
+            targets.append((node, cam, f"{ns}/{cam}/image", f"{node.fqn}/"))
+    else:  # one node, one model, N cameras
+        node = NodeProcess(ns, node_params(args, names), args.workdir)
+        nodes.append(node)
+        targets = [(node, cam, f"{ns}/{cam}/image", f"{node.fqn}/{cam}/") for cam in names]
+
     rclpy.init()
     client = StreamClient("ovseg_bench_client")
-    fqn = node.fqn
+    results: dict[str, Any] = {}
     try:
-        if client.record(f"{fqn}/vocabulary", Vocabulary, latched=True).wait(timeout=300) is None:
-            print("node did not come up:\n" + node.log_path.read_text()[-3000:])
-            return 1
-        labels = client.record(f"{fqn}/semantic/labels", Image, depth=1000)
-        info = client.record(f"{fqn}/info", SegmentationInfo, depth=1000)
-        pub = client.node.create_publisher(Image, f"{ns}/image", 5)
-        frames = [synthetic_frame(i, args.width, args.height) for i in range(64)]  # prepared: keep pacing exact
-        # warm-up (discovery, first inference), not measured
-        deadline = time.monotonic() + 120
-        while not labels.messages() and time.monotonic() < deadline:
-            pub.publish(rgb_image_msg(frames[0], client.node.get_clock().now().to_msg()))
+        for node in nodes:
+            if client.record(f"{node.fqn}/vocabulary", Vocabulary, latched=True).wait(timeout=300) is None:
+                print("node did not come up:\n" + node.output()[-3000:])
+                return 1
+        recs = []
+        for _, cam, image_topic, out in targets:
+            recs.append({
+                "labels": client.record(f"{out}semantic/labels", Image, depth=1000),
+                "confidence": client.record(f"{out}semantic/confidence", Image, depth=1000),
+                "panoptic": client.record(f"{out}panoptic", PanopticSegmentation, depth=1000),
+                "info": client.record(f"{out}info", SegmentationInfo, depth=1000),
+                "pub": client.node.create_publisher(Image, image_topic, 5),
+            })
+        if args.segmenter == "color_key":
+            frames = [key_scene(i, args.width, args.height) for i in range(64)]
+        else:
+            frames = [synthetic_frame(i, args.width, args.height) for i in range(64)]
+        deadline = time.monotonic() + 120  # warm-up (discovery, first inference), not measured
+        while not all(r["labels"].messages() for r in recs) and time.monotonic() < deadline:
+            for r in recs:
+                r["pub"].publish(rgb_image_msg(frames[0], client.node.get_clock().now().to_msg()))
             time.sleep(0.2)
         time.sleep(1.0)
-        rss_start = node.rss_mib()
-        labels.items.clear()
-        info.items.clear()
-
-        sent: set[int] = set()
+        rss_start = sum(n.rss_mib() for n in nodes)
+        for r in recs:
+            for key in ("labels", "confidence", "panoptic", "info"):
+                r[key].items.clear()
+        sent: list[set[int]] = [set() for _ in recs]
         period = 1.0 / args.rate
         t0 = time.monotonic()
         for i in range(args.frames):
-            target = t0 + i * period
-            delay = target - time.monotonic()
+            delay = t0 + i * period - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            stamp = client.node.get_clock().now().to_msg()
-            sent.add(stamp.sec * 1_000_000_000 + stamp.nanosec)
-            pub.publish(rgb_image_msg(frames[i % len(frames)], stamp))
+            for c, r in enumerate(recs):
+                stamp = client.node.get_clock().now().to_msg()
+                sent[c].add(stamp.sec * 1_000_000_000 + stamp.nanosec)
+                r["pub"].publish(rgb_image_msg(frames[i % len(frames)], stamp))
         duration = time.monotonic() - t0
-        time.sleep(2.0)  # the in-flight frame
-        rss_end = node.rss_mib()
-
-        got = [(t, m) for t, m in list(labels.items) if stamp_ns(m.header) in sent]
-        infos = [m for m in info.messages() if stamp_ns(m.header) in sent]
-        e2e = [(t - stamp_ns(m.header)) / 1e6 for t, m in got]
-        dropped_node = sum(m.dropped_frames for m in infos)
+        time.sleep(2.0)  # the frames in flight
+        rss_end = sum(n.rss_mib() for n in nodes)
+        per_camera = []
+        for c, r in enumerate(recs):
+            got = [(t, m) for t, m in list(r["labels"].items) if stamp_ns(m.header) in sent[c]]
+            infos = [m for m in r["info"].messages() if stamp_ns(m.header) in sent[c]]
+            complete = {stamp_ns(m.header) for m in r["panoptic"].messages()} & \
+                {stamp_ns(m.header) for m in r["confidence"].messages()} & {stamp_ns(m.header) for _, m in got}
+            dropped = sum(m.dropped_frames for m in infos)
+            per_camera.append({
+                "camera": targets[c][1] or "(default)",
+                "processed": len(got),
+                "processed_fps": len(got) / duration,
+                "complete_outputs": len(complete & sent[c]),
+                "dropped_by_node": dropped,
+                "dropped_pct": 100.0 * max(0, args.frames - len(got)) / args.frames,
+                "not_delivered_to_node": max(0, args.frames - len(got) - dropped),
+                "e2e_latency_ms": percentiles([(t - stamp_ns(m.header)) / 1e6 for t, m in got]),
+                "inference_ms": percentiles([m.inference_ms for m in infos]),
+            })
         results = {
-            "frames_sent": args.frames,
-            "rate_hz": args.rate,
-            "size": f"{args.width}x{args.height}",
-            "duration_s": duration,
-            "processed": len(got),
-            "processed_fps": len(got) / duration,
-            "dropped_by_node": dropped_node,
-            "not_delivered_to_node": max(0, args.frames - len(got) - dropped_node),
-            "e2e_latency_ms": percentiles(e2e),
-            "node_latency_ms": percentiles([m.latency_ms for m in infos]),
-            "inference_ms": percentiles([m.inference_ms for m in infos]),
-            "rss_mib_start": rss_start,
-            "rss_mib_end": rss_end,
+            "frames_sent_per_camera": args.frames, "rate_hz": args.rate, "size": f"{args.width}x{args.height}",
+            "duration_s": duration, "cameras": len(recs), "nodes": len(nodes),
             "segmenter": f"{args.segmenter}/{args.preset}" + (", no panoptic" if args.no_panoptic else ""),
-            "model": f"{args.model} ({'random' if args.checkpoint is None else ckpt})",
+            "rss_mib_start": rss_start, "rss_mib_end": rss_end, "per_camera": per_camera,
         }
     finally:
         client.close()
         rclpy.try_shutdown()
-        code = node.stop()
+        codes = [n.stop() for n in nodes]
     print_results(results)
-    print(f"node exit code {code}")
+    print(f"node exit code(s) {codes}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    return 0 if code == 0 else 1
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 def print_results(r: dict) -> None:
     def lat(d: dict) -> str:
-        return f"mean {d['mean']:.0f}  p50 {d['p50']:.0f}  p95 {d['p95']:.0f}  max {d['max']:.0f} ms"
+        return f"mean {d['mean']:.1f}  p50 {d['p50']:.1f}  p95 {d['p95']:.1f}  max {d['max']:.1f} ms"
 
-    print(f"segment_node stream benchmark: {r['segmenter']}, {r['model']}")
-    print(f"  stream          {r['frames_sent']} frames {r['size']} rgb8 at {r['rate_hz']:g} Hz "
-          f"({r['duration_s']:.1f} s)")
-    print(f"  processed       {r['processed']} frames = {r['processed_fps']:.2f} fps")
-    print(f"  dropped         {r['dropped_by_node']} by the node (stale, counted), "
-          f"{r['not_delivered_to_node']} never delivered (best-effort DDS, depth 1)")
-    print(f"  e2e latency     {lat(r['e2e_latency_ms'])}  (stamp -> labels at this client)")
-    print(f"  node latency    {lat(r['node_latency_ms'])}  (~/info)")
-    print(f"  inference       {lat(r['inference_ms'])}")
-    print(f"  node RSS        {r['rss_mib_start']:.0f} MiB at start, {r['rss_mib_end']:.0f} MiB after the run")
+    print(f"segment_node stream benchmark: {r['segmenter']}, {r['cameras']} camera(s) on {r['nodes']} node(s)")
+    print(f"  stream          {r['frames_sent_per_camera']} frames per camera, {r['size']} rgb8 at "
+          f"{r['rate_hz']:g} Hz ({r['duration_s']:.1f} s)")
+    for c in r["per_camera"]:
+        print(f"  [{c['camera']}] processed {c['processed']} = {c['processed_fps']:.2f} fps "
+              f"({c['dropped_pct']:.1f} % not processed; {c['dropped_by_node']} dropped by the node, "
+              f"{c['not_delivered_to_node']} never delivered); all four outputs for {c['complete_outputs']}")
+        print(f"      e2e latency {lat(c['e2e_latency_ms'])}")
+        print(f"      inference   {lat(c['inference_ms'])}")
+    print(f"  node RSS        {r['rss_mib_start']:.0f} MiB at start, {r['rss_mib_end']:.0f} MiB after the run "
+          f"(all nodes)")
 
 
 if __name__ == "__main__":

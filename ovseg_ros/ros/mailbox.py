@@ -1,8 +1,9 @@
-"""The one-slot "latest frame" mailbox between the image callback and the inference worker.
+"""The one-slot "latest item" mailbox between pipeline stages (image callback -> inference -> publishing).
 
-The callback never waits for the model: it puts the newest frame and returns. A frame still unprocessed
-when the next one arrives is dropped (counted), so the worker always starts on the freshest frame and no
-backlog (latency) can build up however slow the model is.
+A producer never waits for its consumer: it puts the newest item and returns. An item still unprocessed
+when the next one arrives is dropped (counted), so each stage always starts on the freshest item and no
+backlog (latency) can build up however slow the next stage is. Several mailboxes can share one ``ready``
+event so that one consumer (the inference thread of several cameras) waits on all of them at once.
 """
 
 from __future__ import annotations
@@ -24,30 +25,35 @@ class Frame:
 
 
 class LatestFrameMailbox:
-    """Thread-safe single slot; :meth:`put` replaces, :meth:`take` waits for a frame."""
+    """Thread-safe single slot; :meth:`put` replaces, :meth:`take` waits for an item (a Frame or a result)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready: Optional[threading.Event] = None) -> None:
         self._cond = threading.Condition()
-        self._frame: Optional[Frame] = None
+        self._ready = ready
+        self._frame: Optional[Any] = None
         self._closed = False
         self._dropped_since_take = 0
         self.dropped_total = 0
 
-    def put(self, frame: Frame) -> bool:
+    def put(self, frame: Any) -> bool:
         """Store ``frame``; True when it replaced an unprocessed one (that one is dropped)."""
         with self._cond:
-            replaced = self._frame is not None
+            replaced = self._frame is not None and not self._closed
             if replaced:
                 self._dropped_since_take += 1
                 self.dropped_total += 1
+            if self._closed:
+                return False  # a stopped stage takes nothing (the node is deactivating)
             self._frame = frame
             self._cond.notify()
-            return replaced
+        if self._ready is not None:
+            self._ready.set()
+        return replaced
 
-    def take(self, timeout: Optional[float] = None) -> Optional[tuple[Frame, int]]:
+    def take(self, timeout: Optional[float] = None) -> Optional[tuple[Any, int]]:
         """Wait up to ``timeout`` s for a frame: (frame, frames dropped since the last take), or None."""
         with self._cond:
-            if self._frame is None and not self._closed:
+            if self._frame is None and not self._closed and timeout != 0:
                 self._cond.wait(timeout)
             if self._frame is None or self._closed:
                 return None

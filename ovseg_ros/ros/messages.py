@@ -33,6 +33,19 @@ def label_encoding(num_classes: int) -> tuple[str, int]:
     return ("mono8", 255) if num_classes <= MONO8_MAX_CLASSES else ("mono16", 65535)
 
 
+def nav2_vocabulary_error(num_classes: int, nav2_compatible: bool) -> Optional[str]:
+    """Why a vocabulary of ``num_classes`` is refused in Nav2 mode (None when accepted).
+
+    Nav2's semantic_segmentation_layer reads the mask as one byte per pixel and stores class ids as uint8:
+    mono16 labels (more than 255 classes) would be read as garbage, so ``nav2_compatible`` keeps them mono8.
+    """
+    if nav2_compatible and num_classes > MONO8_MAX_CLASSES:
+        return (f"nav2_compatible is on: {num_classes} classes would need mono16 labels, but Nav2's "
+                f"semantic_segmentation_layer reads one byte per pixel (at most {MONO8_MAX_CLASSES} classes); "
+                "use fewer classes or set nav2_compatible to false")
+    return None
+
+
 def encode_labels(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, str]:
     """(H, W) int32 core labels (-1 unlabeled) -> (uint8 or uint16 array, encoding).
 

@@ -1,56 +1,51 @@
-"""``segment_node``: open-vocabulary semantic/panoptic segmentation of a camera stream (lifecycle node).
+"""``segment_node``: open-vocabulary semantic/panoptic segmentation of camera streams (lifecycle node).
 
-Lifecycle (docs: style-anchors.md, ROS layer):
+The node wires its parts; nothing per frame happens here:
 
-* configure - read and validate parameters, build the segmenter (loads the model), encode the initial
-  vocabulary, create publishers and services, publish the latched vocabulary. Invalid parameters or a
-  missing checkpoint: FAILURE with the reason logged, back to unconfigured.
-* activate - model to its device, subscribe ``image`` (and ``image/compressed``), start the worker.
-* deactivate - unsubscribe, stop the worker (no more outputs), model to CPU and free CUDA memory.
-* cleanup - destroy what configure created. ``autostart`` (default true) self-triggers configure+activate.
+* :mod:`.camera` - one camera's subscriptions, conversion, latest-frame mailbox, publishers, counters;
+* :mod:`.pipeline` - inference thread -> publishing thread, latest item between stages;
+* :mod:`.vocabulary_service` - set/get vocabulary and query, encoding off the executor, the current binding;
+* :mod:`.diagnostics` - counters and ``/diagnostics``; :mod:`.guard` - no exception escapes a callback.
 
-Threading: the image callback only converts the message and puts it in a one-slot mailbox (a newer frame
-replaces an unprocessed one, counted as dropped); one worker thread runs the model on the newest frame.
-Services run in their own reentrant callback group of a multi-threaded executor, so they answer while
-inference runs. The vocabulary state is swapped as one reference under a short lock, and the worker reads
-it once per frame, so no output mixes two vocabularies.
+Lifecycle:
+
+* configure - validate parameters, build the segmenter (loads the model), encode the initial vocabulary,
+  create the cameras' publishers. Failure: FAILURE with the reason logged, back to unconfigured.
+* activate - model to its device, subscribe the cameras, start the pipeline.
+* deactivate - outputs stop at once (under the publish lock), unsubscribe, stop the pipeline, model to CPU.
+* cleanup - waiting service calls are released, publishers destroyed, the model dropped.
+
+Services, the latched vocabulary publishers and diagnostics live as long as the node: a transition never
+destroys a handle that a running callback may use (a call during cleanup is answered, not crashed).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import threading
 import time
-import traceback
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile
-from sensor_msgs.msg import CompressedImage, Image
 
 from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
 from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
-from .conversions import (
-    ConversionError,
-    compressed_to_rgb,
-    image_msg_to_rgb,
-    image_msg_to_rgb_bridge,
-    make_cv_bridge,
-    numpy_to_image,
-)
-from .mailbox import Frame, LatestFrameMailbox
+from .camera import Camera, camera_specs
+from .conversions import make_cv_bridge
+from .diagnostics import camera_values, cuda_memory, make_status, status_level
+from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_transition, reason
+from .outputs import Palette, build_outputs
 from .params import (
     LIVE,
     ON_ACTIVATE,
@@ -61,29 +56,16 @@ from .params import (
     validate,
     validate_all,
 )
-from .qos import input_qos, latched_qos, output_qos
+from .pipeline import Item, Pipeline
+from .points import PointsOptions
+from .qos import input_qos, latched_qos
+from .vocabulary_service import Binding, VocabularyService
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
-LOG_THROTTLE_S = 5.0
-
-
-@dataclass
-class _Stats:
-    """Counters for diagnostics; guarded by ``lock`` (callback, worker and timer threads update them)."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    received: int = 0
-    processed: int = 0
-    refused: int = 0
-    errors: int = 0
-    last_refusal: str = ""
-    last_error: str = ""
-    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=100))
-    inference_ms: deque = field(default_factory=lambda: deque(maxlen=100))
-    # snapshot at the previous diagnostics tick, for rates
-    tick_time: float = field(default_factory=time.monotonic)
-    tick_counts: tuple[int, int, int, int] = (0, 0, 0, 0)
+ERROR = TransitionCallbackReturn.ERROR
+#: How long deactivate/cleanup wait for an inference in flight before reporting it (outputs stop at once).
+STOP_TIMEOUT_S = 10.0
 
 
 class SegmentNode(LifecycleNode):
@@ -91,160 +73,213 @@ class SegmentNode(LifecycleNode):
 
     def __init__(self, node_name: str = "segment_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        self.errors = ErrorLog()
         self._param_errors = declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._cfg: Optional[NodeConfig] = None
-        self._segmenter: Any = None
         self._device: Any = None
-        self._vstate: Any = None  # the segmenter's VocabularyState; swapped whole, never mutated
-        self._state_lock = threading.Lock()  # held only to swap/read the reference
-        self._vocab_change_lock = threading.Lock()  # serialises whole vocabulary changes (encode + swap)
-        self._revision = 0  # last revision handed out; grows across configure cycles
-        self._vocab_stamp: Any = None
-        self._model_identity = ""
-        self._palette_cache: tuple[int, Optional[np.ndarray]] = (-1, None)
-
-        self._mailbox = LatestFrameMailbox()
-        self._latest: Optional[Frame] = None  # newest good frame, for ~/query
-        self._worker: Optional[threading.Thread] = None
-        self._stop_event = threading.Event()
-        self._publish_lock = threading.Lock()  # makes "deactivated => nothing published" exact
+        self._publish_lock = threading.Lock()  # "inactive => nothing published" and vocabulary ordering are exact
         self._is_active = False
-        self._stats = _Stats()
-
+        self._frames_ready = threading.Event()
+        self._cameras: list[Camera] = []
+        self._pipeline: Optional[Pipeline] = None
+        self._palette = Palette()
+        self._last_transition_error = ""
         self._bridge = make_cv_bridge()
-        self._label_info_cls = messages.label_info_type()
-        self._cb_image = MutuallyExclusiveCallbackGroup()
+
         self._cb_services = ReentrantCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
-        self._pubs: dict[str, Any] = {}
-        self._subs: list[Any] = []
-        self._srvs: list[Any] = []
+        self.vocab = VocabularyService(self, self._publish_lock)
+        self.vocab.publish_latched = self._publish_latched
+        self.vocab.latest_frame = self._latest_frame
+        self.vocab.convert = lambda msg: self._cameras[0].convert(msg) if self._cameras else _not_configured()
+        self._label_info_cls = messages.label_info_type()
+        self._vocab_pub = self.create_publisher(messages.VocabularyMsg, "~/vocabulary", latched_qos())
+        self._label_info_pub = (
+            self.create_publisher(self._label_info_cls, "~/label_info", latched_qos())
+            if self._label_info_cls is not None else None
+        )
+        grp, g = self._cb_services, guarded_service
+        self._srvs = [
+            self.create_service(SetVocabulary, "~/set_vocabulary",
+                                g(self, self.errors, "set_vocabulary", self.vocab.srv_set_vocabulary), callback_group=grp),
+            self.create_service(GetVocabulary, "~/get_vocabulary",
+                                g(self, self.errors, "get_vocabulary", self.vocab.srv_get_vocabulary), callback_group=grp),
+            self.create_service(Query, "~/query", g(self, self.errors, "query", self.vocab.srv_query),
+                                callback_group=grp),
+        ]
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self._diag_period = float(self.get_parameter("diagnostics_period").value)
-        self._diag_timer = self.create_timer(self._diag_period, self._publish_diagnostics, self._cb_timer)
-        self._last_transition_error = ""
+        self._diag_cb = guarded(self, self.errors, "diagnostics timer", self._publish_diagnostics)
+        self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
         if self._bridge is None:
             self.get_logger().debug("cv_bridge not importable: using ovseg_ros's own image conversion")
 
+    # --- compatibility accessors (tests, tools) ----------------------------------------------------------
+    @property
+    def segmenter(self) -> Any:
+        binding = self.vocab.binding
+        return binding.segmenter if binding is not None else None
+
+    @property
+    def cameras(self) -> list[Camera]:
+        return list(self._cameras)
+
     # --- parameters ----------------------------------------------------------------------------------
     def _on_set_parameters(self, params: list) -> SetParametersResult:
-        values = current_values(self)
-        values.update({p.name: p.value for p in params})
-        for p in params:
-            reason = validate(p.name, p.value, values)
-            if reason:
-                return SetParametersResult(successful=False, reason=reason)
-        for p in params:
-            self._param_errors.pop(p.name, None)  # a bad startup override is fixed by a valid value
-        changed = [p.name for p in params if p.name not in LIVE]
-        if changed and self._cfg is not None:
-            when = "activate" if set(changed) <= ON_ACTIVATE else "configure"
-            self.get_logger().info(f"parameters {changed} take effect at the next {when}")
-        return SetParametersResult(successful=True)
+        try:
+            values = current_values(self)
+            values.update({p.name: p.value for p in params})
+            for p in params:
+                why = validate(p.name, p.value, values)
+                if why:
+                    self.get_logger().warning(f"parameter {p.name} refused: {why}")
+                    return SetParametersResult(successful=False, reason=why)
+            for p in params:
+                self._param_errors.pop(p.name, None)  # a bad startup override is fixed by a valid value
+            changed = [p.name for p in params if p.name not in LIVE]
+            if changed and self._cfg is not None:
+                when = "activate" if set(changed) <= ON_ACTIVATE else "configure"
+                self.get_logger().info(f"parameters {changed} take effect at the next {when}")
+            return SetParametersResult(successful=True)
+        except Exception as exc:  # noqa: BLE001  (a validator bug must refuse, not kill the node)
+            why = f"could not validate: {type(exc).__name__}: {reason(exc)}"
+            self.errors.record("parameters", why)
+            return SetParametersResult(successful=False, reason=why)
 
     @property
     def autostart(self) -> bool:
         return bool(self.get_parameter("autostart").value)
 
     # --- lifecycle -----------------------------------------------------------------------------------
+    # rclpy registers these bound methods at construction; each delegates to its implementation through a
+    # guard, so an exception is logged, counted and answered FAILURE (ERROR where resources may be half gone).
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("configure", self._configure, state, FAILURE)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("activate", self._activate, state, FAILURE)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("deactivate", self._deactivate, state, ERROR)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("cleanup", self._cleanup, state, ERROR)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("shutdown", self._shutdown, state, ERROR)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("error processing", self._error, state, FAILURE)
+
+    def _transition(self, name: str, fn: Any, state: LifecycleState, failure: TransitionCallbackReturn) -> Any:
+        result = guarded_transition(self, self.errors, name, fn, failure)(state)
+        if result is failure and not self._last_transition_error:
+            _, last, _ = self.errors.snapshot()
+            self._last_transition_error = f"{name} failed: {last}"
+        return result
+
+    def _configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Build the segmenter and the initial vocabulary; FAILURE (with the reason logged) if impossible."""
         values = current_values(self)
         reasons = list(self._param_errors.values()) + validate_all(values)
         if reasons:
             return self._fail("invalid parameters: " + "; ".join(reasons))
-        cfg = NodeConfig.from_values(values)
-        from ..core.models import ModelLoadError, resolve_device
+        from ..core.models import resolve_device
         from ..core.segmenter import build_segmenter
 
+        t0 = time.monotonic()
         try:
+            cfg = NodeConfig.from_values(values)
             device = resolve_device(cfg.device)
             vocabulary = self._initial_vocabulary(cfg)
+            nav2_reason = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
+            if nav2_reason:
+                raise VocabularyError(nav2_reason)
             preset = cfg.resolved_preset()
             self.get_logger().info(f"loading segmenter {cfg.segmenter!r} (preset {preset or '-'!r}) on {device}")
-            t0 = time.monotonic()
             segmenter = build_segmenter(
-                cfg.segmenter,
-                preset,
-                cfg.segmenter_overrides(),
-                device=device,
-                cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "",
-                offline=cfg.offline,
+                cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
+                cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
             )
-            vocab_state = segmenter.encode_vocabulary(vocabulary.with_revision(self._revision + 1))
-        except (ModelLoadError, VocabularyError, ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
-            return self._fail(_reason(exc))
-        except Exception as exc:  # noqa: BLE001  (a segmenter bug: say what it was, stay unconfigured)
-            self.get_logger().debug(traceback.format_exc())
-            return self._fail(f"{type(exc).__name__}: {_reason(exc)}")
-        self._cfg, self._segmenter, self._device = cfg, segmenter, device
-        self._model_identity = cfg.model_identity(segmenter)
-        if self._model_identity.endswith("@random"):
+            vocab_state = segmenter.encode_vocabulary(vocabulary)
+            identity = cfg.model_identity(segmenter)
+        except Exception as exc:  # noqa: BLE001  (say what it was, stay unconfigured)
+            prefix = "" if isinstance(exc, (VocabularyError, ValueError, OSError)) else f"{type(exc).__name__}: "
+            return self._fail(prefix + reason(exc))
+        self._cfg, self._device = cfg, device
+        if identity.endswith("@random"):
             self.get_logger().warning("the model has RANDOM weights: outputs are meaningless (tests/demo only)")
-        self._create_outputs()
-        self._set_state(vocab_state)
+        self._cameras = [Camera(self, spec, self.errors, self._frames_ready, self._bridge)
+                         for spec in camera_specs(list(cfg.cameras))]
+        for cam in self._cameras:
+            cam.max_pixels = lambda: int(self.get_parameter("max_image_pixels").value)
+            cam.create_outputs()
+        self.vocab.check_vocabulary = lambda v: messages.nav2_vocabulary_error(len(v), cfg.nav2_compatible)
+        self.vocab.install(segmenter, vocab_state, cfg.segmenter, identity)
         if cfg.diagnostics_period != self._diag_period:
             self.destroy_timer(self._diag_timer)
             self._diag_period = cfg.diagnostics_period
-            self._diag_timer = self.create_timer(self._diag_period, self._publish_diagnostics, self._cb_timer)
+            self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
         self.get_logger().info(
-            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {self._model_identity}, "
-            f"{len(vocabulary)} classes"
+            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocabulary)} classes, "
+            f"{len(self._cameras)} camera(s)"
         )
         self._last_transition_error = ""
         return SUCCESS
 
-    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Move the model to its device, subscribe, start the worker."""
+    def _activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Move the model to its device, subscribe, start the pipeline."""
+        if self._pipeline is not None and self._pipeline.alive():
+            if not self._pipeline.stop(STOP_TIMEOUT_S):
+                return self._fail("the previous inference is still running; try activate again later", "activate")
         cfg = NodeConfig.from_values(current_values(self))  # ON_ACTIVATE parameters may have changed
         try:
-            self._move_model(self._device)
             qos = input_qos(cfg.image_reliability)
-        except (RuntimeError, ValueError) as exc:
-            return self._fail(_reason(exc), "activate")
-        self._stop_event.clear()
-        self._mailbox.reopen()
+            points = PointsOptions(cfg.min_depth, cfg.max_depth, cfg.points_rgb, cfg.depth_slop,
+                                   cfg.max_image_pixels) if cfg.publish_points else None
+            self._move_model(self._device)
+        except Exception as exc:  # noqa: BLE001
+            return self._fail(reason(exc), "activate")
         events = _qos_advice(self, cfg.image_reliability)
-        self._subs.append(self.create_subscription(
-            Image, "image", self._on_image, qos, callback_group=self._cb_image, event_callbacks=events))
-        if cfg.use_compressed:
-            self._subs.append(self.create_subscription(
-                CompressedImage, "image/compressed", self._on_compressed, qos, callback_group=self._cb_image,
-                event_callbacks=events))
-        self._worker = threading.Thread(target=self._work, name="ovseg_worker", daemon=True)
-        self._worker.start()
+        self._frames_ready.clear()
+        for cam in self._cameras:
+            cam.subscribe(qos, cfg.use_compressed, cam.callback_group, events)
+            if points is not None:
+                cam.start_points(qos, points)
+        self._pipeline = Pipeline(self, self._cameras, self._frames_ready, lambda: self.vocab.binding,
+                                  self._publish_item, self.errors)
+        self._pipeline.start()
         with self._publish_lock:
             self._is_active = True
-        topics = ", ".join(s.topic_name for s in self._subs)
+        topics = ", ".join(t for cam in self._cameras for t in cam.topics)
         self.get_logger().info(f"active: segmenting {topics} ({cfg.image_reliability})")
         return super().on_activate(state)
 
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Stop inputs and outputs, then release GPU memory (the model waits on the CPU)."""
+    def _deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop outputs and inputs, then release GPU memory (the model waits on the CPU)."""
         self._stop_processing()
         self._move_model("cpu")
         self.get_logger().info("inactive: not subscribed, model released to CPU")
         return super().on_deactivate(state)
 
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Destroy what configure created."""
+    def _cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_all()
         self.get_logger().info("cleaned up")
         return SUCCESS
 
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_all()
         return SUCCESS
 
-    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error("error during a transition; releasing everything (back to unconfigured)")
         self._release_all()
         return SUCCESS
 
-    def _fail(self, reason: str, transition: str = "configure") -> TransitionCallbackReturn:
-        self._last_transition_error = f"{transition} failed: {reason}"
+    def _fail(self, why: str, transition: str = "configure") -> TransitionCallbackReturn:
+        self._last_transition_error = f"{transition} failed: {why}"
         self.get_logger().error(self._last_transition_error)
         return FAILURE
 
@@ -258,349 +293,141 @@ class SegmentNode(LifecycleNode):
             raise VocabularyError("no vocabulary: set vocabulary, vocabulary_file or vocabulary_preset")
         return load_vocabulary_file(path)
 
-    def _create_outputs(self) -> None:
-        out = output_qos()
-        pub = self.create_publisher
-        self._pubs = {
-            "labels": pub(Image, "~/semantic/labels", out),
-            "confidence": pub(Image, "~/semantic/confidence", out),
-            "color": pub(Image, "~/semantic/color", out),
-            "overlay": pub(Image, "~/overlay", out),
-            "panoptic": pub(messages.PanopticSegmentation, "~/panoptic", out),
-            "info": pub(messages.SegmentationInfo, "~/info", out),
-            "vocabulary": pub(messages.VocabularyMsg, "~/vocabulary", latched_qos()),
-        }
-        if self._label_info_cls is not None:
-            self._pubs["label_info"] = pub(self._label_info_cls, "~/label_info", latched_qos())
-        grp = self._cb_services
-        self._srvs = [
-            self.create_service(SetVocabulary, "~/set_vocabulary", self._srv_set_vocabulary, callback_group=grp),
-            self.create_service(GetVocabulary, "~/get_vocabulary", self._srv_get_vocabulary, callback_group=grp),
-            self.create_service(Query, "~/query", self._srv_query, callback_group=grp),
-        ]
-
     def _stop_processing(self) -> None:
+        """Outputs stop at once; inputs and threads after. Safe to call in any state, any number of times."""
         with self._publish_lock:
             self._is_active = False
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
-        self._stop_event.set()
-        self._mailbox.close()
-        if self._worker is not None:
-            self._worker.join(timeout=60.0)  # at most one inference in flight
-            self._worker = None
-        self._mailbox.clear()
+        for cam in self._cameras:
+            cam.unsubscribe()
+        if self._pipeline is not None and not self._pipeline.stop(STOP_TIMEOUT_S):
+            # Nothing of it can be published any more; activate refuses to start a second one meanwhile.
+            self.get_logger().warning(
+                f"an inference is still running after {STOP_TIMEOUT_S:.0f} s; its result will be dropped")
 
     def _release_all(self) -> None:
         self._stop_processing()
-        for p in self._pubs.values():
-            self.destroy_publisher(p)
-        for s in self._srvs:
-            self.destroy_service(s)
-        self._pubs, self._srvs = {}, []
-        with self._state_lock:
-            self._vstate = None
-        self._segmenter, self._cfg, self._latest = None, None, None
+        self.vocab.drop()
+        for cam in self._cameras:
+            cam.destroy_outputs()
+        self._cameras = []
+        self._cfg = None
         gc.collect()
         _empty_cuda_cache()
 
     def _move_model(self, device: Any) -> None:
         """Move segmenter and vocabulary state to ``device``; only does work when CUDA is involved."""
-        if self._segmenter is None or device is None:
+        binding = self.vocab.binding
+        if binding is None or device is None:
             return
-        current = str(getattr(self._segmenter, "device", "cpu"))
-        if current == str(device):
+        if str(getattr(binding.segmenter, "device", "cpu")) == str(device):
             return
-        self._segmenter.to(device)
-        with self._state_lock:
-            self._vstate = self._vstate.to(device) if self._vstate is not None else None
+        binding.segmenter.to(device)
+        self.vocab.rebind(binding.state.to(device))
         gc.collect()
         _empty_cuda_cache()
 
-    # --- vocabulary ------------------------------------------------------------------------------------
-    def _set_state(self, vocab_state: Any) -> None:
-        """Swap in a new vocabulary state (one reference) and republish the latched vocabulary/LabelInfo."""
-        with self._state_lock:
-            self._vstate = vocab_state
-            self._revision = max(self._revision, int(vocab_state.vocabulary.revision))
-            self._vocab_stamp = self.get_clock().now().to_msg()
-        self._publish_vocabulary(vocab_state)
+    def _latest_frame(self) -> Any:
+        frames = [cam.latest for cam in self._cameras if cam.latest is not None]
+        return max(frames, key=lambda f: f.received) if frames else None
 
-    def _vocabulary_msg(self, vocab_state: Any) -> Any:
-        prompts = None
-        describe = getattr(self._segmenter, "describe_prompts", None)
-        if describe is not None:
-            try:
-                prompts = describe(vocab_state)
-            except Exception:  # noqa: BLE001  (optional introspection; names are the fallback)
-                prompts = None
-        return messages.vocabulary_msg(
-            vocab_state.vocabulary, self._vocab_stamp, self._cfg.segmenter, self._model_identity, prompts
+    # --- publishing (called by the pipeline's publishing thread) ---------------------------------------------
+    def _publish_latched(self, binding: Binding, stamp: Any) -> None:
+        """~/vocabulary and ~/label_info of ``binding`` (the caller holds the publish lock)."""
+        self._vocab_pub.publish(self.vocab.vocabulary_msg(binding, stamp))
+        if self._label_info_pub is not None:
+            threshold = float(getattr(binding.segmenter.config, "prob_threshold", 0.0) or 0.0)
+            self._label_info_pub.publish(
+                messages.label_info_msg(self._label_info_cls, binding.vocabulary, stamp, threshold))
+
+    def _publish_item(self, item: Item) -> None:
+        cam = item.camera
+        if item.binding is not self.vocab.binding:
+            with cam.stats.lock:
+                cam.stats.stale += 1
+            return
+        t0 = time.perf_counter()
+        latency_ms = self._latency_ms(item.frame)
+        outputs = build_outputs(
+            item, cam.wants, self._palette, float(self.get_parameter("overlay_alpha").value),
+            bool(self.get_parameter("publish_panoptic").value), latency_ms,
         )
-
-    def _publish_vocabulary(self, vocab_state: Any) -> None:
-        if "vocabulary" not in self._pubs:
-            return
-        self._pubs["vocabulary"].publish(self._vocabulary_msg(vocab_state))
-        if "label_info" in self._pubs:
-            threshold = float(getattr(self._segmenter.config, "prob_threshold", 0.0) or 0.0)
-            self._pubs["label_info"].publish(
-                messages.label_info_msg(self._label_info_cls, vocab_state.vocabulary, self._vocab_stamp, threshold)
-            )
-
-    def _srv_set_vocabulary(self, req: Any, resp: Any) -> Any:
-        with self._vocab_change_lock:
-            resp.revision = self._revision
-            segmenter = self._segmenter
-            if segmenter is None:
-                resp.success, resp.message = False, "the node is not configured (no model loaded)"
-                return resp
-            try:
-                vocab = Vocabulary.from_request(
-                    list(req.classes), list(req.descriptions), [bool(b) for b in req.is_thing],
-                    revision=self._revision + 1, source="service",
-                )
-                # The expensive part, outside the inference path: the worker keeps using the old state.
-                vocab_state = segmenter.encode_vocabulary(vocab)
-            except VocabularyError as exc:
-                resp.success, resp.message = False, str(exc)
-                return resp
-            except Exception as exc:  # noqa: BLE001  (a model error must not take the service down)
-                resp.success, resp.message = False, f"could not encode the vocabulary: {_reason(exc)}"
-                return resp
-            self._set_state(vocab_state)
-        n = len(vocab)
-        preview = ", ".join(vocab.names[:8]) + (", ..." if n > 8 else "")
-        encoding, _ = messages.label_encoding(n)
-        resp.success = True
-        resp.message = f"vocabulary revision {vocab.revision}: {n} classes ({preview}); labels {encoding}"
-        resp.class_ids = list(range(n))
-        resp.revision = vocab.revision
-        self.get_logger().info(resp.message)
-        return resp
-
-    def _srv_get_vocabulary(self, req: Any, resp: Any) -> Any:
-        with self._state_lock:
-            vocab_state = self._vstate
-        if vocab_state is not None and self._cfg is not None:
-            resp.vocabulary = self._vocabulary_msg(vocab_state)
-        return resp
-
-    def _srv_query(self, req: Any, resp: Any) -> Any:
-        segmenter, cfg = self._segmenter, self._cfg
-        resp.success = False
-        if segmenter is None or cfg is None:
-            resp.message = "the node is not configured (no model loaded)"
-            return resp
-        texts = list(req.texts)
-        if not texts:
-            resp.message = "the query has no texts"
-            return resp
-        if req.image.width == 0:
-            frame = self._latest
-            if frame is None:
-                sub = self._subs[0].topic_name if self._subs else "image"
-                resp.message = (
-                    f"no frame has been received yet on {sub} and the request has no image: "
-                    "publish a frame first or fill the request's image"
-                )
-                return resp
-            header, image = frame.header, frame.image
-        else:
-            try:
-                header, image = req.image.header, self._convert(req.image, cfg)
-            except ConversionError as exc:
-                resp.message = f"request image refused: {exc}"
-                return resp
-        try:
-            result = segmenter.query(image, texts)
-        except VocabularyError as exc:
-            resp.message = str(exc)
-            return resp
-        except Exception as exc:  # noqa: BLE001
-            resp.message = f"query failed: {_reason(exc)}"
-            return resp
-        resp.header = header
-        resp.masks = [numpy_to_image(np.where(m, 255, 0).astype(np.uint8), "mono8", header) for m in result.masks]
-        resp.scores = [float(s) for s in result.scores]
-        resp.success = True
-        resp.message = f"{len(texts)} masks on a {image.shape[1]}x{image.shape[0]} frame"
-        return resp
-
-    # --- input ---------------------------------------------------------------------------------------
-    def _convert(self, msg: Image, cfg: NodeConfig) -> np.ndarray:
-        max_pixels = int(self.get_parameter("max_image_pixels").value)
-        if self._bridge is not None:
-            return image_msg_to_rgb_bridge(self._bridge, msg, max_pixels)
-        return image_msg_to_rgb(msg, max_pixels)
-
-    def _on_image(self, msg: Image) -> None:
-        received = time.monotonic()
-        try:
-            image = self._convert(msg, self._cfg)
-        except ConversionError as exc:
-            self._refuse(str(exc))
-            return
-        self._accept(Frame(msg.header, image, received))
-
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        received = time.monotonic()
-        try:
-            image = compressed_to_rgb(msg, int(self.get_parameter("max_image_pixels").value))
-        except ConversionError as exc:
-            self._refuse(str(exc))
-            return
-        self._accept(Frame(msg.header, image, received))
-
-    def _accept(self, frame: Frame) -> None:
-        with self._stats.lock:
-            self._stats.received += 1
-        self._latest = frame
-        self._mailbox.put(frame)
-
-    def _refuse(self, reason: str) -> None:
-        with self._stats.lock:
-            self._stats.refused += 1
-            self._stats.last_refusal = reason
-        self.get_logger().warning(f"frame refused: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
-
-    # --- inference -----------------------------------------------------------------------------------
-    def _work(self) -> None:
-        segmenter = self._segmenter
-        while not self._stop_event.is_set():
-            item = self._mailbox.take(timeout=0.25)
-            if item is None:
-                continue
-            frame, dropped = item
-            with self._state_lock:
-                vocab_state = self._vstate  # read once: this frame uses exactly this vocabulary
-            t0 = time.monotonic()
-            try:
-                result = segmenter.segment(frame.image, vocab_state)
-            except Exception as exc:  # noqa: BLE001  (keep serving; the reason goes to diagnostics)
-                with self._stats.lock:
-                    self._stats.errors += 1
-                    self._stats.last_error = _reason(exc)
-                self.get_logger().error(f"segmentation failed: {_reason(exc)}", throttle_duration_sec=LOG_THROTTLE_S)
-                continue
-            inference_ms = (time.monotonic() - t0) * 1e3
-            try:
-                self._publish_outputs(frame, result, dropped, inference_ms)
-            except Exception as exc:  # noqa: BLE001
-                self.get_logger().error(f"publishing failed: {_reason(exc)}", throttle_duration_sec=LOG_THROTTLE_S)
-
-    def _palette(self, n: int) -> np.ndarray:
-        if self._palette_cache[0] != n:
-            from ..core.postprocess import make_palette
-
-            self._palette_cache = (n, make_palette(n))
-        return self._palette_cache[1]  # type: ignore[return-value]
-
-    def _publish_outputs(self, frame: Frame, result: Any, dropped: int, inference_ms: float) -> None:
-        from ..core.postprocess import colorize, overlay, panoptic_from_semantic
-
-        header, vocab = frame.header, result.vocabulary
-        n = len(vocab)
-        outputs: list[tuple[str, Any]] = []
-        labels, encoding = messages.encode_labels(result.labels, n)
-        outputs.append(("labels", numpy_to_image(labels, encoding, header)))
-        outputs.append(("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)))
-        want_color = self._pubs["color"].get_subscription_count() > 0
-        want_overlay = self._pubs["overlay"].get_subscription_count() > 0
-        if want_color or want_overlay:
-            color = colorize(result.labels, self._palette(n))
-            if want_color:
-                outputs.append(("color", numpy_to_image(color, "rgb8", header)))
-            if want_overlay:
-                alpha = float(self.get_parameter("overlay_alpha").value)
-                blended = overlay(frame.image, color, alpha, result.labels)
-                outputs.append(("overlay", numpy_to_image(blended, "rgb8", header)))
-        if self.get_parameter("publish_panoptic").value:
-            panoptic = result.panoptic
-            if panoptic is None:
-                panoptic = panoptic_from_semantic(result.labels, result.confidence, vocab)
-            outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic)))
-        latency_ms = self._latency_ms(header, frame.received)
-        outputs.append(("info", messages.info_msg(
-            header, vocab, self._cfg.segmenter, latency_ms, inference_ms, dropped, result.labels)))
+        t1 = time.perf_counter()
         with self._publish_lock:
             if not self._is_active:
                 return
-            for name, msg in outputs:
-                self._pubs[name].publish(msg)
-        with self._stats.lock:
-            self._stats.processed += 1
-            self._stats.latencies_ms.append(latency_ms)
-            self._stats.inference_ms.append(inference_ms)
+            if item.binding is not self.vocab.binding:  # a vocabulary was swapped in meanwhile
+                with cam.stats.lock:
+                    cam.stats.stale += 1
+                return
+            cam.publish(outputs)
+            if cam.points is not None:  # never raises; counts and logs its own refusals
+                labels = item.result.labels
+                cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
+                                   unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1])
+        t2 = time.perf_counter()
+        with cam.stats.lock:
+            cam.stats.processed += 1
+            cam.stats.latencies_ms.append(latency_ms)
+            cam.stats.stage_ms["postprocess"].append((t1 - t0) * 1e3)
+            cam.stats.stage_ms["publish"].append((t2 - t1) * 1e3)
 
-    def _latency_ms(self, header: Any, received: float) -> float:
-        stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+    def _latency_ms(self, frame: Any) -> float:
+        stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
         if stamp_ns == 0:
-            return (time.monotonic() - received) * 1e3
+            return (time.monotonic() - frame.received) * 1e3
         return (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
 
     # --- diagnostics ---------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
-        s = self._stats
-        now = time.monotonic()
-        with s.lock:
-            counts = (s.received, s.processed, self._mailbox.dropped_total, s.refused)
-            dt = max(now - s.tick_time, 1e-6)
-            rates = [(c - p) / dt for c, p in zip(counts, s.tick_counts)]
-            s.tick_time, s.tick_counts = now, counts
-            lat = list(s.latencies_ms)
-            inf = list(s.inference_ms)
-            last_refusal, errors, last_error = s.last_refusal, s.errors, s.last_error
-        state = self._vstate
-        status = DiagnosticStatus()
-        status.name = f"{self.get_fully_qualified_name()}: segmentation"
-        status.hardware_id = str(self._device or "none")
-        kv = {
-            "state": "active" if self._is_active else ("inactive" if self._cfg is not None else "unconfigured"),
-            "segmenter": self._cfg.segmenter if self._cfg else "",
-            "model": self._model_identity,
+        binding = self.vocab.binding
+        configured, active = self._cfg is not None, self._is_active
+        n_errors, last_error, error_age = self.errors.snapshot()
+        node_kv = {
+            "state": "active" if active else ("inactive" if configured else "unconfigured"),
+            "segmenter": binding.segmenter_name if binding else "",
+            "model": binding.model_identity if binding else "",
+            "model_generation": str(binding.generation if binding else 0),
             "device": str(self._device or ""),
-            "vocabulary_revision": str(state.vocabulary.revision if state is not None else 0),
-            "classes": str(len(state.vocabulary) if state is not None else 0),
-            "received_fps": f"{rates[0]:.2f}",
-            "processed_fps": f"{rates[1]:.2f}",
-            "dropped_fps": f"{rates[2]:.2f}",
-            "refused_fps": f"{rates[3]:.2f}",
-            "frames_received": str(counts[0]),
-            "frames_processed": str(counts[1]),
-            "frames_dropped": str(counts[2]),
-            "frames_refused": str(counts[3]),
-            "last_refusal_reason": last_refusal,
-            "errors": str(errors),
+            "vocabulary_revision": str(binding.vocabulary.revision if binding else 0),
+            "classes": str(len(binding.vocabulary) if binding else 0),
+            "cameras": str(len(self._cameras)),
+            "errors": str(n_errors),
             "last_error": last_error,
-            "latency_ms_mean": f"{np.mean(lat):.1f}" if lat else "",
-            "latency_ms_max": f"{np.max(lat):.1f}" if lat else "",
-            "inference_ms_mean": f"{np.mean(inf):.1f}" if inf else "",
+            "last_error_age_s": f"{error_age:.1f}" if error_age is not None else "",
+            **cuda_memory(self._device),
         }
-        kv.update(_cuda_memory(self._device))
         if self._last_transition_error:
-            kv["last_transition_error"] = self._last_transition_error
-        status.values = [KeyValue(key=k, value=v) for k, v in kv.items()]
-        if self._cfg is None:
-            status.level = DiagnosticStatus.ERROR if self._last_transition_error else DiagnosticStatus.WARN
-            status.message = "unconfigured" + (f": {self._last_transition_error}" if self._last_transition_error else "")
-        elif not self._is_active:
-            status.level, status.message = DiagnosticStatus.WARN, "inactive"
-        elif rates[3] > 0:
-            status.level, status.message = DiagnosticStatus.WARN, f"refusing frames: {last_refusal}"
-        elif errors and rates[1] == 0 and rates[0] > 0:
-            status.level, status.message = DiagnosticStatus.ERROR, f"segmentation failing: {last_error}"
-        elif rates[0] == 0:
-            status.level, status.message = DiagnosticStatus.OK, "active, waiting for images"
-        else:
-            status.level, status.message = DiagnosticStatus.OK, f"active, {rates[1]:.1f} fps"
+            node_kv["last_transition_error"] = self._last_transition_error
+        statuses = []
+        total_rates: dict[str, float] = {}
+        hw = str(self._device or "none")
+        base = self.get_fully_qualified_name()
+        for cam in self._cameras:
+            kv, rates = camera_values(cam.spec.name, cam.stats, cam.mailbox.dropped_total)
+            for k, v in rates.items():
+                total_rates[k] = total_rates.get(k, 0.0) + v
+            level, message = status_level(configured, active, self._last_transition_error, rates,
+                                          kv["last_refusal_reason"], error_age, last_error)
+            points = cam.points
+            if points is not None:
+                kv.update(points.diagnostics())
+                problem = points.health()
+                if problem and level == DiagnosticStatus.OK:
+                    level, message = DiagnosticStatus.WARN, problem
+            if len(self._cameras) == 1:
+                node_kv.update(kv)  # one camera: one status, as before
+            else:
+                statuses.append(make_status(f"{base}: camera {cam.spec.name}", hw, level, message, kv))
+        if len(self._cameras) != 1:
+            level, message = status_level(configured, active, self._last_transition_error, total_rates,
+                                          node_kv.get("last_refusal_reason", ""), error_age, last_error)
+        statuses.insert(0, make_status(f"{base}: segmentation", hw, level, message, node_kv))
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.status = [status]
+        msg.status = statuses
         self._diag_pub.publish(msg)
 
-    # --- startup -------------------------------------------------------------------------------------
+    # --- startup / shutdown ------------------------------------------------------------------------------
     def autostart_transitions(self) -> bool:
         """configure + activate (the ``autostart`` behaviour); False (logged) when a step fails."""
         if self.trigger_configure() != SUCCESS:
@@ -614,16 +441,25 @@ class SegmentNode(LifecycleNode):
             return False
         return True
 
+    def stop_outputs(self) -> None:
+        """First step of shutdown: nothing is published from now on, waiting service calls return."""
+        with self._publish_lock:
+            self._is_active = False
+        self.vocab.jobs.release.set()
+        if self._pipeline is not None:
+            self._pipeline.stop(0.5)
+
     def destroy_node(self) -> None:
+        self.stop_outputs()
         self._release_all()
         super().destroy_node()
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-def _reason(exc: BaseException) -> str:
-    """The exception's message (KeyError's repr quotes dropped), prefixed by its type when it has none."""
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return str(text) or type(exc).__name__
+def _not_configured() -> Any:
+    from .conversions import ConversionError
+
+    raise ConversionError("the node is not configured")
 
 
 def _qos_advice(node: LifecycleNode, reliability: str) -> Any:
@@ -643,7 +479,8 @@ def _qos_advice(node: LifecycleNode, reliability: str) -> Any:
             throttle_duration_sec=LOG_THROTTLE_S,
         )
 
-    return SubscriptionEventCallbacks(incompatible_qos=incompatible)
+    return SubscriptionEventCallbacks(
+        incompatible_qos=guarded(node, getattr(node, "errors", ErrorLog()), "QoS event", incompatible))
 
 
 def _empty_cuda_cache() -> None:
@@ -656,54 +493,94 @@ def _empty_cuda_cache() -> None:
         pass
 
 
-def _cuda_memory(device: Any) -> dict[str, str]:
+def _init_without_signal_handlers(args: Optional[list[str]]) -> None:
+    """rclpy.init, leaving SIGINT/SIGTERM to us (rclpy's handler would raise inside any thread's code)."""
     try:
-        import torch
+        from rclpy.signals import SignalHandlerOptions
 
-        if device is None or torch.device(device).type != "cuda":
-            return {}
-        mib = 1024.0 * 1024.0
-        return {
-            "gpu_memory_allocated_mb": f"{torch.cuda.memory_allocated(device) / mib:.1f}",
-            "gpu_memory_reserved_mb": f"{torch.cuda.memory_reserved(device) / mib:.1f}",
-        }
-    except Exception:  # noqa: BLE001
-        return {}
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except (ImportError, TypeError):  # an rclpy without the option
+        rclpy.init(args=args)
 
 
 def main(args: Optional[list[str]] = None) -> int:
-    """Run the node with a multi-threaded executor; autostart configures and activates it."""
+    """Run the node; SIGINT (once or twice) and SIGTERM stop it cleanly and quietly with exit code 0.
+
+    The executor spins in a worker thread; the main thread only waits for a stop request. Our signal
+    handlers only set an event, so a second Ctrl-C (terminal + launch deliver two) cannot interrupt the
+    shutdown sequence: stop outputs, stop the executor, destroy the node, shut ROS down, exit.
+    """
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
     try:
-        rclpy.init(args=args)
+        _init_without_signal_handlers(args)
     except Exception as exc:  # noqa: BLE001  (RCLError: unparsable --ros-args)
         print(f"segment_node: cannot start: {exc}", file=sys.stderr)
         return 2
     node: Optional[SegmentNode] = None
     executor: Optional[MultiThreadedExecutor] = None
+    code = 0
     try:
         node = SegmentNode()
-        executor = MultiThreadedExecutor(num_threads=4)
+        # Threads: one per camera's image callbacks, services (a waiting set_vocabulary and query), lifecycle,
+        # diagnostics, and one spare.
+        cameras = len(current_values(node)["cameras"]) or 1
+        executor = MultiThreadedExecutor(num_threads=5 + cameras)
         executor.add_node(node)
-        if node.autostart:
+        # Autostart before spinning: the node is seen "active" (or failed) by the time it answers get_state.
+        if node.autostart and not stop.is_set():
             node.autostart_transitions()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spinner = threading.Thread(target=_spin, args=(executor, stop), name="ovseg_executor", daemon=True)
+        spinner.start()
+        while not stop.wait(0.5):
+            if not spinner.is_alive():
+                break
+    except Exception as exc:  # noqa: BLE001
+        print(f"segment_node: {type(exc).__name__}: {reason(exc)}", file=sys.stderr)
+        code = 1
     finally:
-        if executor is not None:
-            executor.shutdown(timeout_sec=1.0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    _exit_now(0)
-    return 0
+        _stop_everything(node, executor)
+    _exit_now(code)
+    return code
+
+
+def _spin(executor: MultiThreadedExecutor, stop: threading.Event) -> None:
+    try:
+        executor.spin()
+    except Exception as exc:  # noqa: BLE001  (ExternalShutdownException or a context going away)
+        if not stop.is_set():
+            print(f"segment_node: executor stopped: {type(exc).__name__}: {reason(exc)}", file=sys.stderr)
+    finally:
+        stop.set()
+
+
+def _stop_everything(node: Optional[SegmentNode], executor: Optional[MultiThreadedExecutor]) -> None:
+    """Each step bounded and guarded: a clean stop must not depend on every step succeeding."""
+    steps = []
+    if node is not None:
+        steps.append(node.stop_outputs)
+    if executor is not None:
+        steps.append(lambda: executor.shutdown(timeout_sec=0.5))
+    if node is not None:
+        steps.append(node.destroy_node)
+    steps.append(rclpy.try_shutdown)
+    for step in steps:
+        try:
+            step()
+        except Exception:  # noqa: BLE001  (shutting down: nothing useful to do with it)
+            pass
 
 
 def _exit_now(code: int) -> None:
     """Exit without the interpreter's teardown, once ROS is shut down cleanly.
 
     Tearing down torch and open_clip's modules takes seconds on a loaded machine, longer than launch's
-    SIGINT -> SIGTERM escalation (5 s), which would turn a clean stop into a killed process.
+    SIGINT -> SIGTERM escalation (5 s), and the pipeline's daemon threads may still be inside a forward.
     """
     import logging
 

@@ -35,6 +35,31 @@ def synthetic_frame(i: int, width: int = 640, height: int = 480) -> np.ndarray:
     return img
 
 
+def key_scene(i: int, width: int = 640, height: int = 480, n_classes: int = 20, boxes: int = 24) -> np.ndarray:
+    """(H, W, 3) uint8 RGB painted in the ``color_key`` segmenter's key colours: a realistic label map.
+
+    Floor, wall and ceiling bands (classes 0-2) and ``boxes`` rectangles of the other classes moving with
+    frame ``i`` (tens of segments, several instances per thing class), so the node's per-frame work
+    (label encoding, panoptic derivation, messages) is what a real scene costs, at no model cost.
+    """
+    from ..core.segmenters.color_key import key_colors
+
+    keys = key_colors(n_classes)
+    img = np.empty((height, width, 3), np.uint8)
+    img[: height // 5] = keys[2 % n_classes]
+    img[height // 5: height // 2] = keys[1 % n_classes]
+    img[height // 2:] = keys[0]
+    rng = np.random.default_rng(1234)
+    sizes = rng.uniform(0.04, 0.16, (boxes, 2))
+    phase = rng.uniform(0, 2 * np.pi, (boxes, 2))
+    for b in range(boxes):
+        bw, bh = max(2, int(width * sizes[b, 0])), max(2, int(height * sizes[b, 1]))
+        x = int((width - bw) * (0.5 + 0.45 * np.sin(i / 20.0 + phase[b, 0])))
+        y = int((height - bh) * (0.5 + 0.45 * np.cos(i / 31.0 + phase[b, 1])))
+        img[y: y + bh, x: x + bw] = keys[3 + b % max(1, n_classes - 3)] if n_classes > 3 else keys[0]
+    return img
+
+
 def rgb_image_msg(rgb: np.ndarray, stamp: Any, frame_id: str = "demo_camera") -> Any:
     from sensor_msgs.msg import Image
 

@@ -58,17 +58,17 @@ def test_slow_segmenter_drops_stale_frames_without_backlog(node: SegmentNode, cl
     info = client.subscribe(topics["info"], SegmentationInfo)
     pub = client.publisher(topics["image"], Image)
     publish_until(pub, lambda i: make_image(), info, lambda m, s: True, timeout=30)  # discovery done
-    inner = node._segmenter.segment
+    inner = node.segmenter.segment
 
     def slow_segment(image: np.ndarray, state: Any = None) -> Any:
         time.sleep(SLOW_S)
         return inner(image, state)
 
-    node._segmenter.segment = slow_segment  # test-only wrapper (instance attribute shadows the method)
+    node.segmenter.segment = slow_segment  # test-only wrapper (instance attribute shadows the method)
     try:
         time.sleep(2 * SLOW_S)
         info.clear()
-        dropped_before = node._mailbox.dropped_total
+        dropped_before = node.cameras[0].mailbox.dropped_total
         sent = 0
         t_end = time.monotonic() + 3.0
         while time.monotonic() < t_end:
@@ -82,9 +82,9 @@ def test_slow_segmenter_drops_stale_frames_without_backlog(node: SegmentNode, cl
         time.sleep(3 * SLOW_S + 0.5)
         msgs = info.snapshot()
     finally:
-        node._segmenter.segment = inner
+        node.segmenter.segment = inner
     processed = len(msgs)
-    dropped = node._mailbox.dropped_total - dropped_before
+    dropped = node.cameras[0].mailbox.dropped_total - dropped_before
     latencies = [m.latency_ms for m in msgs]
     print(f"sent {sent}, processed {processed}, dropped {dropped}, latency ms {latencies}")
     assert 3 <= processed <= 3.0 / SLOW_S + 3
@@ -92,8 +92,9 @@ def test_slow_segmenter_drops_stale_frames_without_backlog(node: SegmentNode, cl
     assert sum(m.dropped_frames for m in msgs) >= dropped - 2  # reported per frame in ~/info
     # bounded latency: a frame waits at most about one inference, then its own inference
     assert max(latencies) < 1000 * (3 * SLOW_S) + 1500
-    # no backlog: after the stream stops, at most the in-flight frame and the one in the mailbox come out
-    assert len(msgs) - n_at_stop <= 2, f"{len(msgs) - n_at_stop} outputs after the stream stopped at {stopped}"
+    # no backlog: after the stream stops, at most the in-flight frame, the one in the mailbox and one result
+    # in the publishing stage's slot come out
+    assert len(msgs) - n_at_stop <= 3, f"{len(msgs) - n_at_stop} outputs after the stream stopped at {stopped}"
 
 
 def test_color_and_overlay_computed_only_when_subscribed(node: SegmentNode, client: RosClient,

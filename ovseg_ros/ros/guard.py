@@ -1,0 +1,114 @@
+"""Every ROS callback is an entry point: nothing raised inside one may escape into the executor.
+
+rclpy re-raises an exception from any callback (subscription, timer, service, parameter, transition) out of
+``spin()``, which ends the process. Each callback of the node is therefore wrapped here: an exception becomes
+a refusal with a reason (a service reply, a failed parameter set, a FAILURE transition, a counted and logged
+frame error), and the node keeps serving its last good state.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import traceback
+from collections import Counter
+from typing import Any, Callable, Optional, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+LOG_THROTTLE_S = 5.0
+#: Longest text of an exception or untrusted value quoted in a log line or a reply.
+MAX_REASON_CHARS = 400
+
+
+def reason(exc: BaseException) -> str:
+    """The exception's message (KeyError's quotes dropped), or its type name when it has none; bounded."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    try:
+        out = str(text)
+    except Exception:  # noqa: BLE001  (a __str__ that raises)
+        out = ""
+    out = out or type(exc).__name__
+    return out if len(out) <= MAX_REASON_CHARS else out[: MAX_REASON_CHARS - 3] + "..."
+
+
+class ErrorLog:
+    """Callback failures: counted per callback, the last one kept with its time (for diagnostics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.last: str = ""
+        self.last_time: float = 0.0
+
+    def record(self, where: str, text: str) -> None:
+        with self._lock:
+            self.counts[where] += 1
+            self.last = f"{where}: {text}"
+            self.last_time = time.monotonic()
+
+    def snapshot(self) -> tuple[int, str, Optional[float]]:
+        """(total count, last error, its age in seconds or None)."""
+        with self._lock:
+            age = time.monotonic() - self.last_time if self.last else None
+            return sum(self.counts.values()), self.last, age
+
+
+def _report(node: Any, errors: ErrorLog, where: str, exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {reason(exc)}"
+    errors.record(where, text)
+    try:
+        node.get_logger().error(f"{where} failed: {text}", throttle_duration_sec=LOG_THROTTLE_S)
+        node.get_logger().debug(traceback.format_exc())
+    except Exception:  # noqa: BLE001  (logging during shutdown)
+        pass
+    return text
+
+
+def guarded(node: Any, errors: ErrorLog, where: str, fn: F) -> F:
+    """Wrap a subscription/timer/event callback: exceptions are counted and logged, never raised."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (the point of this wrapper)
+            _report(node, errors, where, exc)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def guarded_service(node: Any, errors: ErrorLog, where: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """Wrap a service callback: an exception becomes ``success = False`` and ``message`` (when the type has them)."""
+
+    @functools.wraps(fn)
+    def wrapper(request: Any, response: Any) -> Any:
+        try:
+            return fn(request, response)
+        except Exception as exc:  # noqa: BLE001
+            text = _report(node, errors, where, exc)
+            try:
+                if hasattr(response, "success"):
+                    response.success = False
+                if hasattr(response, "message"):
+                    response.message = f"internal error, request not applied: {text}"
+            except Exception:  # noqa: BLE001
+                pass
+            return response
+
+    return wrapper
+
+
+def guarded_transition(node: Any, errors: ErrorLog, where: str, fn: Callable[..., Any], failure: Any) -> Callable[..., Any]:
+    """Wrap a lifecycle transition: an exception becomes ``failure`` (FAILURE/ERROR) with the reason logged."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            _report(node, errors, where, exc)
+            return failure
+
+    return wrapper

@@ -1,0 +1,62 @@
+"""A segmented frame -> the messages of one camera (the publishing stage's work, timed stage by stage).
+
+Colour and overlay images are computed only while someone subscribes to them; the panoptic message only
+when ``publish_panoptic`` is true. Every message carries the input image's header unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ..core import postprocess
+from . import messages
+from .conversions import numpy_to_image
+
+
+class Palette:
+    """Class colours for ``n`` classes, rebuilt only when ``n`` changes."""
+
+    def __init__(self) -> None:
+        self._n, self._colors = -1, np.zeros((0, 3), np.uint8)
+
+    def __call__(self, n: int) -> np.ndarray:
+        if n != self._n:
+            self._n, self._colors = n, postprocess.make_palette(n)
+        return self._colors
+
+
+def build_outputs(
+    item: Any,
+    wants: Callable[[str], bool],
+    palette: Palette,
+    overlay_alpha: float,
+    publish_panoptic: bool,
+    latency_ms: float,
+) -> list[tuple[str, Any]]:
+    """(output name, message) pairs for one segmented frame, in publishing order (info last)."""
+    header, result = item.frame.header, item.result
+    vocab = result.vocabulary
+    n = len(vocab)
+    labels, encoding = messages.encode_labels(result.labels, n)
+    outputs: list[tuple[str, Any]] = [
+        ("labels", numpy_to_image(labels, encoding, header)),
+        ("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)),
+    ]
+    want_color, want_overlay = wants("color"), wants("overlay")
+    if want_color or want_overlay:
+        color = postprocess.colorize(result.labels, palette(n))
+        if want_color:
+            outputs.append(("color", numpy_to_image(color, "rgb8", header)))
+        if want_overlay:
+            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, result.labels)
+            outputs.append(("overlay", numpy_to_image(blended, "rgb8", header)))
+    if publish_panoptic:
+        panoptic = result.panoptic
+        if panoptic is None:
+            panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab)
+        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic)))
+    outputs.append(("info", messages.info_msg(
+        header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, result.labels)))
+    return outputs

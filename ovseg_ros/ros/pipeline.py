@@ -1,0 +1,151 @@
+"""The per-frame pipeline of segment_node: inference thread -> publishing thread, latest item between stages.
+
+* The **inference** thread waits for frames from every camera's mailbox, reads the current
+  :class:`~ovseg_ros.ros.vocabulary_service.Binding` once, and segments every ready frame (one call per frame,
+  or one batched call when the segmenter offers ``segment_batch``). Each result goes to its camera's result slot.
+* The **publishing** thread turns results into messages (label/confidence encoding, panoptic derivation,
+  colour and overlay only when subscribed) and publishes them. It overlaps the inference of the next frame, so
+  on a fast device the model, not our Python, sets the frame rate.
+
+Between stages there is one slot per camera: a newer item replaces an unpublished one (counted), never a
+queue. A result is published only if its binding is still the current one when it is published (checked by
+the node under its publish lock): no output is ever computed with a model or vocabulary that was replaced.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from ..core.segmenter import SegmentationResult
+from .camera import Camera
+from .guard import LOG_THROTTLE_S, ErrorLog, reason
+from .mailbox import Frame, LatestFrameMailbox
+from .vocabulary_service import Binding
+
+
+@dataclass
+class Item:
+    """One segmented frame on its way to publishing."""
+
+    camera: Camera
+    frame: Frame
+    result: SegmentationResult
+    binding: Binding
+    dropped: int  # frames dropped at the input since the previous one of this camera
+    inference_ms: float
+
+
+def segment_frames(binding: Binding, images: list[Any]) -> list[SegmentationResult]:
+    """Segment ``images`` with one model call when the segmenter batches, else one call each."""
+    batch = getattr(binding.segmenter, "segment_batch", None)
+    if batch is not None and len(images) > 1:
+        return list(batch(images, binding.state))
+    return [binding.segmenter.segment(image, binding.state) for image in images]
+
+
+class Pipeline:
+    """The two threads and the slots between them. ``start`` after subscribing, ``stop`` before destroying."""
+
+    def __init__(
+        self,
+        node: Any,
+        cameras: list[Camera],
+        frames_ready: threading.Event,
+        current: Callable[[], Optional[Binding]],
+        publish: Callable[[Item], None],
+        errors: ErrorLog,
+    ) -> None:
+        self.node, self.cameras, self.errors = node, cameras, errors
+        self._frames_ready = frames_ready
+        self._results_ready = threading.Event()
+        self._current, self._publish = current, publish
+        self._slots = {id(c): LatestFrameMailbox(self._results_ready) for c in cameras}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        if self.alive():
+            raise RuntimeError("the previous pipeline threads are still running")
+        self._stop.clear()
+        for slot in self._slots.values():
+            slot.reopen()
+        self._threads = [
+            threading.Thread(target=self._infer_loop, name="ovseg_infer", daemon=True),
+            threading.Thread(target=self._publish_loop, name="ovseg_publish", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Ask both threads to end and wait up to ``timeout`` s; True when they did (an inference may be in flight)."""
+        self._stop.set()
+        self._frames_ready.set()
+        self._results_ready.set()
+        for slot in self._slots.values():
+            slot.close()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not self.alive()
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # --- stage 1: inference ----------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._frames_ready.wait(0.25):
+                continue
+            self._frames_ready.clear()
+            try:
+                self._infer_once()
+            except Exception as exc:  # noqa: BLE001  (never let the thread die: count it and go on)
+                self._error("inference", exc)
+
+    def _infer_once(self) -> None:
+        ready = []
+        for cam in self.cameras:
+            taken = cam.mailbox.take(timeout=0)
+            if taken is not None:
+                ready.append((cam, *taken))
+        binding = self._current()
+        if not ready or binding is None or self._stop.is_set():
+            return
+        t0 = time.perf_counter()
+        try:
+            results = segment_frames(binding, [frame.image for _, frame, _ in ready])
+        except Exception as exc:  # noqa: BLE001
+            self._error("segmentation", exc)
+            return
+        ms = (time.perf_counter() - t0) * 1e3 / len(ready)
+        for (cam, frame, dropped), result in zip(ready, results):
+            cam.stats.stage("inference", ms)
+            if self._slots[id(cam)].put(Item(cam, frame, result, binding, dropped, ms)):
+                with cam.stats.lock:
+                    cam.stats.dropped_results += 1
+
+    # --- stage 2: post-process and publish ---------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._results_ready.wait(0.25):
+                continue
+            self._results_ready.clear()
+            for cam in self.cameras:
+                taken = self._slots[id(cam)].take(timeout=0)
+                if taken is None or self._stop.is_set():
+                    continue
+                try:
+                    self._publish(taken[0])
+                except Exception as exc:  # noqa: BLE001
+                    self._error("publishing", exc)
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {reason(exc)}"
+        self.errors.record(where, text)
+        try:
+            self.node.get_logger().error(f"{where} failed: {text}", throttle_duration_sec=LOG_THROTTLE_S)
+        except Exception:  # noqa: BLE001  (logging after shutdown)
+            pass
