@@ -118,7 +118,8 @@ def panoptic_from_semantic(
     if codes is not None:
         ids = cv2.LUT(codes, ids_lut)  # int32 table -> int32 ids; thing classes map to 0 here
     for ya, xa, comp, crop, first in things:
-        ids[ya:ya + comp.shape[0], xa:xa + comp.shape[1]] += cv2.add(comp, first, mask=crop)
+        # dtype given: OpenCV's binding reads a (4, 1) array as a Scalar and would refuse the mixed types.
+        ids[ya:ya + comp.shape[0], xa:xa + comp.shape[1]] += cv2.add(comp, first, mask=crop, dtype=cv2.CV_32S)
     # Statistics of all segments at once: areas and score sums by histogram, boxes by one scan.
     n = len(owners)
     flat = ids.ravel()

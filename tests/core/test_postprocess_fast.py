@@ -162,3 +162,16 @@ def test_wire_encoded_labels_and_other_int_dtypes() -> None:
     conf = rng.random((30, 40)).astype(np.float32)
     for dtype in (np.int64, np.int16):
         assert_same(panoptic_from_semantic(lab.astype(dtype), conf, v), reference_panoptic(lab, conf, v))
+
+
+@pytest.mark.parametrize("n_classes", [4, 300])  # uint8 class codes, and the general path
+@pytest.mark.parametrize("shape", [(4, 1), (3, 1), (1, 4), (4, 2)])
+def test_thin_components_whose_crop_opencv_could_read_as_a_scalar(n_classes: int, shape: tuple[int, int]) -> None:
+    """A one-pixel-wide thing of 4 rows gives a (4, 1) crop, which OpenCV's Python binding once took for a
+    Scalar in ``cv2.add`` (a type error that failed every frame of the node)."""
+    vocab = Vocabulary.from_request([f"object {i}" for i in range(n_classes)], is_thing=[True] * n_classes)
+    labels = np.full((12, 12), UNLABELED, np.int32)
+    labels[2: 2 + shape[0], 2: 2 + shape[1]] = n_classes - 1
+    labels[8, 8:10] = 1
+    conf = np.full(labels.shape, 0.5, np.float32)
+    assert_same(panoptic_from_semantic(labels, conf, vocab), reference_panoptic(labels, conf, vocab))
