@@ -33,7 +33,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile
 
@@ -510,9 +510,11 @@ def main(args: Optional[list[str]] = None) -> int:
     handlers only set an event, so a second Ctrl-C (terminal + launch deliver two) cannot interrupt the
     shutdown sequence: stop outputs, stop the executor, destroy the node, shut ROS down, exit.
     """
-    stop = threading.Event()
+    stop = threading.Event()  # set by a signal, or by the executor thread when it ends
+    requested = threading.Event()  # set by a signal only
 
     def request_stop(signum: int, frame: Any) -> None:
+        requested.set()
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -535,11 +537,13 @@ def main(args: Optional[list[str]] = None) -> int:
         # Autostart before spinning: the node is seen "active" (or failed) by the time it answers get_state.
         if node.autostart and not stop.is_set():
             node.autostart_transitions()
-        spinner = threading.Thread(target=_spin, args=(executor, stop), name="ovseg_executor", daemon=True)
+        spinner = threading.Thread(target=_spin, args=(executor, stop, node), name="ovseg_executor", daemon=True)
         spinner.start()
-        while not stop.wait(0.5):
-            if not spinner.is_alive():
-                break
+        while not stop.wait(0.5):  # a bounded wait: signal handlers run between waits
+            pass
+        spinner.join(0.5)
+        if not requested.is_set() and rclpy.ok():
+            code = 1  # the executor gave up: a non-zero exit lets launch's respawn restart the node
     except Exception as exc:  # noqa: BLE001
         print(f"segment_node: {type(exc).__name__}: {reason(exc)}", file=sys.stderr)
         code = 1
@@ -549,12 +553,34 @@ def main(args: Optional[list[str]] = None) -> int:
     return code
 
 
-def _spin(executor: MultiThreadedExecutor, stop: threading.Event) -> None:
+def _spin(executor: MultiThreadedExecutor, stop: threading.Event, node: SegmentNode) -> None:
+    """Spin until a stop is requested or ROS shuts down.
+
+    rclpy's executor raises ``InvalidHandle`` out of ``spin()`` when a subscription or timer is destroyed (by a
+    transition on another thread) while it gathers its wait set; the executor is intact afterwards, so the
+    error is counted and spinning goes on instead of ending the process. Anything else that escapes (every
+    callback is guarded, so it would be an rclpy fault) is counted and retried too, a bounded number of times
+    in a row.
+    """
+    from rclpy.exceptions import InvalidHandle
+
+    failures = 0
     try:
-        executor.spin()
-    except Exception as exc:  # noqa: BLE001  (ExternalShutdownException or a context going away)
-        if not stop.is_set():
-            print(f"segment_node: executor stopped: {type(exc).__name__}: {reason(exc)}", file=sys.stderr)
+        while not stop.is_set() and rclpy.ok():
+            try:
+                executor.spin()
+                break  # the executor was shut down
+            except ExternalShutdownException:
+                break
+            except InvalidHandle as exc:
+                node.errors.record("executor", f"entity destroyed while waited on (recovered): {reason(exc)}")
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                node.errors.record("executor", f"{type(exc).__name__}: {reason(exc)}")
+                if failures > 100:
+                    print(f"segment_node: executor failing: {type(exc).__name__}: {reason(exc)}", file=sys.stderr)
+                    return
+                time.sleep(0.01)
     finally:
         stop.set()
 

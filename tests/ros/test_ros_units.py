@@ -224,3 +224,30 @@ def test_label_info_message_leaves_unlabeled_out(monkeypatch: pytest.MonkeyPatch
     assert li.class_map[5].class_name == "c5" and abs(li.threshold - 0.25) < 1e-6
     assert 255 in [c.class_id for c in li.class_map]  # a real class with >255 classes (labels are mono16)
     assert 65535 not in [c.class_id for c in li.class_map]
+
+
+def test_executor_thread_survives_invalid_handle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rclpy's executor raises InvalidHandle out of spin() when a transition destroys a subscription while it
+    gathers its wait set; the node's spin loop counts it and spins on instead of ending the process."""
+    pytest.importorskip("rclpy")
+    from rclpy.exceptions import InvalidHandle
+
+    from ovseg_ros.ros import segment_node
+    from ovseg_ros.ros.guard import ErrorLog
+
+    monkeypatch.setattr(segment_node.rclpy, "ok", lambda: True)
+
+    class FlakyExecutor:
+        calls = 0
+
+        def spin(self) -> None:
+            self.calls += 1
+            if self.calls <= 2:
+                raise InvalidHandle("cannot use Destroyable because destruction was requested")
+
+    executor, stop = FlakyExecutor(), threading.Event()
+    node = types.SimpleNamespace(errors=ErrorLog())
+    segment_node._spin(executor, stop, node)  # type: ignore[arg-type]
+    assert executor.calls == 3 and stop.is_set()
+    total, last, _ = node.errors.snapshot()
+    assert total == 2 and "recovered" in last
