@@ -350,9 +350,5 @@ def test_deactivate_activate_cycles_under_load(node: Target) -> None:
             assert node.transition("activate", timeout=30.0)
             assert node.labels.wait_for(timeout=10.0, new_only=True) is not None, "no frames after activate"
     probe.check()
-    node.assert_healthy()
-    # one worker, not one per cycle: the output rate is bounded by the camera's
-    t0, n0 = time.monotonic(), len(node.labels.snapshot())
-    time.sleep(2.0)
-    rate = (len(node.labels.snapshot()) - n0) / (time.monotonic() - t0)
-    assert rate <= 33.0, f"{rate:.1f} labels/s from a 30 Hz camera: more than one worker"
+    time.sleep(1.0)
+    node.assert_healthy()  # includes: no frame published twice (two workers after a late join would)
