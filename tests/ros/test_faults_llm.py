@@ -187,6 +187,34 @@ def test_trickling_endpoint_is_bounded_in_total_time(node: Target, hostile: Host
     node.assert_healthy()
 
 
+def test_malformed_llm_cache_file_is_ignored(node: Target, hostile: Hostile, tmp_path: Any) -> None:
+    """Item 11: a malformed LLM answer cache must not fail configure; it is ignored (and rewritten)."""
+    cache = tmp_path / "cache"
+    try:
+        assert node.transition("deactivate") and node.transition("cleanup")
+        assert all(r.successful for r in node.set_params({"cache_dir": str(cache)}))
+        assert node.transition("configure", timeout=120.0) and node.transition("activate")
+        resp, _ = _change(node, 20.0)
+        assert resp.success, resp.message
+        files = list((cache / "llm_text").glob("*.json"))
+        assert files, "the LLM answers were not cached; the test cannot corrupt the cache"
+        for f in files:
+            f.write_text('{"answers": ["not", "a", "mapping"]}')
+        assert node.transition("deactivate") and node.transition("cleanup")
+        assert node.transition("configure", timeout=120.0), f"a malformed LLM cache failed configure\n{node.tail()}"
+        assert node.transition("activate")
+        _change(node, 20.0)
+    finally:
+        if node.proc.alive():
+            if node.state(10.0) == "active":
+                node.transition("deactivate")
+            if node.state(10.0) == "inactive":
+                node.transition("cleanup")
+            node.set_params({"cache_dir": ""})
+            node.bring_active()
+    node.assert_healthy()
+
+
 def test_huge_answer_is_bounded_in_size_and_time(node: Target, hostile: Hostile) -> None:
     hostile.mode = "huge"
     peak0 = rss_peak_mib(node.proc.pid)

@@ -257,6 +257,29 @@ def test_query_with_thousands_of_texts_is_refused(node: Target) -> None:
     node.assert_healthy()
 
 
+# --- item 11: refusals are logged; a name that is another class's synonym is not silent ----------------------
+def test_refused_vocabulary_change_is_logged_with_its_reason(node: Target) -> None:
+    resp = node.set_vocabulary(["chair", "Chair"])
+    assert not resp.success and resp.message.strip()
+    assert node.proc.wait_for_log(resp.message[:60], timeout=5.0), f"the refusal is not in the log\n{node.tail()}"
+    node.assert_healthy()
+
+
+def test_class_name_equal_to_another_classes_synonym_is_not_silent(node: Target) -> None:
+    start = len(node.proc.output())
+    resp = node.set_vocabulary(["chair, seat", "seat"])
+    try:
+        if resp.success:
+            assert wait_until(lambda: "seat" in node.proc.output()[start:].split("vocabulary revision")[-1]
+                              and "synonym" in node.proc.output()[start:].lower(), 5.0), (
+                f"accepted without a warning: {resp.message!r}\n{node.tail()}")
+        else:
+            assert "seat" in resp.message, resp.message
+    finally:
+        assert node.set_vocabulary(INITIAL).success
+    node.assert_healthy()
+
+
 # --- item 5: concurrent vocabulary changes -----------------------------------------------------------------------
 def test_concurrent_set_vocabulary_calls_never_block_the_executor(node: Target) -> None:
     """Four changes at once (a few seconds of encoding each): get_state keeps answering within 1 s, frames keep
