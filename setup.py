@@ -36,5 +36,8 @@ setup(
     },
     include_package_data=False,
     install_requires=_requirements(),
-    entry_points={"console_scripts": ["ovseg-segment = ovseg_ros.cli:main"]},
+    entry_points={"console_scripts": [
+        "ovseg-segment = ovseg_ros.cli:main",
+        "ovseg-nav2-params = ovseg_ros.tools.nav2_params:main",
+    ]},
 )

@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 
 import cv2
 import numpy as np
-import yaml
 
+from .core.untrusted import load_yaml
 from .core.models import ModelLoadError
 from .core.postprocess import colorize, make_palette
 from .core.segmenter import (
@@ -167,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         images = find_images(args.inputs)
         vocabulary = resolve_vocabulary(args)
-        overrides: dict[str, Any] = yaml.safe_load(args.options) if args.options else {}
+        overrides: dict[str, Any] = load_yaml(args.options, "--options") if args.options else {}
         if not isinstance(overrides, dict):
             raise ValueError("--options must be a mapping")
         model = {k: v for k, v in (("name", args.model), ("pretrained", args.pretrained),

@@ -37,3 +37,23 @@ def pytest_report_header(config) -> str:  # noqa: ANN001
         f"ovseg_ros: ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']} "
         f"FASTDDS_DEFAULT_PROFILES_FILE={os.environ['FASTDDS_DEFAULT_PROFILES_FILE']}"
     )
+
+
+def pytest_configure(config) -> None:  # noqa: ANN001
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one (bash benchmarks/gpu_check.sh)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    """Skip tests marked ``cuda`` when no CUDA device is present (they run in benchmarks/gpu_check.sh)."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="no CUDA device (bash benchmarks/gpu_check.sh runs these on a GPU)")
+    for item in cuda_items:
+        item.add_marker(skip)

@@ -14,7 +14,9 @@ Pipeline for one image (``x`` normalised; :func:`prepare_image` resizes H and W 
    replicated once per target so a single backward gives every target's gradient (batched in chunks of
    ``max_batch``; ``grad_mode='vmap'`` instead runs one forward and a vmapped backward). The target is
    the softmax probability of the class over (texts ∪ background words) at temperature ``logit_scale``;
-   CAM = ReLU(Σ_k mean_ij(∂s/∂A_k) A_k) on patch tokens, min-max normalised.
+   CAM = ReLU(Σ_k mean_ij(∂s/∂A_k) A_k) on patch tokens, min-max normalised twice with the method's
+   epsilon (``eps``: 1e-7 CLIP-ES, 1e-15 CaR), as the authors' ``compute_cam_per_layer`` then
+   ``aggregate_multi_layers`` do.
 3. :func:`affinity_from_attention`: Sinkhorn (column then row, ``rounds`` times) and symmetrisation,
    once per image: S = (D + Dᵀ)/2.
 4. :func:`refine_with_affinity`: box mask B from the CAM at threshold λ, then S·(S·(B ⊙ cam)), which equals
@@ -60,7 +62,17 @@ VOC_BACKGROUND: tuple[str, ...] = (
 #: CLIP-ES / CaR background words for COCO: the VOC list without ``keyboard`` and ``sign``, 23 words.
 COCO_BACKGROUND: tuple[str, ...] = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
 
-_EPS = 1e-7  # pytorch-grad-cam's min-max epsilon, kept for parity
+#: Min-max epsilon of CLIP-ES (pytorch-grad-cam's ``scale_cam_image``). CaR's own copy of that function uses
+#: 1e-15 (``modeling/model/cam.py``): each method passes its value (``ClipCam(eps=...)``). The epsilon matters
+#: for classes of low probability, whose raw Grad-CAM maxima are of the order of the epsilon itself.
+CLIP_ES_EPS = 1e-7
+CAR_EPS = 1e-15
+_EPS = CLIP_ES_EPS
+
+#: How :func:`prepare_image` resamples: ``pil`` = the authors' torchvision ``Resize(BICUBIC)`` on a PIL image,
+#: i.e. PIL's antialiased bicubic on the uint8 image (exact); ``torch`` = ``F.interpolate`` bicubic on floats
+#: (antialiased when shrinking), kept for realtime presets where it measures faster.
+RESIZE_MODES = ("pil", "torch")
 
 
 # --- image ---------------------------------------------------------------------------------------------
@@ -70,13 +82,18 @@ def prepare_image(
     short_side: int = 0,
     max_long_side: int = 0,
     patch: Optional[int] = None,
+    resize: str = "pil",
 ) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (1, 3, H', W') normalised tensor on the model's device and dtype.
 
     As the authors do, the whole image is resized bicubically to ``ceil(h/p)·p x ceil(w/p)·p`` where
     (h, w) is the input size, or the size with the short side at ``short_side`` (long side capped at
-    ``max_long_side``) when those are > 0. Antialiasing applies only when shrinking.
+    ``max_long_side``) when those are > 0. ``resize='pil'`` (default) resamples exactly as both authors'
+    ``_transform_resize``: PIL's bicubic on the uint8 image, the result is uint8 again. ``'torch'``: torch
+    bicubic on floats, antialiased only when shrinking (differs from PIL by up to a few grey levels).
     """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     p = patch or clip_vit.patch_size(clip.visual)
     h, w = image.shape[:2]
     if short_side > 0:
@@ -85,12 +102,36 @@ def prepare_image(
         s = max_long_side / max(h, w)
         h, w = max(1, round(h * s)), max(1, round(w * s))
     size = (max(p, -(-h // p) * p), max(p, -(-w // p) * p))
+    if resize == "pil" and tuple(image.shape[:2]) != size:
+        image = pil_resize(image, size)
     x = image_to_tensor(image, clip.device)
     if tuple(x.shape[-2:]) != size:
         shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink).clamp_(0, 1)
     mean, std = clip.pixel_stats()
     return normalize(x, mean, std).to(clip.dtype)
+
+
+def pil_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with PIL's bicubic filter (what torchvision's ``Resize`` does to a
+    PIL image: ``Image.resize((w, h), BICUBIC)``, antialiased when shrinking)."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    return np.array(img.resize((int(size[1]), int(size[0])), Image.BICUBIC))  # writable copy
+
+
+#: The mean the authors' CRF scripts subtract from the BGR image (CLIP-ES ``eval_cam_with_crf.py``, CaR
+#: ``crf.py``), here in RGB order.
+CRF_MEAN_RGB = (122.675, 116.669, 104.008)
+
+
+def authors_crf_image(image: np.ndarray) -> np.ndarray:
+    """The image the authors' dense CRF sees: (H, W, 3) uint8 RGB minus the mean, cast to uint8, which wraps
+    negative values around (numpy's float->uint8 cast on x86: truncate, then keep the low 8 bits). Channel
+    order does not matter to the bilateral kernel (a Euclidean distance), so RGB order is kept."""
+    x = np.asarray(image, dtype=np.float32) - np.asarray(CRF_MEAN_RGB, dtype=np.float32)
+    return (np.trunc(x).astype(np.int64) & 255).astype(np.uint8)
 
 
 # --- affinity ------------------------------------------------------------------------------------------
@@ -143,11 +184,12 @@ def box_mask(cams: torch.Tensor, threshold: float, clip_edges: bool = False) -> 
     return torch.from_numpy(out).to(cams.device)
 
 
-def minmax_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Per map of (T, ...): (x - min) / (max(x - min) + 1e-7), as pytorch-grad-cam's ``scale_cam_image``."""
+def minmax_normalize(x: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """Per map of (T, ...): (x - min) / (max(x - min) + eps), as ``scale_cam_image`` (CLIP-ES: eps 1e-7,
+    CaR: 1e-15)."""
     flat = x.reshape(x.shape[0], -1)
     flat = flat - flat.min(dim=1, keepdim=True).values
-    flat = flat / (flat.max(dim=1, keepdim=True).values + _EPS)
+    flat = flat / (flat.max(dim=1, keepdim=True).values + eps)
     return flat.reshape(x.shape)
 
 
@@ -158,12 +200,14 @@ def refine_with_affinity(
     power: int = 2,
     clip_box_edges: bool = False,
     mask: Optional[torch.Tensor] = None,
+    eps: float = _EPS,
 ) -> torch.Tensor:
     """Class-aware attention affinity (CAA): (T, h, w) CAMs -> refined (T, h, w) in [0, 1].
 
     Computes ``S^power · (B ⊙ cam)`` as ``power`` matrix-vector products per class (O(N²) each, all classes in
     one matmul), which equals the authors' ``(S^power ⊙ 1·Bᵀ) · cam``: the box mask selects the *source*
-    patches (columns). Result min-max normalised per class. ``mask`` (T, h, w) bool replaces the box mask.
+    patches (columns). Result min-max normalised per class with ``eps`` (the method's, see :data:`CAR_EPS`).
+    ``mask`` (T, h, w) bool replaces the box mask.
     """
     t, h, w = cams.shape
     if mask is None:
@@ -172,7 +216,7 @@ def refine_with_affinity(
     x = (cams.float() * mask.to(cams.device, torch.float32)).reshape(t, h * w).transpose(0, 1)  # (N, T)
     for _ in range(power):
         x = s @ x
-    return minmax_normalize(x.transpose(0, 1).reshape(t, h, w))
+    return minmax_normalize(x.transpose(0, 1).reshape(t, h, w), eps)
 
 
 # --- the ViT ---------------------------------------------------------------------------------------------
@@ -265,6 +309,7 @@ class ClipCam:
             backward; ``vmap`` runs it once and batches only the backward (``torch.autograd.grad`` with
             ``is_grads_batched``), saving (targets - 1) block forwards where vmap has batching rules for
             every backward op (checked on CPU; the default stays ``replicate``, which needs none).
+        eps: min-max epsilon of the CAM normalisation (:data:`CLIP_ES_EPS` 1e-7, :data:`CAR_EPS` 1e-15).
     """
 
     def __init__(
@@ -277,6 +322,7 @@ class ClipCam:
         max_batch: int = 8,
         attention_budget: int = 1 << 27,
         grad_mode: str = "replicate",
+        eps: float = _EPS,
     ) -> None:
         if grad_mode not in ("replicate", "vmap"):
             raise ValueError(f"grad_mode must be 'replicate' or 'vmap', got {grad_mode!r}")
@@ -288,6 +334,7 @@ class ClipCam:
         self.pos_mode = pos_mode
         self.max_batch = max(1, int(max_batch))
         self.attention_budget = int(attention_budget)
+        self.eps = float(eps)
 
     @property
     def visual(self) -> nn.Module:
@@ -413,7 +460,9 @@ class ClipCam:
             act = a0[0, 1:].float()  # (N, D), the same for every target
             weights = grad[:, 1:].float().mean(dim=1)  # (B, D): spatially averaged gradients
             cam = torch.relu(weights @ act.T).reshape(b, h, w)
-            return minmax_normalize(cam)
+            # Both authors normalise twice (per target layer, then after averaging the one layer): with a
+            # maximum near eps the second pass is not a no-op.
+            return minmax_normalize(minmax_normalize(cam, self.eps), self.eps)
 
     # --- everything at once -------------------------------------------------------------------------
     def __call__(

@@ -121,3 +121,87 @@ def upsample_max(
             idx = torch.where(better, i + s, idx)
     assert best is not None and idx is not None
     return best, idx
+
+
+def _bilinear_taps(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (i0, i1) and the weight of i1 for each output index, as ``F.interpolate`` computes them
+    (bilinear, ``align_corners=False``, size given: scale = in / out, negative positions clamped to 0)."""
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=n_in - 1)
+    i1 = (i0 + 1).clamp_(max=n_in - 1)
+    return i0, i1, src - i0
+
+
+def bilinear_at(scores: torch.Tensor, size: tuple[int, int], ys: torch.Tensor, xs: torch.Tensor,
+                classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact bilinearly upsampled values of (K, h, w) ``scores`` at full-resolution pixels (ys, xs).
+
+    Returns (K, N) for all classes, or (N,) for one class per pixel when ``classes`` (N,) is given.
+    """
+    h, w = scores.shape[-2:]
+    y0, y1, wy = _bilinear_taps(h, size[0], scores.device)
+    x0, x1, wx = _bilinear_taps(w, size[1], scores.device)
+    a0, a1, fy = y0[ys], y1[ys], wy[ys]
+    b0, b1, fx = x0[xs], x1[xs], wx[xs]
+    s = scores.float()
+    if classes is None:
+        top = s[:, a0, b0] * (1 - fx) + s[:, a0, b1] * fx
+        bottom = s[:, a1, b0] * (1 - fx) + s[:, a1, b1] * fx
+    else:
+        top = s[classes, a0, b0] * (1 - fx) + s[classes, a0, b1] * fx
+        bottom = s[classes, a1, b0] * (1 - fx) + s[classes, a1, b1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def upsample_max_topk(
+    scores: torch.Tensor, size: tuple[int, int], k: int = 2, exact_below: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`upsample_max` with a cost that does not grow with the number of classes K.
+
+    Each output pixel is a bilinear mix of the four low-resolution pixels at the corners of its cell, so its
+    winner is almost always among the union of the corners' top-``k`` classes: only those ``4k`` candidates
+    are upsampled. A class outside every corner's top ``k`` scores at most the same mix of the corners'
+    (k+1)-th best scores, so where the best candidate beats that bound the label is the full path's; the
+    rare pixels where it does not are recomputed over all K classes. Labels therefore equal
+    :func:`upsample_max`'s up to floating-point ties. Vocabularies below ``exact_below`` classes (or fewer
+    than ``4k + 1``) take :func:`upsample_max` directly.
+    """
+    n_cls, h, w = scores.shape
+    if n_cls < max(exact_below, 4 * k + 1) or (h, w) == tuple(size):
+        return upsample_max(scores, size)
+    s = scores.float()
+    dev = s.device
+    vals, idx = s.topk(k + 1, dim=0)
+    top_k, bound = idx[:k], vals[k:k + 1]
+    a1 = (torch.arange(h, device=dev) + 1).clamp_(max=h - 1)
+    b1 = (torch.arange(w, device=dev) + 1).clamp_(max=w - 1)
+    # The corners of cell (a, b) are (a, b), (a, b1), (a1, b), (a1, b1); candidates are their top-k classes.
+    right = s.index_select(2, b1)
+    down = s.index_select(1, a1)
+    diag = down.index_select(2, b1)
+    cand = torch.cat([top_k, top_k.index_select(2, b1), top_k.index_select(1, a1),
+                      top_k.index_select(1, a1).index_select(2, b1)])  # (4k, h, w)
+    y0, _, wy = _bilinear_taps(h, size[0], dev)
+    x0, _, wx = _bilinear_taps(w, size[1], dev)
+
+    # Cells cover contiguous bands of pixels (the taps are monotonic): expanding is a repeat, not a gather.
+    reps_y, reps_x = torch.bincount(y0, minlength=h), torch.bincount(x0, minlength=w)
+
+    def expand(t: torch.Tensor) -> torch.Tensor:  # cell values -> the cell's pixels
+        return t.repeat_interleave(reps_x, dim=-1).repeat_interleave(reps_y, dim=-2)
+
+    fy, fx = wy.view(1, -1, 1), wx.view(1, 1, -1)
+    top = torch.lerp(expand(s.gather(0, cand)), expand(right.gather(0, cand)), fx)
+    bottom = torch.lerp(expand(down.gather(0, cand)), expand(diag.gather(0, cand)), fx)
+    best, which = torch.lerp(top, bottom, fy).max(dim=0)
+    label = expand(cand).gather(0, which[None])[0]
+    limit = resize(bound[None], size)[0, 0]  # the same mix of the corners' (k+1)-th scores
+    unsure = (best <= limit).nonzero(as_tuple=True)
+    if unsure[0].numel() > best.numel() // 20:  # a map without structure (noise): the full path is cheaper
+        return upsample_max(scores, size)
+    if unsure[0].numel():
+        m, i = bilinear_at(s, size, unsure[0], unsure[1]).max(dim=0)
+        best[unsure] = m
+        label[unsure] = i
+    return best, label

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +125,75 @@ class ClipModel:
         return self
 
 
+#: What a weights file may start with: a torch.save zip archive, a pickle (legacy torch.save, detectron2 .pkl),
+#: or safetensors (an 8-byte little-endian header length, then a JSON header).
+WEIGHTS_FORMATS = "a PyTorch state dict (.pt/.pth/.bin, torch.save zip or pickle) or a .safetensors file"
+
+
+def check_weights_file(path: str | Path, what: str = "checkpoint") -> str:
+    """The format of weights file ``path`` from its first bytes: ``zip``, ``pickle`` or ``safetensors``.
+
+    Nothing is unpickled or loaded: a text file, an image or an empty file (``checkpoint:=/etc/passwd``)
+    is refused here with a message naming the file and what was expected, instead of an error from deep
+    inside the loader.
+
+    Raises:
+        ModelLoadError: missing, a directory, unreadable, or not a weights file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ModelLoadError(f"{what} {str(p)!r} is a directory; expected a weights file: {WEIGHTS_FORMATS}")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise ModelLoadError(f"{what} {str(p)!r} does not exist; expected a weights file: {WEIGHTS_FORMATS}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{what} {str(p)!r} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 2 <= header_len <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    kind = "an empty file" if size == 0 else f"a file of {size} bytes starting with {head[:8].hex()}"
+    raise ModelLoadError(f"{what} {str(p)!r} is not a weights file ({kind}); expected {WEIGHTS_FORMATS}")
+
+
+_HASHES: dict[tuple, str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def file_content_hash(path: str | Path) -> str:
+    """SHA-256 of the file's bytes (hex), computed once per distinct file state in this process.
+
+    The memo is keyed by (path, device, inode, size, mtime, ctime): a file replaced in place, even with the
+    same size and a forged mtime, gets a new inode or ctime and is hashed again. The hash, not the stat,
+    is what identifies the weights.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    sig = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HASH_LOCK:
+        hit = _HASHES.get(sig)
+    if hit is not None:
+        return hit
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    with _HASH_LOCK:
+        _HASHES[sig] = digest
+    return digest
+
+
 def _weights_key(spec: ModelSpec) -> tuple[str, bool]:
     if spec.checkpoint:
-        st = Path(spec.checkpoint).stat()
-        ident = f"{Path(spec.checkpoint).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        return f"{spec.name}@file:{hashlib.sha256(ident.encode()).hexdigest()[:16]}", True
+        return f"{spec.name}@sha256:{file_content_hash(spec.checkpoint)[:32]}", True
     if spec.pretrained:
         return f"{spec.name}@{spec.pretrained}", True
     return f"{spec.name}@random:{os.getpid()}:{id(spec)}", False
@@ -189,6 +255,7 @@ def load_clip(
                 f"checkpoint {spec.checkpoint!r} does not exist; give the path of a weights file for "
                 f"'{spec.name}' (.pt, .bin or .safetensors)"
             )
+        check_weights_file(spec.checkpoint, f"checkpoint for '{spec.name}'")
         with _quiet_random_init_warning():  # the weights come right after, from the checkpoint
             model = open_clip.create_model(spec.name, pretrained=None, device="cpu")
         try:
@@ -196,6 +263,11 @@ def load_clip(
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
             raise ModelLoadError(
                 f"checkpoint {spec.checkpoint!r} does not fit architecture '{spec.name}': {_short(exc)}"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001  (a weights-shaped file holding something else: IndexError, ...)
+            raise ModelLoadError(
+                f"checkpoint {spec.checkpoint!r} could not be read as weights of '{spec.name}' "
+                f"(expected {WEIGHTS_FORMATS} holding its state dict): {_short(exc)}"
             ) from exc
     elif spec.pretrained:
         tags = open_clip.list_pretrained_tags_by_model(spec.name)

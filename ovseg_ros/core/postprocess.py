@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import colorsys
+from typing import Optional
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from .segmenter import PanopticResult, Segment
 from .vocabulary import UNLABELED, Vocabulary
@@ -32,6 +34,24 @@ def close_labels(labels: np.ndarray, kernel: int = 3) -> np.ndarray:
     return closed.astype(np.int32) - 1
 
 
+def class_codes(labels: np.ndarray, num_classes: int) -> Optional[np.ndarray]:
+    """(H, W) uint8 class codes (class id; 255 = unlabeled or an id the vocabulary lacks), or None.
+
+    None when the ids do not fit a byte (vocabularies above 255 classes, ids outside -1..255): callers then
+    take their general path. The byte codes are what the fast paths below run on (OpenCV's table lookups,
+    comparisons and histograms work on 8-bit images); for at most 255 classes they are also exactly the
+    ``mono8`` label image (unlabeled wraps to 255).
+    """
+    if labels.dtype == np.uint8:
+        return labels if num_classes <= 255 else None
+    if num_classes > 255 or labels.ndim != 2 or labels.size == 0:
+        return None
+    lo, hi, _, _ = cv2.minMaxLoc(labels if labels.dtype != np.int64 else labels.astype(np.int32))
+    if lo < UNLABELED or hi > 255:
+        return None
+    return labels.astype(np.uint8)  # -1 wraps to 255
+
+
 def panoptic_from_semantic(
     labels: np.ndarray,
     confidence: np.ndarray,
@@ -43,57 +63,76 @@ def panoptic_from_semantic(
 
     Stuff classes become one segment each; thing classes one segment per connected component
     (``connectivity`` 4 or 8). Components smaller than ``min_area`` pixels are dropped (left at id 0).
-    Segment ids are 1..S in order of class id then component scan order; score = mean confidence.
+    Segment ids are 1..S in order of class id then component scan order (OpenCV's labelling order);
+    score = mean confidence (``confidence`` float in [0, 1], or uint8 0..255 as on the wire).
 
-    Cost is a few passes over the image whatever the number of segments: one connected-components pass
-    per thing class, then areas, boxes and scores for all segments at once with ``bincount``.
+    Cost: per present class one byte comparison; per thing class connected components inside the class's
+    bounding box, aligned to even coordinates so OpenCV's 2x2-block labelling numbers components exactly as
+    on the whole image. Stuff ids come from one table lookup; then areas and score sums are two histograms of
+    the final ids and the boxes one ``ndimage.find_objects`` scan, whatever the number of segments.
+    No ``ufunc.at``.
     """
+    if labels.ndim != 2 or confidence.shape[:2] != labels.shape:
+        raise ValueError(f"labels {labels.shape} and confidence {confidence.shape} must be (H, W) of one size")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     h, w = labels.shape
-    flat_labels = labels.ravel()
-    # Provisional ids: each thing component and each stuff class gets a running id; -1 = none.
-    provisional = np.full(h * w, -1, dtype=np.int64)
-    owners: list[tuple[int, bool]] = []  # (class id, is_thing) per provisional id
-    present = np.unique(flat_labels)
-    for cls in present[(present != UNLABELED) & (present < len(vocabulary))]:
-        cls = int(cls)
-        thing = vocabulary.classes[cls].is_thing
-        in_class = flat_labels == cls
-        if thing:
-            n, comp = cv2.connectedComponents(in_class.reshape(h, w).astype(np.uint8), connectivity=connectivity)
-            comp = comp.ravel()
-            provisional[in_class] = comp[in_class] - 1 + len(owners)
-            owners.extend((cls, True) for _ in range(n - 1))
+    n_cls = len(vocabulary)
+    codes = class_codes(labels, n_cls)
+    if codes is not None:
+        if codes.size < 2**24:  # OpenCV's float histogram is exact below 2**24 counts
+            counts = cv2.calcHist([codes], [0], None, [256], [0, 256]).ravel().astype(np.int64)
         else:
-            provisional[in_class] = len(owners)
-            owners.append((cls, False))
+            counts = np.bincount(codes.ravel(), minlength=256)
+        present = [int(c) for c in np.flatnonzero(counts[:255]) if c < n_cls]
+    else:
+        present = [int(c) for c in np.unique(labels) if 0 <= c < n_cls]
+    conf = confidence if confidence.dtype in (np.uint8, np.float32, np.float64) else confidence.astype(np.float32)
+    scale = 1.0 / 255.0 if conf.dtype == np.uint8 else 1.0
+    # 8-connectivity: BBDT numbers components as the default (Spaghetti) does, and is the fastest.
+    algorithm = cv2.CCL_BBDT if connectivity == 8 else cv2.CCL_DEFAULT
+    ids_lut = np.zeros(256, dtype=np.int32)
     ids = np.zeros((h, w), dtype=np.int32)
+    owners: list[tuple[int, bool]] = []  # (class, is_thing) per provisional id 1..n
+    things: list[tuple[int, int, np.ndarray, np.ndarray, int]] = []  # (y, x, components, class mask, first id)
+    for cls in present:
+        mask = cv2.compare(codes, cls, cv2.CMP_EQ) if codes is not None else (labels == cls).view(np.uint8)
+        if not vocabulary.classes[cls].is_thing:
+            owners.append((cls, False))
+            if codes is not None:
+                ids_lut[cls] = len(owners)
+            else:
+                np.copyto(ids, len(owners), where=mask.view(bool))
+            continue
+        bx, by, bw, bh = cv2.boundingRect(mask)  # of the class's pixels
+        ya, xa = by - by % 2, bx - bx % 2  # keep OpenCV's 2x2 block grid: the same numbering as uncropped
+        crop = np.ascontiguousarray(mask[ya:by + bh, xa:bx + bw])
+        n, comp = cv2.connectedComponentsWithAlgorithm(crop, connectivity, cv2.CV_32S, algorithm)
+        things.append((ya, xa, comp, crop, len(owners)))
+        owners.extend((cls, True) for _ in range(n - 1))
     if not owners:
         return PanopticResult(ids, [])
-    valid = provisional >= 0
-    pid = provisional[valid]
+    if codes is not None:
+        ids = cv2.LUT(codes, ids_lut)  # int32 table -> int32 ids; thing classes map to 0 here
+    for ya, xa, comp, crop, first in things:
+        ids[ya:ya + comp.shape[0], xa:xa + comp.shape[1]] += cv2.add(comp, first, mask=crop)
+    # Statistics of all segments at once: areas and score sums by histogram, boxes by one scan.
     n = len(owners)
-    area = np.bincount(pid, minlength=n)
-    score_sum = np.bincount(pid, weights=confidence.ravel()[valid].astype(np.float64), minlength=n)
-    ys, xs = np.divmod(np.flatnonzero(valid), w)
-    x0 = np.full(n, w, np.int64)
-    y0 = np.full(n, h, np.int64)
-    x1 = np.full(n, -1, np.int64)
-    y1 = np.full(n, -1, np.int64)
-    np.minimum.at(x0, pid, xs)
-    np.minimum.at(y0, pid, ys)
-    np.maximum.at(x1, pid, xs)
-    np.maximum.at(y1, pid, ys)
-    # Final ids 1..S for the kept provisional ids, in provisional order.
-    keep = area >= max(min_area, 1)
-    final = np.zeros(n + 1, dtype=np.int32)  # index 0 <- provisional -1
-    final[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    ids = final[provisional + 1].reshape(h, w)
-    segments = [
-        Segment(int(final[k + 1]), cls, thing, float(score_sum[k] / area[k]), int(area[k]),
-                (int(x0[k]), int(y0[k]), int(x1[k] - x0[k] + 1), int(y1[k] - y0[k] + 1)))
-        for k, (cls, thing) in enumerate(owners)
-        if keep[k]
-    ]
+    flat = ids.ravel()
+    area = np.bincount(flat, minlength=n + 1)
+    sums = np.bincount(flat, weights=conf.reshape(-1).astype(np.float64), minlength=n + 1)
+    boxes = ndimage.find_objects(ids, max_label=n)
+    keep = area[1:] >= max(min_area, 1)
+    if not keep.all():  # renumber the kept ids 1..S in the same order, dropped ones to 0
+        final = np.zeros(n + 1, dtype=np.int32)
+        final[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+        ids = final[ids]
+    segments = []
+    for k in np.flatnonzero(keep).tolist():
+        ys, xs = boxes[k]
+        cls, thing = owners[k]
+        segments.append(Segment(len(segments) + 1, cls, thing, float(sums[k + 1] / area[k + 1] * scale),
+                                int(area[k + 1]), (xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start)))
     return PanopticResult(ids, segments)
 
 
@@ -112,16 +151,27 @@ def make_palette(n: int, seed: int = 0) -> np.ndarray:
 
 def colorize(labels: np.ndarray, palette: np.ndarray, unlabeled_color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
     """(H, W) int labels -> (H, W, 3) uint8 RGB; UNLABELED (and ids beyond the palette) get ``unlabeled_color``."""
-    lut = np.vstack([np.asarray(unlabeled_color, np.uint8)[None], palette.astype(np.uint8)])
-    idx = labels.astype(np.int64) + 1
-    idx[(idx < 0) | (idx >= len(lut))] = 0
-    return lut[idx]
+    codes = class_codes(labels, len(palette))
+    if codes is None:  # more than 255 classes: the general gather
+        lut = np.vstack([np.asarray(unlabeled_color, np.uint8)[None], palette.astype(np.uint8)])
+        idx = labels.astype(np.int64) + 1
+        idx[(idx < 0) | (idx >= len(lut))] = 0
+        return lut[idx]
+    # One 4-byte gather per pixel (a pixel's RGB packed in a uint32), then drop the padding byte.
+    table = np.zeros((256, 4), dtype=np.uint8)
+    table[:] = (*unlabeled_color, 0)
+    n = min(len(palette), 255)
+    table[:n, :3] = palette[:n].astype(np.uint8)
+    packed = table.view(np.uint32).ravel()[codes]
+    return cv2.cvtColor(packed.view(np.uint8).reshape(*codes.shape, 4), cv2.COLOR_RGBA2RGB)
 
 
 def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5, labels: np.ndarray | None = None) -> np.ndarray:
     """Blend ``color`` over the RGB ``image``; where ``labels`` is UNLABELED the image shows through unchanged."""
     blend = cv2.addWeighted(image, 1.0 - alpha, color, alpha, 0.0)
     if labels is not None:
-        keep = labels == UNLABELED
-        blend[keep] = image[keep]
+        if labels.dtype == np.uint8:
+            raise ValueError("overlay needs int labels (-1 = unlabeled), not encoded uint8 ones")
+        keep = cv2.compare(labels if labels.dtype == np.int32 else labels.astype(np.int32), UNLABELED, cv2.CMP_EQ)
+        cv2.copyTo(image, keep, blend)
     return blend

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import yaml
 
+from .untrusted import UntrustedInputError, load_yaml, read_text_file, short_repr
 from .vocabulary import UNLABELED, Vocabulary, vocabulary_from_texts
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -95,7 +97,8 @@ class SegmentationResult:
 
     Attributes:
         labels: (H, W) int32 class ids into ``vocabulary.classes``; :data:`UNLABELED` (-1) where no class.
-        confidence: (H, W) float32 in [0, 1], the score of the chosen label (0 where unlabeled by rule).
+        confidence: (H, W) float32 in [0, 1], the score of the chosen label (0 where unlabeled by rule); a
+            segmenter asked for wire dtypes may give uint8 0..255 instead (consumers accept both).
         vocabulary: the vocabulary this result was computed with (its ``revision`` goes into every output).
         panoptic: real instances when the method predicts them (FC-CLIP); None otherwise.
         timings: seconds per stage, for latency reporting.
@@ -241,44 +244,285 @@ def load_preset(segmenter: str, preset: str) -> dict[str, Any]:
         raise KeyError(
             f"segmenter {segmenter!r} has no preset {preset!r}; available: {', '.join(list_presets(segmenter))}"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = load_yaml(read_text_file(path, "preset file"), f"preset file {path}") or {}
+    except UntrustedInputError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
-        raise ValueError(f"preset file {path} must hold a mapping")
+        raise ConfigError(f"preset file {path} must hold a mapping")
     return data
 
 
-def make_config(cls: type, values: Mapping[str, Any]) -> Any:
-    """Build config dataclass ``cls`` from a mapping; nested dataclass fields accept mappings.
+# --- config validation --------------------------------------------------------------------------------
+class ConfigError(ValueError, TypeError):
+    """A segmenter option that is refused; the message names the option, the rule and the value.
 
-    Unknown keys raise ``TypeError`` naming them; lists become tuples where the field default is a tuple.
+    A ``TypeError`` too, for callers written against the earlier "unknown option" errors.
+    """
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numeric constraint of a config field (for a tuple field: of every element). Values are always finite."""
+
+    lo: float = 0.0
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    odd: bool = False
+
+    def reason(self, value: float) -> Optional[str]:
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if value < self.lo or (self.lo_open and value == self.lo) or value > self.hi or (
+            self.hi_open and value == self.hi
+        ):
+            return f"must be {self.describe()}"
+        if self.odd and int(value) % 2 == 0:
+            return "must be odd"
+        return None
+
+    def describe(self) -> str:
+        lo, hi = ("(" if self.lo_open else "[") + f"{self.lo:g}", f"{self.hi:g}" + (")" if self.hi_open else "]")
+        if math.isfinite(self.hi):
+            return f"in {lo}, {hi}"
+        return f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """The field (or every element of a tuple field) must be one of ``choices``."""
+
+    choices: tuple[Any, ...]
+
+    def reason(self, value: Any) -> Optional[str]:
+        return None if value in self.choices else f"must be one of {', '.join(map(str, self.choices))}"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template: exactly one ``{}`` and no other format field (``{0.__class__}``, ``{1}``) that
+    ``str.format`` would resolve or fail on at encode time; at most ``max_chars`` characters."""
+
+    max_chars: int = 300
+
+    def reason(self, value: Any) -> Optional[str]:
+        import string
+
+        if len(value) > self.max_chars:
+            return f"must be at most {self.max_chars} characters"
+        try:
+            fields = [f for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
+        except ValueError:
+            return "must be a template with one '{}' (unbalanced braces)"
+        if fields != [""]:
+            return "must contain exactly one '{}' and no other {...} field"
+        return None
+
+
+@dataclass(frozen=True)
+class PlainName:
+    """A file name inside a package folder: no path separators or parent references."""
+
+    def reason(self, value: Any) -> Optional[str]:
+        if value and (len(value) > 200 or "/" in value or "\\" in value or value.startswith(".")):
+            return "must be a plain file name (no folders)"
+        return None
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string field (or every element of a tuple field) that must fully match ``regex``; ``describe`` says how."""
+
+    regex: str
+    describe: str
+
+    def reason(self, value: Any) -> Optional[str]:
+        import re
+
+        return None if len(value) <= 200 and re.fullmatch(self.regex, value) else f"must be {self.describe}"
+
+
+Constraint = Union[Range, OneOf, Template, PlainName, Pattern]
+#: Numbers without a declared constraint must be finite and >= 0 (sizes, counts, thresholds, scales);
+#: a field that may be negative declares its Range.
+DEFAULT_RANGE = Range()
+UNIT = Range(0.0, 1.0)
+POSITIVE = Range(0.0, lo_open=True)
+#: Pixel sizes: an input side beyond this would allocate gigabytes per frame.
+SIDE = Range(0, 16384)
+_CONSTRAINTS: dict[type, dict[str, Constraint]] = {}
+
+
+def declare_constraints(cls: type, **constraints: Constraint) -> None:
+    """Declare the value rules of config dataclass ``cls``: ``field=Range(...)`` or ``field=OneOf(...)``.
+
+    Every config is checked by :func:`validate_config` (from :func:`make_config`), field by field: the type
+    from the annotation (bool, int, float, str, tuples, nested configs), finiteness of every number, and the
+    declared rule (numbers without one: >= 0).
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(constraints) - fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown} to constrain")
+    _CONSTRAINTS.setdefault(cls, {}).update(constraints)
+
+
+def constraints_of(cls: type) -> dict[str, Constraint]:
+    return dict(_CONSTRAINTS.get(cls, {}))
+
+
+def validate_config(config: Any, prefix: str = "") -> None:
+    """Check every field of ``config`` (and of nested configs) against its type and constraint.
+
+    Raises:
+        ConfigError: the first offending option, e.g. ``option 'logit_scale' must be in > 0, got nan``.
+    """
+    cls = type(config)
+    hints = _type_hints(cls)
+    rules = _CONSTRAINTS.get(cls, {})
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_") or f.name not in hints:
+            continue
+        value = getattr(config, f.name)
+        path = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, hint):
+            validate_config(value, prefix=f"{path}.")
+            continue
+        _check_value(path, hint, value, rules.get(f.name))
+
+
+def _check_value(path: str, hint: Any, value: Any, rule: Optional[Constraint]) -> None:
+    import typing
+
+    def fail(why: str) -> None:
+        raise ConfigError(f"option {path!r} {why}, got {short_repr(value)}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            _check_value(path, inner[0], value, rule)
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            fail("must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            for i, item in enumerate(value):
+                _check_value(f"{path}[{i}]", args[0], item, rule)
+        elif args and args != ((),):
+            if len(value) != len(args):
+                fail(f"must have {len(args)} elements")
+            for i, (item, a) in enumerate(zip(value, args)):
+                _check_value(f"{path}[{i}]", a, item, rule)
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("must be true or false")
+    elif hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail("must be an integer")
+    elif hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            fail("must be a number")
+    elif hint is str:
+        if not isinstance(value, str):
+            fail("must be a string")
+    elif dataclasses.is_dataclass(hint):
+        fail("must be a mapping of options")
+    else:
+        return  # annotations without a rule (Any, callables)
+    if hint in (int, float):
+        why = (rule if isinstance(rule, Range) else DEFAULT_RANGE).reason(float(value))
+        if why is None and isinstance(rule, OneOf):
+            why = rule.reason(value)
+        if why:
+            fail(why)
+    elif rule is not None and not isinstance(rule, Range):
+        why = rule.reason(value)
+        if why:
+            fail(why)
+
+
+def make_config(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build config dataclass ``cls`` from a mapping and validate it (:func:`validate_config`).
+
+    Nested dataclass fields accept mappings; lists become tuples; integers given for float fields become
+    floats. Raises :class:`ConfigError` (unknown keys, wrong types, values out of range) naming the option.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"options{' of ' + repr(prefix.rstrip('.')) if prefix else ''} must be a mapping, "
+                          f"got {short_repr(values)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{cls.__name__}: option names must be strings, got {short_repr(bad_keys[0])}")
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise TypeError(f"{cls.__name__}: unknown option(s) {unknown}; valid: {sorted(fields)}")
+        raise ConfigError(
+            f"{cls.__name__}: unknown option(s) {short_repr([prefix + k for k in unknown])}; valid: {sorted(fields)}"
+        )
     kwargs = {}
     hints = _type_hints(cls)
+    rules = _CONSTRAINTS.get(cls, {})
     for key, value in values.items():
         ftype = hints.get(key)
         if dataclasses.is_dataclass(ftype) and isinstance(value, Mapping):
-            value = make_config(ftype, value)
+            value = make_config(ftype, value, prefix=f"{prefix}{key}.")
         elif isinstance(value, list):
             value = tuple(value)
+        if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if ftype is not None and not (dataclasses.is_dataclass(ftype) and isinstance(value, ftype)):
+            # Before construction: a config's own __post_init__ may compare values of the wrong type.
+            _check_value(prefix + key, ftype, value, rules.get(key))
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        config = cls(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # The config's own __post_init__ checks (ValueError), or one tripping on an odd value (e.g. an
+        # OSError from a file-name check given a 5000-character name): either way a refusal with the reason.
+        text = str(exc)
+        raise ConfigError(f"{cls.__name__}: {text if len(text) <= 300 else text[:297] + '...'}") from None
+    validate_config(config, prefix)
+    return config
 
 
 def merge_config(config: Any, overrides: Mapping[str, Any]) -> Any:
     """A copy of ``config`` with ``overrides`` applied (nested mappings merge into nested dataclasses)."""
-    current = dataclasses.asdict(config)
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"options must be a mapping, got {short_repr(overrides)}")
+    current = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(current.get(key), dict):
-            current[key] = {**current[key], **value}
-        else:
-            current[key] = value
+        old = current.get(key) if isinstance(key, str) else None
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(old):
+            value = {**{f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.init}, **value}
+        current[key] = value
     return make_config(type(config), current)
+
+
+def check_overrides(name: str, preset: str = "", overrides: Optional[Mapping[str, Any]] = None) -> Any:
+    """The validated config :func:`build_segmenter` would use, without building anything (no models).
+
+    Raises:
+        KeyError: unknown segmenter or preset. ConfigError: an option that is refused.
+    """
+    cls = get_segmenter_class(name)
+    values: dict[str, Any] = {}
+    if preset:
+        values.update(load_preset(name, preset))
+    try:
+        config = make_config(cls.config_cls, values)
+        return merge_config(config, overrides) if overrides else config
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -302,12 +546,7 @@ def build_segmenter(
     ``kwargs`` go to the segmenter's ``from_config`` (e.g. ``cache_dir``, ``offline``).
     """
     cls = get_segmenter_class(name)
-    values: dict[str, Any] = {}
-    if preset:
-        values.update(load_preset(name, preset))
-    config = make_config(cls.config_cls, values)
-    if overrides:
-        config = merge_config(config, overrides)
+    config = check_overrides(name, preset, overrides)
     return cls.from_config(config, device=device, **kwargs)  # type: ignore[attr-defined]
 
 
@@ -329,15 +568,24 @@ def check_image(image: np.ndarray, max_pixels: int = 8192 * 8192) -> np.ndarray:
 
 
 class StageTimer:
-    """Collects per-stage wall times; synchronises CUDA so GPU stages are measured, not just queued."""
+    """Collects per-stage wall times.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    On CUDA the device is synchronised around each stage only when profiling (``profile=True``, or the
+    environment variable ``OVSEG_PROFILE_STAGES=1``): a synchronisation per stage stalls the queue, so by
+    default GPU stage times are the time to queue the work and the last stage (the host copy) absorbs the
+    wait. Profile runs (benchmarks) turn it on to see where GPU time goes.
+    """
+
+    def __init__(self, device: torch.device, profile: Optional[bool] = None) -> None:
+        self.device = torch.device(device)
+        if profile is None:
+            profile = os.environ.get("OVSEG_PROFILE_STAGES", "") not in ("", "0")
+        self.profile = bool(profile)
         self.times: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        sync = self.device.type == "cuda"
+        sync = self.profile and self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -349,14 +597,37 @@ class StageTimer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Device tensors -> numpy arrays with one wait: on CUDA each is copied into pinned host memory
+    asynchronously and the stream is synchronised once; CPU tensors are shared, not copied."""
+    if not tensors or all(t.device.type != "cuda" for t in tensors):
+        return [t.detach().cpu().numpy() for t in tensors]
+    outs = []
+    for t in tensors:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t.detach(), non_blocking=True)
+        outs.append(host)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [h.numpy() for h in outs]
+
+
+def confidence_to_u8(conf: torch.Tensor) -> torch.Tensor:
+    """[0, 1] scores -> uint8 0..255 on the scores' device (round half to even, like the wire encoder)."""
+    return conf.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def labels_from_probs(
-    probs: torch.Tensor, background: Optional[torch.Tensor] = None, prob_threshold: float = 0.0
+    probs: torch.Tensor,
+    background: Optional[torch.Tensor] = None,
+    prob_threshold: float = 0.0,
+    confidence_u8: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(K, H, W) class scores -> (labels int32, confidence float32) as numpy, one GPU->CPU copy each.
+    """(K, H, W) class scores -> (labels int32, confidence) as numpy, copied to the host once.
 
     Pixels where ``background`` (H, W) beats every class, or where the best class score is below
     ``prob_threshold``, are :data:`UNLABELED`. Confidence is the winning score (the background score
-    where background wins), clamped to [0, 1].
+    where background wins), clamped to [0, 1]: float32, or with ``confidence_u8`` the ``mono8`` wire values
+    0..255 computed on the device (a quarter of the bytes to copy, no host-side encoding).
     """
     conf, idx = probs.max(dim=0)
     labels = idx.to(torch.int32)
@@ -367,4 +638,22 @@ def labels_from_probs(
         conf = torch.where(bg_wins, background.to(conf.dtype), conf)
     if prob_threshold > 0:
         labels = torch.where(conf < prob_threshold, unlabeled, labels)
-    return labels.cpu().numpy(), conf.float().clamp(0, 1).cpu().numpy()
+    conf_out = confidence_to_u8(conf.clamp(0, 1)) if confidence_u8 else conf.float().clamp(0, 1)
+    labels_np, conf_np = to_host(labels, conf_out)
+    return labels_np, conf_np
+
+
+def _declare_shared_constraints() -> None:
+    # The shared nested configs (the CLIP spec, the LLM endpoint) are declared here, once.
+    from .llm_text import LLMConfig
+    from .models import _PRECISIONS, ModelSpec
+
+    declare_constraints(ModelSpec, precision=OneOf(_PRECISIONS))
+    declare_constraints(
+        LLMConfig,
+        timeout_s=Range(0, 600, lo_open=True), temperature=Range(0, 2), top_p=Range(0, 1, lo_open=True),
+        max_words=Range(1, 200), retry_after_s=Range(0, 86400), max_body_bytes=Range(1024, 16 << 20),
+    )
+
+
+_declare_shared_constraints()

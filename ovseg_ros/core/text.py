@@ -9,6 +9,7 @@ again; random-weight models get the memory cache only.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .models import ClipModel
+from .untrusted import atomic_write as _atomic_write
 from .vocabulary import VocabularyError
 
 log = logging.getLogger(__name__)
@@ -93,12 +95,21 @@ class TextEncoder:
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._disk: Optional[Path] = None
-        if cache_dir and clip.has_weights:
-            digest = hashlib.sha256(clip.key.encode()).hexdigest()[:24]
-            self._disk = Path(cache_dir).expanduser() / digest
-            self._disk.mkdir(parents=True, exist_ok=True)
-            (self._disk / "MODEL").write_text(clip.key + "\n")
+        self._dim: Optional[int] = _embedding_dim(clip.model)
         self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded_prompts": 0}
+        #: Disk entries refused by validation (corrupt, foreign, non-finite, not unit-norm) and evicted.
+        self.rejected_entries = 0
+        if cache_dir and clip.has_weights:
+            # clip.key holds a content hash of the weights file (models.file_content_hash), so another file
+            # at the same path, size and mtime gets another folder.
+            digest = hashlib.sha256(clip.key.encode()).hexdigest()[:24]
+            folder = Path(cache_dir).expanduser() / digest
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                _atomic_write(folder / "MODEL", (clip.key + "\n").encode())
+                self._disk = folder
+            except OSError as exc:
+                log.warning("text cache folder %s is not usable (%s); caching in memory only", folder, exc)
 
     # -- validation --------------------------------------------------------------------------------
     def check_context(self, texts: Sequence[str], what: str = "text") -> None:
@@ -115,10 +126,10 @@ class TextEncoder:
     # -- encoding ----------------------------------------------------------------------------------
     def encode_group(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), D) L2-normalised embeddings, float32 on the model's device."""
-        key = hashlib.sha256("\x1f".join(prompts).encode()).hexdigest()[:40]
+        key = prompt_key(prompts)
         with self._lock:
             hit = self._memory.get(key)
-            if hit is not None:
+            if hit is not None and hit.shape[0] == len(prompts):
                 self._memory.move_to_end(key)
                 self.stats["memory_hits"] += 1
                 return hit.to(self.clip.device)
@@ -126,7 +137,10 @@ class TextEncoder:
         if emb is None:
             self.check_context(prompts, "prompt")
             emb = self._encode(prompts).cpu()
-            self._save_disk(key, emb)
+            if self._dim is None:
+                self._dim = int(emb.shape[1])
+            if _embedding_problem(emb.numpy(), len(prompts), self._dim) is None:
+                self._save_disk(key, emb)  # a non-finite encoding (broken weights) is never cached
         else:
             self.stats["disk_hits"] += 1
         with self._lock:
@@ -158,20 +172,68 @@ class TextEncoder:
         if self._disk is None:
             return None
         path = self._disk / f"{key}.npy"
+        if not path.is_file():
+            return None
         try:
-            arr = np.load(path)
-        except (OSError, ValueError):
+            arr = np.load(path, allow_pickle=False)
+            problem = _embedding_problem(arr, n, self._dim)
+        except Exception as exc:  # noqa: BLE001  (truncated, not .npy, object arrays, ...)
+            problem = f"unreadable ({type(exc).__name__})"
+        if problem is not None:
+            # A corrupt or foreign entry is evicted and the group encoded again, never served.
+            self.rejected_entries += 1
+            log.warning("text cache entry %s rejected (%s); re-encoding", path.name, problem)
+            try:
+                path.unlink()
+            except OSError:
+                pass
             return None
-        if arr.ndim != 2 or arr.shape[0] != n:
-            return None
-        return torch.from_numpy(arr.astype(np.float32))
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
     def _save_disk(self, key: str, emb: torch.Tensor) -> None:
         if self._disk is None:
             return
-        tmp = self._disk / f".{key}.{threading.get_ident()}.tmp.npy"
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, emb.detach().cpu().numpy().astype(np.float32))
         try:
-            np.save(tmp, emb.detach().cpu().numpy().astype(np.float32))
-            tmp.replace(self._disk / f"{key}.npy")  # atomic: readers never see half a file
+            _atomic_write(self._disk / f"{key}.npy", buf.getvalue())
         except OSError as exc:
             log.warning("text cache write failed (%s); continuing without disk cache", exc)
+
+
+def prompt_key(prompts: Sequence[str]) -> str:
+    """Cache key of a prompt group: a hash of its JSON encoding, so no text can fake a group boundary
+    (joining with a separator made ``["a\x1fb"]`` and ``["a", "b"]`` the same key)."""
+    encoded = json.dumps(list(prompts), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+#: Tolerance on the L2 norm of a cached row (float32 round-off is ~1e-7; fp16 encoders ~1e-3).
+_NORM_TOLERANCE = 1e-2
+
+
+def _embedding_problem(arr: np.ndarray, n: int, dim: Optional[int]) -> Optional[str]:
+    """Why ``arr`` is not a valid (n, dim) block of L2-normalised float embeddings (None when it is)."""
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+        return f"dtype {getattr(arr, 'dtype', type(arr).__name__)} is not floating point"
+    if arr.ndim != 2 or arr.shape[0] != n or (dim is not None and arr.shape[1] != dim):
+        return f"shape {arr.shape} is not ({n}, {dim if dim is not None else 'D'})"
+    if not np.isfinite(arr).all():
+        return "non-finite values"
+    norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+    if np.abs(norms - 1.0).max(initial=0.0) > _NORM_TOLERANCE:
+        return "rows are not unit-norm"
+    return None
+
+
+def _embedding_dim(model: torch.nn.Module) -> Optional[int]:
+    """Width of the text embeddings of an open_clip model, when it says (None: learnt at the first encoding)."""
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.Tensor) and proj.ndim == 2:
+        return int(proj.shape[1])
+    if isinstance(proj, torch.nn.Linear):
+        return int(proj.out_features)
+    dim = getattr(getattr(model, "text", None), "output_dim", None)
+    return int(dim) if isinstance(dim, int) else None

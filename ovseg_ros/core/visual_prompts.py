@@ -281,3 +281,64 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
+# --- the authors' pixel path (CaR paper presets) ----------------------------------------------------------
+def reference_prompt(
+    image: np.ndarray,
+    mask: np.ndarray,
+    kinds: Sequence[str],
+    color: Sequence[int] = RED,
+    thickness: int = 1,
+    blur_size: int = 15,
+) -> np.ndarray:
+    """One prompted image exactly as the authors' ``apply_visual_prompts`` composes it: (H, W, 3) uint8 RGB
+    and a (H, W) 0/1 mask -> (H, W, 3) uint8, with OpenCV on uint8 (GaussianBlur, ``BGR2GRAY`` applied to the
+    RGB pixels as theirs, ``ellipse``/``rectangle``/``drawContours``). Slow (one mask at a time); the
+    batched torch path above is the fast one. An empty mask draws no outline (theirs fails on it)."""
+    import cv2
+
+    kinds = check_kinds(kinds)
+    out = np.ascontiguousarray(image, dtype=np.uint8).copy()
+    m = (np.asarray(mask) > 0).astype(np.uint8)
+    inside = m[:, :, None].astype(bool)
+    if "blur" in kinds:
+        out = np.where(inside, out, cv2.GaussianBlur(out, (blur_size, blur_size), 0))
+    if "gray" in kinds:
+        g = cv2.cvtColor(np.ascontiguousarray(out), cv2.COLOR_BGR2GRAY)
+        out = np.where(inside, out, np.repeat(g[:, :, None], 3, axis=2))
+    if "black" in kinds:
+        out = np.where(inside, out, 0).astype(np.uint8)
+    out = np.ascontiguousarray(out, dtype=np.uint8)
+    if not m.any() or not any(k in kinds for k in _OUTLINES):
+        return out
+    rows, cols = np.nonzero(m)
+    cy, cx = int(rows.mean()), int(cols.mean())
+    bh, bw = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+    col = tuple(int(c) for c in color)
+    if "circle" in kinds:
+        cv2.ellipse(out, (cx, cy), (bw // 2, bh // 2), 0, 0, 360, col, thickness)
+    if "rectangle" in kinds:
+        cv2.rectangle(out, (cx - bw // 2, cy - bh // 2), (cx + bw // 2, cy + bh // 2), col, thickness)
+    if "contour" in kinds:
+        from scipy.ndimage import binary_fill_holes
+
+        filled = binary_fill_holes(m).astype(np.uint8)
+        contours, _ = cv2.findContours(filled, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, col, thickness)
+    return out
+
+
+def reference_classifier_input(image: np.ndarray, size: int) -> np.ndarray:
+    """CLIP's stock preprocessing on a uint8 image as torchvision runs it on PIL: ``Resize(size, BICUBIC)``
+    (short side to ``size``, the long side truncated) with PIL, then ``CenterCrop(size)``: (size, size, 3)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    img = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    if (nh, nw) != (h, w):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return np.ascontiguousarray(arr[top:top + size, left:left + size])

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-import yaml
+from .untrusted import UntrustedInputError, load_yaml, read_text_file, short_repr
 
 #: Label value of "no class" in the core's int32 label maps. The ROS layer maps it to the
 #: vision_msgs convention (255 in mono8, 65535 in mono16).
@@ -28,6 +28,16 @@ MAX_CLASSES = 65534
 #: Longest accepted name/synonym/description in characters; the CLIP context check comes later,
 #: per model, when the text is tokenised.
 MAX_TEXT_CHARS = 1000
+
+#: Most texts of one ``query`` call, and the longest query text in characters: a query is encoded and
+#: segmented on demand, so its cost must be bounded (3000 texts took 45 s and 2.7 GB on the tiny model).
+MAX_QUERY_TEXTS = 64
+MAX_QUERY_TEXT_CHARS = 300
+
+#: Limits of a vocabulary file (bytes, YAML nodes with aliases expanded, nesting depth).
+MAX_VOCABULARY_FILE_BYTES = 4 << 20
+MAX_VOCABULARY_FILE_NODES = 500_000
+MAX_VOCABULARY_FILE_DEPTH = 8
 
 # Words that usually name amorphous regions ("stuff"). Used only when a request gives no thing/stuff
 # flag; FC-CLIP overrides this with COCO-panoptic membership.
@@ -133,12 +143,17 @@ class Vocabulary:
         for i, entry in enumerate(entries):
             if not isinstance(entry, str):
                 raise VocabularyError(f"class {i}: expected a string, got {type(entry).__name__}")
+            if len(entry) > MAX_TEXT_CHARS * 8:
+                raise VocabularyError(f"class {i}: the entry has {len(entry)} characters; at most "
+                                      f"{MAX_TEXT_CHARS * 8} are accepted")
             names = [n.strip() for n in entry.split(",")]
             if not names[0]:
-                raise VocabularyError(f"class {i} ({entry!r}): the name is empty")
+                raise VocabularyError(f"class {i} ({short_repr(entry)}): the name is empty")
             if any(not n for n in names[1:]):
-                raise VocabularyError(f"class {i} ({entry!r}): empty synonym (stray comma?)")
+                raise VocabularyError(f"class {i} ({short_repr(entry)}): empty synonym (stray comma?)")
             thing = bool(is_thing[i]) if is_thing else default_is_thing(names[0])
+            if descriptions and not isinstance(descriptions[i], str):
+                raise VocabularyError(f"class {i}: the description must be a string")
             desc = descriptions[i].strip() if descriptions else ""
             classes.append(ClassSpec(names[0], tuple(names[1:]), desc, thing, thing_explicit=bool(is_thing)))
         return cls(tuple(classes), revision=revision, source=source)
@@ -147,27 +162,41 @@ class Vocabulary:
     def from_mapping_list(cls, items: Iterable[Mapping | str], revision: int = 0, source: str = "") -> "Vocabulary":
         """Build from YAML-style items: a string ``"name, syn"`` or a mapping with keys
         ``name``, ``synonyms`` (list or comma string), ``description``, ``is_thing``."""
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+            raise VocabularyError(f"'classes' must be a list of classes, got {type(items).__name__}")
         classes = []
         for i, item in enumerate(items):
+            if i >= MAX_CLASSES:
+                raise VocabularyError(f"more than {MAX_CLASSES} classes; at most {MAX_CLASSES} are supported")
             if isinstance(item, str):
                 classes.append(Vocabulary.from_request([item]).classes[0])
                 continue
             if not isinstance(item, Mapping) or "name" not in item:
-                raise VocabularyError(f"class {i}: expected a string or a mapping with a 'name', got {item!r}")
-            unknown = set(item) - {"name", "synonyms", "description", "is_thing"}
+                raise VocabularyError(
+                    f"class {i}: expected a string or a mapping with a 'name', got {short_repr(item)}"
+                )
+            unknown = [k for k in item if k not in ("name", "synonyms", "description", "is_thing")]
             if unknown:
-                raise VocabularyError(f"class {i} ({item['name']!r}): unknown keys {sorted(unknown)}")
+                raise VocabularyError(f"class {i} ({short_repr(item['name'])}): unknown keys {short_repr(unknown)}")
+            name = _text_field(item["name"], i, "name")
             syn = item.get("synonyms", ())
+            if syn is None:
+                syn = ()
             if isinstance(syn, str):
-                syn = [s for s in syn.split(",")]
-            name = str(item["name"]).strip()
+                syn = syn.split(",")
+            if not isinstance(syn, (list, tuple)):
+                raise VocabularyError(f"class {i} ({short_repr(name)}): synonyms must be a list or a comma "
+                                      f"separated string, got {type(syn).__name__}")
             thing = item.get("is_thing")
+            if thing is not None and not isinstance(thing, bool):
+                raise VocabularyError(f"class {i} ({short_repr(name)}): is_thing must be true or false, "
+                                      f"got {short_repr(thing)}")
             classes.append(
                 ClassSpec(
-                    name,
-                    tuple(str(s).strip() for s in syn),
-                    str(item.get("description", "") or "").strip(),
-                    default_is_thing(name) if thing is None else bool(thing),
+                    name.strip(),
+                    tuple(_text_field(s, i, "synonym").strip() for s in syn),
+                    _text_field(item.get("description", "") or "", i, "description").strip(),
+                    default_is_thing(name) if thing is None else thing,
                     thing_explicit=thing is not None,
                 )
             )
@@ -178,6 +207,16 @@ class Vocabulary:
     def to_request(self) -> list[str]:
         """The inverse of :meth:`from_request` (``"name, syn, syn"`` per class)."""
         return [", ".join(c.names) for c in self.classes]
+
+
+def _text_field(value: object, i: int, what: str) -> str:
+    """A name/synonym/description from a file: strings, and plain numbers read by YAML (``- 7up`` is text,
+    ``- 1984`` an int); anything else (mappings, lists, dates) is refused rather than formatted whole."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise VocabularyError(f"class {i}: the {what} must be text, got {type(value).__name__} {short_repr(value)}")
 
 
 def name_key(name: str) -> str:
@@ -210,23 +249,39 @@ def _validate_classes(classes: Sequence[ClassSpec]) -> None:
     seen: dict[str, int] = {}
     for i, c in enumerate(classes):
         for text in itertools.chain(c.names, [c.description]):
+            if not isinstance(text, str):
+                raise VocabularyError(f"class {i}: names and descriptions must be text, got {type(text).__name__}")
             if len(text) > MAX_TEXT_CHARS:
                 raise VocabularyError(
-                    f"class {i} ({c.name[:40]!r}...): a text of {len(text)} characters exceeds {MAX_TEXT_CHARS}"
+                    f"class {i} ({short_repr(c.name[:40])}...): a text of {len(text)} characters exceeds "
+                    f"{MAX_TEXT_CHARS}"
                 )
             if any(ch in text for ch in "\x00\n\r"):
-                raise VocabularyError(f"class {i} ({c.name!r}): control characters are not allowed in names")
+                raise VocabularyError(
+                    f"class {i} ({short_repr(c.name)}): control characters are not allowed in names"
+                )
         if not c.name or not c.name.strip():
             raise VocabularyError(f"class {i}: the name is empty")
         if any(not s.strip() for s in c.synonyms):
-            raise VocabularyError(f"class {i} ({c.name!r}): empty synonym")
+            raise VocabularyError(f"class {i} ({short_repr(c.name)}): empty synonym")
         key = c.name.strip().lower()
         if key in seen:
             raise VocabularyError(
-                f"duplicate class name {c.name!r} (classes {seen[key]} and {i}); names must be unique, "
+                f"duplicate class name {short_repr(c.name)} (classes {seen[key]} and {i}); names must be unique, "
                 f"put alternative names as synonyms: 'person, people'"
             )
         seen[key] = i
+    # A text naming two classes (one's name is the other's synonym, or a shared synonym) makes the label of
+    # that text ambiguous: segmenters score every name and keep the best, so both classes would claim it.
+    owner: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        for text in dict.fromkeys(n.strip().lower() for n in c.names):
+            j = owner.setdefault(text, i)
+            if j != i:
+                raise VocabularyError(
+                    f"the name {short_repr(text)} is used by class {j} ({short_repr(classes[j].name)}) and by class "
+                    f"{i} ({short_repr(c.name)}); a name or synonym may belong to one class only"
+                )
 
 
 def vocabulary_from_texts(texts: Sequence[str], source: str = "query") -> Vocabulary:
@@ -235,18 +290,41 @@ def vocabulary_from_texts(texts: Sequence[str], source: str = "query") -> Vocabu
     Query texts may contain commas ("the red chair, left of the door"), so they are not split.
     Duplicates are allowed in queries; they are made unique by position.
     """
-    if len(texts) == 0:
-        raise VocabularyError("the query has no texts")
+    check_query_texts(texts)
     classes = []
     for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise VocabularyError(f"query text {i} is empty")
         classes.append(ClassSpec(name=t.strip(), is_thing=True))
     names = [c.name.lower() for c in classes]
     if len(set(names)) != len(names):
         classes = [replace(c, name=f"{c.name} #{i}") if names.count(c.name.lower()) > 1 else c
                    for i, c in enumerate(classes)]
     return Vocabulary(tuple(classes), source=source)
+
+
+def check_query_texts(texts: Sequence[str]) -> None:
+    """Refuse a query before any work: no texts, more than :data:`MAX_QUERY_TEXTS`, a text that is empty,
+    not a string, longer than :data:`MAX_QUERY_TEXT_CHARS`, or holding control characters.
+
+    Raises:
+        VocabularyError: the reason.
+    """
+    try:
+        n = len(texts)
+    except TypeError:
+        raise VocabularyError(f"the query texts must be a list, got {type(texts).__name__}") from None
+    if n == 0:
+        raise VocabularyError("the query has no texts")
+    if n > MAX_QUERY_TEXTS:
+        raise VocabularyError(f"the query has {n} texts; at most {MAX_QUERY_TEXTS} are accepted per call")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise VocabularyError(f"query text {i} is empty")
+        if len(t) > MAX_QUERY_TEXT_CHARS:
+            raise VocabularyError(
+                f"query text {i} has {len(t)} characters; at most {MAX_QUERY_TEXT_CHARS} are accepted"
+            )
+        if any(ch in t for ch in "\x00\n\r"):
+            raise VocabularyError(f"query text {i} contains control characters")
 
 
 def merge_descriptions(vocabulary: Vocabulary, descriptions: Mapping[str, str]) -> Vocabulary:
@@ -263,14 +341,17 @@ def load_vocabulary_file(path: str | Path, revision: int = 0) -> Vocabulary:
     """Read a vocabulary YAML (``classes:`` list of strings or mappings, see ``config/vocabularies``)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise VocabularyError(f"vocabulary file {path} does not exist") from exc
-    except yaml.YAMLError as exc:
-        raise VocabularyError(f"vocabulary file {path} is not valid YAML: {exc}") from exc
+        text = read_text_file(path, "vocabulary file", max_bytes=MAX_VOCABULARY_FILE_BYTES)
+        data = load_yaml(text, f"vocabulary file {path}", max_bytes=MAX_VOCABULARY_FILE_BYTES,
+                         max_nodes=MAX_VOCABULARY_FILE_NODES, max_depth=MAX_VOCABULARY_FILE_DEPTH)
+    except UntrustedInputError as exc:
+        raise VocabularyError(str(exc)) from None
     if not isinstance(data, Mapping) or "classes" not in data:
         raise VocabularyError(f"vocabulary file {path} must be a mapping with a 'classes' list")
-    return Vocabulary.from_mapping_list(data["classes"], revision=revision, source=path.stem)
+    try:
+        return Vocabulary.from_mapping_list(data["classes"], revision=revision, source=path.stem)
+    except VocabularyError as exc:
+        raise VocabularyError(f"vocabulary file {path}: {exc}") from None
 
 
 # --- vocabulary presets ------------------------------------------------------------------------------
@@ -283,7 +364,7 @@ def vocabulary_preset_dirs() -> list[Path]:
 
         try:
             dirs.append(Path(get_package_share_directory("ovseg_ros")) / "config" / "vocabularies")
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError, ValueError):  # OSError: no AMENT_PREFIX_PATH (not a ROS shell)
             pass
     except ImportError:
         pass

@@ -15,18 +15,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from sensor_msgs.msg import CompressedImage, Image
 
 from . import messages
-from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge, numpy_to_image
+from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge
 from .diagnostics import CameraStats
 from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason
 from .mailbox import Frame, LatestFrameMailbox
-from .qos import latched_qos, output_qos  # noqa: F401  (latched_qos: re-exported for the node)
-
-#: Output name -> (message type factory, topic relative to the camera's output prefix)
-IMAGE_OUTPUTS = ("labels", "confidence", "color", "overlay")
-
+from .points import PointsOptions, SemanticPointsOutput
+from .qos import output_qos
 
 @dataclass(frozen=True)
 class CameraSpec:
@@ -63,6 +61,10 @@ class Camera:
         self.subs: list[Any] = []
         self.extras: list[Any] = []  # optional per-camera outputs (e.g. the semantic point cloud)
         self.max_pixels: Callable[[], int] = lambda: 4096 * 4096
+        # One group per camera: cameras convert in parallel, each camera's frames in order.
+        self.callback_group = MutuallyExclusiveCallbackGroup()
+        self.depth_group = MutuallyExclusiveCallbackGroup()
+        self.points: Optional[SemanticPointsOutput] = None  # ~/semantic/points (publish_points)
 
     # --- outputs (configure .. cleanup) --------------------------------------------------------------
     def create_outputs(self) -> None:
@@ -112,11 +114,22 @@ class Camera:
                 CompressedImage, f"{topic}/compressed", on_compressed, qos, callback_group=group,
                 event_callbacks=events))
 
+    def start_points(self, qos: Any, options: PointsOptions) -> None:
+        """Subscribe ``depth/image`` + ``depth/camera_info`` and publish ``semantic/points`` (activate)."""
+        p = self.spec.input_prefix
+        self.points = SemanticPointsOutput(self.node, f"{p}depth/image", f"{p}depth/camera_info",
+                                           f"{self.spec.output_prefix}semantic/points", qos, self.depth_group, options)
+        depth, info, cloud = self.points.topics
+        self.node.get_logger().info(f"semantic points: {depth} + {info} -> {cloud}")
+
     def unsubscribe(self) -> None:
         self.mailbox.close()
         for sub in self.subs:
             _quietly(lambda s=sub: self.node.destroy_subscription(s))
         self.subs = []
+        if self.points is not None:
+            _quietly(self.points.destroy)
+            self.points = None
         self.mailbox.clear()
 
     @property
@@ -157,10 +170,6 @@ class Camera:
         self.stats.refuse(why)
         where = f" on camera {self.spec.name}" if self.spec.name else ""
         self.node.get_logger().warning(f"frame refused{where}: {why}", throttle_duration_sec=LOG_THROTTLE_S)
-
-
-def image_msg(arr: np.ndarray, encoding: str, header: Any) -> Any:
-    return numpy_to_image(arr, encoding, header)
 
 
 def _quietly(fn: Callable[[], Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import cv2
 import numpy as np
 from sensor_msgs.msg import RegionOfInterest
 
@@ -20,7 +21,8 @@ from ovseg_ros.msg import (
     VocabularyClass,
 )
 
-from ..core.vocabulary import UNLABELED, Vocabulary
+from ..core.postprocess import class_codes
+from ..core.vocabulary import Vocabulary
 from .conversions import numpy_to_image
 
 MONO8_MAX_CLASSES = 255
@@ -31,25 +33,55 @@ def label_encoding(num_classes: int) -> tuple[str, int]:
     return ("mono8", 255) if num_classes <= MONO8_MAX_CLASSES else ("mono16", 65535)
 
 
+def nav2_vocabulary_error(num_classes: int, nav2_compatible: bool) -> Optional[str]:
+    """Why a vocabulary of ``num_classes`` is refused in Nav2 mode (None when accepted).
+
+    Nav2's semantic_segmentation_layer reads the mask as one byte per pixel and stores class ids as uint8:
+    mono16 labels (more than 255 classes) would be read as garbage, so ``nav2_compatible`` keeps them mono8.
+    """
+    if nav2_compatible and num_classes > MONO8_MAX_CLASSES:
+        return (f"nav2_compatible is on: {num_classes} classes would need mono16 labels, but Nav2's "
+                f"semantic_segmentation_layer reads one byte per pixel (at most {MONO8_MAX_CLASSES} classes); "
+                "use fewer classes or set nav2_compatible to false")
+    return None
+
+
 def encode_labels(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, str]:
-    """(H, W) int32 core labels (-1 unlabeled) -> (uint8 or uint16 array, encoding)."""
-    encoding, unlabeled = label_encoding(num_classes)
+    """(H, W) int32 core labels (-1 unlabeled) -> (uint8 or uint16 array, encoding).
+
+    One narrowing cast: -1 wraps to 255 / 65535, the unlabeled ids. Labels already in the wire dtype
+    (a segmenter that produced them so) are returned as they are.
+    """
+    encoding, _ = label_encoding(num_classes)
     dtype = np.uint8 if encoding == "mono8" else np.uint16
-    out = labels.astype(dtype)  # -1 wraps to the max value ...
-    out[labels == UNLABELED] = unlabeled  # ... but say it explicitly
-    return out, encoding
+    if labels.dtype == dtype:
+        return labels, encoding
+    return labels.astype(dtype), encoding
 
 
 def encode_confidence(confidence: np.ndarray) -> np.ndarray:
-    """(H, W) float in [0, 1] -> mono8 0..255."""
-    return np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+    """(H, W) float in [0, 1] -> mono8 0..255 (round half to even, saturated); uint8 passes through."""
+    if confidence.dtype == np.uint8:
+        return confidence
+    if confidence.dtype not in (np.float32, np.float64) or confidence.ndim != 2:
+        return np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+    # One pass: OpenCV rounds to nearest even and saturates to 0..255 while scaling.
+    return cv2.multiply(confidence, 255.0, dtype=cv2.CV_8U)
 
 
 def class_areas(labels: np.ndarray, num_classes: int) -> tuple[list[int], list[int]]:
     """(present class ids, pixel count of each), in one linear pass (no sort)."""
-    counts = np.bincount(labels.ravel().astype(np.int64) + 1, minlength=num_classes + 1)[1:]
-    present = np.nonzero(counts)[0]
-    return [int(c) for c in present], [int(counts[c]) for c in present]
+    codes = class_codes(labels, num_classes)
+    if codes is not None:  # byte histogram (OpenCV's is exact while the image has < 2**24 pixels)
+        if codes.size < 2**24:
+            counts = cv2.calcHist([codes], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+        else:
+            counts = np.bincount(codes.ravel(), minlength=256)
+        counts = counts[:min(num_classes, 255)]
+    else:
+        counts = np.bincount(labels.ravel().astype(np.int64) + 1, minlength=num_classes + 1)[1:num_classes + 1]
+    present = np.flatnonzero(counts)
+    return present.tolist(), counts[present].tolist()
 
 
 def vocabulary_msg(

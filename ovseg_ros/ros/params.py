@@ -11,16 +11,14 @@ activate (they shape the subscriptions), all others at the next configure (they 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import yaml
-
-from ..core.vocabulary import find_vocabulary_preset, list_vocabulary_presets  # noqa: F401  (re-exported)
+from ..core.untrusted import UntrustedInputError, load_yaml, short_repr
+from ..core.vocabulary import MAX_QUERY_TEXTS, find_vocabulary_preset, list_vocabulary_presets  # noqa: F401
 from .qos import RELIABILITIES
 
 #: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
@@ -28,13 +26,21 @@ DEFAULT_SEGMENTER = "itaclip"
 #: Preset used when the ``preset`` parameter is empty: the first of these the method has.
 AUTO_PRESETS = ("realtime", "default")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")  # fullmatch: "cpu\n" is refused
+#: Longest ``segmenter_options`` text, and its YAML limits (nodes with aliases expanded, depth).
+MAX_OPTIONS_BYTES = 64 * 1024
+MAX_OPTIONS_NODES = 10_000
+MAX_OPTIONS_DEPTH = 8
 #: The core's check_image refuses more than this; the node's limit cannot be larger.
 MAX_PIXELS_LIMIT = 8192 * 8192
 
+#: Longest refusal reason returned by :func:`validate`.
+MAX_REASON_CHARS = 1000
+
 LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "max_vocabulary_classes",
                   "vocabulary_timeout", "max_query_texts"})
-ON_ACTIVATE = frozenset({"image_reliability", "use_compressed"})
+ON_ACTIVATE = frozenset({"image_reliability", "use_compressed", "publish_points", "min_depth", "max_depth",
+                         "points_rgb", "depth_slop"})
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ def _check_segmenter(value: str, values: Mapping[str, Any]) -> Optional[str]:
     from ..core.segmenter import list_segmenters
 
     known = list_segmenters()
-    return None if value in known else f"unknown segmenter {value!r}; available: {', '.join(known)}"
+    return None if value in known else f"unknown segmenter {short_repr(value)}; available: {', '.join(known)}"
 
 
 def _check_preset(value: str, values: Mapping[str, Any]) -> Optional[str]:
@@ -68,12 +74,14 @@ def _check_preset(value: str, values: Mapping[str, Any]) -> Optional[str]:
     name = values.get("segmenter", "")
     presets = list_presets(name)
     if value not in presets:
-        return f"segmenter {name!r} has no preset {value!r}; available: {', '.join(presets) or 'none'}"
+        return f"segmenter {short_repr(name)} has no preset {short_repr(value)}; available: {', '.join(presets) or 'none'}"
     return None
 
 
 def _check_device(value: str, values: Mapping[str, Any]) -> Optional[str]:
-    return None if _DEVICE_RE.match(value) else f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
+    if isinstance(value, str) and _DEVICE_RE.fullmatch(value):
+        return None
+    return f"device must be auto, cpu, cuda or cuda:N, got {short_repr(value)}"
 
 
 def _check_vocabulary(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
@@ -89,22 +97,41 @@ def _check_vocabulary(value: Sequence[str], values: Mapping[str, Any]) -> Option
 
 
 def _check_vocabulary_file(value: str, values: Mapping[str, Any]) -> Optional[str]:
-    if value and not Path(os.path.expanduser(value)).is_file():
-        return f"vocabulary_file {value!r} does not exist"
+    if not value:
+        return None
+    path = Path(os.path.expanduser(value))
+    if path.is_dir():
+        return f"vocabulary_file {short_repr(value)} is a directory; expected a YAML file with a 'classes' list"
+    if not path.is_file():
+        return f"vocabulary_file {short_repr(value)} does not exist"
     return None
 
 
 def _check_vocabulary_preset(value: str, values: Mapping[str, Any]) -> Optional[str]:
     if not value or find_vocabulary_preset(value):
         return None
-    return f"unknown vocabulary_preset {value!r}; available: {', '.join(list_vocabulary_presets()) or 'none'}"
+    return f"unknown vocabulary_preset {short_repr(value)}; available: {', '.join(list_vocabulary_presets()) or 'none'}"
 
 
 def _check_options(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    """Parse the options and build the segmenter's config from them (no model): bad values are refused now,
+    with the reason, instead of failing the next configure."""
     try:
-        parse_options(value)
+        options = parse_options(value)
     except ValueError as exc:
         return str(exc)
+    name = values.get("segmenter", "")
+    if not options or not isinstance(name, str) or _check_segmenter(name, values) is not None:
+        return None  # the segmenter's own check reports an unknown segmenter
+    from ..core.segmenter import ConfigError, check_overrides
+
+    preset = values.get("preset", "")
+    if not isinstance(preset, str) or _check_preset(preset, values) is not None:
+        preset = ""
+    try:
+        check_overrides(name, preset or _auto_preset(name), options)
+    except (ConfigError, KeyError) as exc:
+        return str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     return None
 
 
@@ -117,10 +144,22 @@ def _check_cameras(value: Sequence[str], values: Mapping[str, Any]) -> Optional[
         return f"at most 16 cameras per node, got {len(names)}"
     for name in names:
         if not isinstance(name, str) or not _CAMERA_RE.fullmatch(name):
-            return f"camera name {str(name)[:40]!r} is not a relative ROS name (letters, digits, _ and /)"
+            return f"camera name {short_repr(name)} is not a relative ROS name (letters, digits, _ and /)"
     if len(set(names)) != len(names):
         return "camera names must be unique"
     return None
+
+
+def _auto_preset(segmenter: str) -> str:
+    from ..core.segmenter import list_presets
+
+    available = list_presets(segmenter)
+    return next((p for p in AUTO_PRESETS if p in available), "")
+
+
+def _check_depth_range(value: float, values: Mapping[str, Any]) -> Optional[str]:
+    lo, hi = values.get("min_depth", 0.1), values.get("max_depth", 10.0)
+    return None if lo < hi else f"min_depth ({lo}) must be smaller than max_depth ({hi})"
 
 
 PARAMS: tuple[ParamSpec, ...] = (
@@ -162,22 +201,58 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("vocabulary_timeout", 60.0, "float", "Seconds a ~/set_vocabulary or ~/query call waits for its "
               "encoding/inference; past it the request is abandoned and the vocabulary stays unchanged.",
               range=(0.1, 3600.0)),
-    ParamSpec("max_query_texts", 64, "int", "~/query refuses requests with more texts.", range=(1, 1024)),
+    ParamSpec("max_query_texts", MAX_QUERY_TEXTS, "int", "~/query refuses requests with more texts.",
+              range=(1, MAX_QUERY_TEXTS)),
     ParamSpec("segmenter_options", "", "str", "YAML/JSON mapping of segmenter options merged onto the preset, "
               "e.g. '{short_side: 224, templates: photo}'.", check=_check_options),
+    ParamSpec("publish_points", False, "bool", "Publish ~/semantic/points, the organised semantic point cloud "
+              "pixel-aligned with the labels, from depth/image (registered to the colour camera; 16UC1 mm or "
+              "32FC1 m) and depth/camera_info."),
+    ParamSpec("min_depth", 0.1, "float", "Depth below this (m) gives NaN points.", range=(0.0, 1000.0),
+              check=_check_depth_range),
+    ParamSpec("max_depth", 10.0, "float", "Depth beyond this (m) gives NaN points.", range=(0.001, 1000.0),
+              check=_check_depth_range),
+    ParamSpec("points_rgb", False, "bool", "Add the camera colour as a packed 'rgb' field to ~/semantic/points."),
+    ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
+              "paired with it.", range=(0.0, 10.0)),
+    ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
+              "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 
 
+_PY_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float)}
+
+
 def validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
-    """Reason why ``value`` is invalid for parameter ``name`` (None when valid)."""
+    """Reason why ``value`` is invalid for parameter ``name`` (None when valid).
+
+    Never raises: a check that fails unexpectedly is itself a refusal (with the exception named), because
+    this runs in rclpy's parameter callback, where an escaping exception kills the process.
+    """
+    try:
+        reason = _validate(name, value, values)
+        # Bounded: a reason goes into a parameter-set reply and the logs.
+        return reason if reason is None or len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+    except Exception as exc:  # noqa: BLE001  (any input must end in a reason, never in a traceback)
+        return f"{name}: value {short_repr(value)} could not be checked ({type(exc).__name__}: {short_repr(str(exc))})"
+
+
+def _validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
     spec = SPECS.get(name)
     if spec is None:
         return None
+    if spec.type == "list":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return f"{name} must be a list of strings, got {short_repr(value)}"
+    elif not isinstance(value, _PY_TYPES[spec.type]) or (spec.type in ("int", "float") and isinstance(value, bool)):
+        return f"{name} must be of type {spec.type}, got {type(value).__name__} {short_repr(value)}"
+    if spec.type == "float" and value != value:  # NaN compares unequal to itself
+        return f"{name} must be a finite number, got {value!r}"
     if spec.choices and value not in spec.choices:
-        return f"{name} must be one of {', '.join(spec.choices)}, got {value!r}"
+        return f"{name} must be one of {', '.join(spec.choices)}, got {short_repr(value)}"
     if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
-        return f"{name} must be in [{spec.range[0]}, {spec.range[1]}], got {value!r}"
+        return f"{name} must be in [{spec.range[0]}, {spec.range[1]}], got {short_repr(value)}"
     if spec.check is not None:
         reason = spec.check(value, values)
         if reason:
@@ -186,28 +261,43 @@ def validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
 
 
 def validate_all(values: Mapping[str, Any]) -> list[str]:
-    """Every reason why the set of ``values`` is invalid."""
+    """Every reason why the set of ``values`` is invalid (never raises, see :func:`validate`)."""
     reasons = []
-    for spec in PARAMS:
-        if spec.name in values:
-            reason = validate(spec.name, values[spec.name], values)
-            if reason:
-                reasons.append(reason)
+    try:
+        items = [(spec.name, values[spec.name]) for spec in PARAMS if spec.name in values]
+    except Exception as exc:  # noqa: BLE001  (a broken mapping)
+        return [f"parameters could not be read ({type(exc).__name__}: {short_repr(str(exc))})"]
+    for name, value in items:
+        reason = validate(name, value, values)
+        if reason:
+            reasons.append(reason)
     return reasons
 
 
-def parse_options(text: str) -> dict[str, Any]:
-    """``segmenter_options``: empty, or a YAML/JSON mapping."""
-    if not text or not text.strip():
+def parse_options(text: Any) -> dict[str, Any]:
+    """``segmenter_options``: empty, or a YAML/JSON mapping with string keys.
+
+    Raises:
+        ValueError: (an :class:`~ovseg_ros.core.untrusted.UntrustedInputError`) not a string, too large, too
+            many nodes or too deep (alias bombs), invalid YAML, or not a mapping; the input is never
+            formatted whole in the message.
+    """
+    if not isinstance(text, str):
+        raise UntrustedInputError(f"segmenter_options must be a string, got {type(text).__name__}")
+    if not text.strip():
         return {}
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"segmenter_options is not valid YAML/JSON: {exc}") from exc
+    data = load_yaml(text, "segmenter_options", max_bytes=MAX_OPTIONS_BYTES, max_nodes=MAX_OPTIONS_NODES,
+                     max_depth=MAX_OPTIONS_DEPTH)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"segmenter_options must be a mapping, got {json.dumps(data)[:80]}")
+        raise UntrustedInputError(
+            f"segmenter_options must be a mapping such as '{{short_side: 224}}', got {type(data).__name__} "
+            f"{short_repr(data)}"
+        )
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise UntrustedInputError(f"segmenter_options keys must be option names, got {short_repr(bad[0])}")
     return data
 
 
@@ -241,6 +331,12 @@ class NodeConfig:
     vocabulary_timeout: float
     max_query_texts: int
     segmenter_options: str
+    publish_points: bool = False
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+    points_rgb: bool = False
+    depth_slop: float = 0.05
+    nav2_compatible: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -270,7 +366,11 @@ class NodeConfig:
         cls = get_segmenter_class(self.segmenter)
         key = cls.primary_model_field  # "model"; CaR's is its CAM model
         overrides = dict(self.options)
-        model: dict[str, Any] = dict(overrides.get(key) or {})
+        given = overrides.get(key) or {}
+        if not isinstance(given, Mapping):
+            raise ValueError(f"segmenter_options: {key!r} must be a mapping such as '{{{key}: {{name: ...}}}}', "
+                             f"got {short_repr(given)}")
+        model: dict[str, Any] = dict(given)
         if self.model:
             model["name"] = self.model
             # The preset's tag belongs to the preset's architecture.

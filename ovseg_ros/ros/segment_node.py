@@ -30,7 +30,7 @@ import time
 from typing import Any, Optional
 
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
@@ -57,6 +57,7 @@ from .params import (
     validate_all,
 )
 from .pipeline import Item, Pipeline
+from .points import PointsOptions
 from .qos import input_qos, latched_qos
 from .vocabulary_service import Binding, VocabularyService
 
@@ -87,7 +88,6 @@ class SegmentNode(LifecycleNode):
         self._last_transition_error = ""
         self._bridge = make_cv_bridge()
 
-        self._cb_image = MutuallyExclusiveCallbackGroup()
         self._cb_services = ReentrantCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
         self.vocab = VocabularyService(self, self._publish_lock)
@@ -194,6 +194,9 @@ class SegmentNode(LifecycleNode):
             cfg = NodeConfig.from_values(values)
             device = resolve_device(cfg.device)
             vocabulary = self._initial_vocabulary(cfg)
+            nav2_reason = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
+            if nav2_reason:
+                raise VocabularyError(nav2_reason)
             preset = cfg.resolved_preset()
             self.get_logger().info(f"loading segmenter {cfg.segmenter!r} (preset {preset or '-'!r}) on {device}")
             segmenter = build_segmenter(
@@ -213,6 +216,7 @@ class SegmentNode(LifecycleNode):
         for cam in self._cameras:
             cam.max_pixels = lambda: int(self.get_parameter("max_image_pixels").value)
             cam.create_outputs()
+        self.vocab.check_vocabulary = lambda v: messages.nav2_vocabulary_error(len(v), cfg.nav2_compatible)
         self.vocab.install(segmenter, vocab_state, cfg.segmenter, identity)
         if cfg.diagnostics_period != self._diag_period:
             self.destroy_timer(self._diag_timer)
@@ -232,14 +236,18 @@ class SegmentNode(LifecycleNode):
                 return self._fail("the previous inference is still running; try activate again later", "activate")
         cfg = NodeConfig.from_values(current_values(self))  # ON_ACTIVATE parameters may have changed
         try:
-            self._move_model(self._device)
             qos = input_qos(cfg.image_reliability)
+            points = PointsOptions(cfg.min_depth, cfg.max_depth, cfg.points_rgb, cfg.depth_slop,
+                                   cfg.max_image_pixels) if cfg.publish_points else None
+            self._move_model(self._device)
         except Exception as exc:  # noqa: BLE001
             return self._fail(reason(exc), "activate")
         events = _qos_advice(self, cfg.image_reliability)
         self._frames_ready.clear()
         for cam in self._cameras:
-            cam.subscribe(qos, cfg.use_compressed, self._cb_image, events)
+            cam.subscribe(qos, cfg.use_compressed, cam.callback_group, events)
+            if points is not None:
+                cam.start_points(qos, points)
         self._pipeline = Pipeline(self, self._cameras, self._frames_ready, lambda: self.vocab.binding,
                                   self._publish_item, self.errors)
         self._pipeline.start()
@@ -352,6 +360,10 @@ class SegmentNode(LifecycleNode):
                     cam.stats.stale += 1
                 return
             cam.publish(outputs)
+            if cam.points is not None:  # never raises; counts and logs its own refusals
+                labels = item.result.labels
+                cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
+                                   unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1])
         t2 = time.perf_counter()
         with cam.stats.lock:
             cam.stats.processed += 1
@@ -396,12 +408,19 @@ class SegmentNode(LifecycleNode):
                 total_rates[k] = total_rates.get(k, 0.0) + v
             level, message = status_level(configured, active, self._last_transition_error, rates,
                                           kv["last_refusal_reason"], error_age, last_error)
+            points = cam.points
+            if points is not None:
+                kv.update(points.diagnostics())
+                problem = points.health()
+                if problem and level == DiagnosticStatus.OK:
+                    level, message = DiagnosticStatus.WARN, problem
             if len(self._cameras) == 1:
                 node_kv.update(kv)  # one camera: one status, as before
             else:
                 statuses.append(make_status(f"{base}: camera {cam.spec.name}", hw, level, message, kv))
-        level, message = status_level(configured, active, self._last_transition_error, total_rates,
-                                      node_kv.get("last_refusal_reason", ""), error_age, last_error)
+        if len(self._cameras) != 1:
+            level, message = status_level(configured, active, self._last_transition_error, total_rates,
+                                          node_kv.get("last_refusal_reason", ""), error_age, last_error)
         statuses.insert(0, make_status(f"{base}: segmentation", hw, level, message, node_kv))
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -508,7 +527,10 @@ def main(args: Optional[list[str]] = None) -> int:
     code = 0
     try:
         node = SegmentNode()
-        executor = MultiThreadedExecutor(num_threads=6)
+        # Threads: one per camera's image callbacks, services (a waiting set_vocabulary and query), lifecycle,
+        # diagnostics, and one spare.
+        cameras = len(current_values(node)["cameras"]) or 1
+        executor = MultiThreadedExecutor(num_threads=5 + cameras)
         executor.add_node(node)
         # Autostart before spinning: the node is seen "active" (or failed) by the time it answers get_state.
         if node.autostart and not stop.is_set():

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..core.vocabulary import Vocabulary, VocabularyError
+from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
 from .guard import reason
@@ -236,6 +236,11 @@ class VocabularyService:
             return resp
         if len(texts) > max_texts:
             resp.message = f"{len(texts)} texts; at most {max_texts} (max_query_texts) per query"
+            return resp
+        try:
+            check_query_texts(texts)
+        except VocabularyError as exc:
+            resp.message = reason(exc)
             return resp
         if req.image.width == 0 and req.image.height == 0:
             frame = self.latest_frame()

@@ -61,8 +61,10 @@ def direct_gradcam(clip, x, text_all, target, scale=100.0):
     a = saved["a"].detach()[0, 1:]
     w = g[0, 1:].mean(0)
     cam = torch.relu(a @ w).reshape(grid)
-    cam = cam - cam.min()
-    return cam / (cam.max() + 1e-7)
+    for _ in range(2):  # pytorch-grad-cam scales per layer and again after aggregating (CLIP-ES and CaR)
+        cam = cam - cam.min()
+        cam = cam / (cam.max() + 1e-7)
+    return cam
 
 
 def test_prepare_image_rounds_up_to_patch_multiples(clip) -> None:

@@ -123,20 +123,30 @@ def test_loop_terminates_shrinks_monotonically_and_respects_the_bound(seed: int)
         assert set(res.queries) <= sets[-1] and len(res.queries) >= 1
 
 
-def test_empty_first_step_pairs_the_best_query_with_its_own_proposal() -> None:
-    diags = {(0, 1, 2): [0.1, 0.25, 0.2]}
-    fixed = run_recurrence(3, _proposals([]), _fixed(diags), 0.3, fix_empty_first_step=True)
-    ref = run_recurrence(3, _proposals([]), _fixed(diags), 0.3, fix_empty_first_step=False)
-    assert fixed.queries == ref.queries == [1] and fixed.scores.tolist() == ref.scores.tolist() == [0.0]
-    assert float(fixed.proposals[0, 0, 0]) == pytest.approx(0.2)  # query 1's own proposal
-    assert float(ref.proposals[0, 0, 0]) == pytest.approx(0.1)  # the reference's mismatch: proposal of query 0
+def test_empty_first_step_continues_with_the_best_query_as_the_authors_loop() -> None:
+    """Issue 11: the authors' ``_filter_texts`` appends the best query to the survivor list in place, so it
+    counts as a positive and step 2 runs on it alone (scoring 1 in a softmax over one query)."""
+    diags = {(0, 1, 2): [0.1, 0.25, 0.2], (1,): [1.0]}
+    calls: list = []
+    res = run_recurrence(3, _proposals(calls), _fixed(diags), 0.6)
+    assert [c[0] for c in calls] == [(0, 1, 2), (1,)]  # the old loop stopped after step 1
+    assert res.queries == [1] and res.scores.tolist() == [1.0]
+    assert float(res.proposals[0, 0, 0]) == pytest.approx(0.2)  # query 1's step-2 proposal
+    assert [s.survivors for s in res.steps] == [(1,), (1,)]
 
 
-def test_later_empty_step_keeps_the_best_and_stops() -> None:
+def test_later_empty_step_continues_with_the_best_until_the_count_settles() -> None:
+    """Step 2 keeps nobody: the best (query 0) is kept and counted (1 != 2), so step 3 runs on it; there it
+    fails θ again but is kept and counted again (1 == 1): stop, query 0 with its own score (as all_scores)."""
     diags = {(0, 1, 2): [0.5, 0.6, 0.1], (0, 1): [0.2, 0.1], (0,): [0.25]}
     res = run_recurrence(3, _proposals([]), _fixed(diags), 0.3)
     assert [s.queries for s in res.steps] == [(0, 1, 2), (0, 1), (0,)]
-    assert res.queries == [0] and res.scores.tolist() == [0.0]
+    assert res.queries == [0] and res.scores.tolist() == [0.25]
+
+
+def test_all_zero_scores_stop_at_once() -> None:
+    res = run_recurrence(2, _proposals([]), _fixed({(0, 1): [0.0, 0.0]}), 0.3)
+    assert len(res.steps) == 1 and res.scores.tolist() == [0.0, 0.0]
 
 
 def test_max_steps_caps_and_zero_scores_the_dropped() -> None:
@@ -146,20 +156,25 @@ def test_max_steps_caps_and_zero_scores_the_dropped() -> None:
     assert step_limit(10) == 11 and step_limit(10, 3) == 3 and step_limit(2, 9) == 3
 
 
-def test_all_zero_proposals_reuse_the_previous_rows_of_the_live_queries() -> None:
-    def propose(active: list[int], step: int) -> torch.Tensor:
-        if step == 1:
-            return torch.stack([torch.full((2, 2), float(q + 1)) for q in active])
-        return torch.zeros((len(active), 2, 2))
+def _zero_after_step_1(active: list[int], step: int) -> torch.Tensor:
+    if step == 1:
+        return torch.stack([torch.full((2, 2), float(q + 1)) for q in active])
+    return torch.zeros((len(active), 2, 2))
 
+
+def test_all_zero_proposals_are_scored_as_proposed_then_replaced_by_the_live_rows() -> None:
     seen = []
 
     def score(props: torch.Tensor, active: list[int]) -> torch.Tensor:
         seen.append(props[:, 0, 0].tolist())
         return torch.eye(len(active)) * (0.9 if len(active) < 3 else torch.tensor([0.9, 0.1, 0.9]))
 
-    res = run_recurrence(3, propose, score, 0.3)
-    assert seen[1] == [1.0, 3.0] and res.queries == [0, 2]
+    res = run_recurrence(3, _zero_after_step_1, score, 0.3)
+    assert seen[1] == [0.0, 0.0]  # the authors score the empty proposals (unprompted images)
+    assert res.queries == [0, 2] and res.proposals[:, 0, 0].tolist() == [1.0, 3.0]  # fix: the live rows
+    ref = run_recurrence(3, _zero_after_step_1, score, 0.3, reuse_whole_stack=True)
+    # the authors' code keeps the whole previous stack: row 1 (query 1's) is paired with query 2
+    assert ref.queries == [0, 2] and ref.proposals[:, 0, 0].tolist() == [1.0, 2.0, 3.0]
 
 
 # --- refinement, painting, merging ------------------------------------------------------------------------

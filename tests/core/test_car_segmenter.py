@@ -216,6 +216,21 @@ def test_external_mask_source_snaps_masks(classifier_checkpoint: Path, rgb_image
         seg.segment(rgb_image)
 
 
+def test_nobody_passing_step_1_continues_with_the_best_class(classifier_checkpoint: Path, rgb_image: np.ndarray) -> None:
+    """Issue 11: as the authors' loop, an empty first step keeps the best class and runs step 2 on it alone
+    (where it scores 1); the old loop stopped there and labelled nothing."""
+    boxes = {"red": (0, 30, 0, 40), "blue": (30, 60, 40, 80), "green": (20, 40, 30, 50)}
+    seg = _scripted(classifier_checkpoint, boxes, confidence_threshold=0.9, crf=False,
+                    templates=["a photo of a {}."], classifier_logit_scale=1.0)  # scores near 1/3 each
+    seg.set_vocabulary(Vocabulary.from_request(["red", "blue", "green"]))
+    r = seg.segment(rgb_image)
+    steps = seg.last_loops[0].steps
+    assert max(steps[0].scores) <= 0.9 and len(steps) == 2 and len(steps[1].queries) == 1
+    best = steps[1].queries[0]
+    assert steps[0].scores[best] == max(steps[0].scores) and steps[1].scores == (1.0,)
+    assert (r.labels == best).sum() > 0 and set(np.unique(r.labels)) == {UNLABELED, best}
+
+
 def test_classifier_negatives_let_a_single_query_fail(classifier_checkpoint: Path, rgb_image: np.ndarray) -> None:
     boxes = {"a unicorn": (0, 30, 0, 40)}
     plain = _scripted(classifier_checkpoint, boxes, confidence_threshold=0.0, crf=False)
@@ -226,7 +241,12 @@ def test_classifier_negatives_let_a_single_query_fail(classifier_checkpoint: Pat
     strict = _scripted(classifier_checkpoint, boxes, confidence_threshold=score + 1e-3, crf=False,
                        classifier_negatives=True)
     q = strict.query(rgb_image, ["a unicorn"])
-    assert q.scores == [0.0]  # dropped (the loop keeps it as the best, with score 0)
+    # the authors' loop never drops the best query: it stays, with its own score below θ
+    assert q.scores[0] == pytest.approx(score, abs=1e-6) and q.masks[0].any()
+    reject = _scripted(classifier_checkpoint, boxes, confidence_threshold=score + 1e-3, crf=False,
+                       classifier_negatives=True, keep_best_when_empty=False)
+    q = reject.query(rgb_image, ["a unicorn"])
+    assert q.scores == [0.0] and not q.masks[0].any()  # rejected
 
 
 @pytest.mark.parametrize("bad, fragment", [

@@ -44,8 +44,16 @@ def test_segment_outputs(segmenter, rgb_image) -> None:
 def test_prompts_and_background_words(segmenter) -> None:
     st = segmenter.state
     assert segmenter.describe_prompts(st)[2] == ["a clean origami person,people."]  # authors' synonym fusion
+    # the voc preset keeps every background word, as the authors (a class "wall" competes with "wall")
+    assert "wall" in st.background_words and len(st.background_words) == 25
+    assert st.text.shape[0] == len(VOCAB) and st.background.shape[0] == 25
+
+
+def test_background_overlaps_dropped_outside_the_paper_presets(tiny_model_overrides) -> None:
+    seg = build_segmenter("clip_es", "voc", {**tiny_model_overrides, "crf": False, "drop_background_overlaps": True})
+    st = seg.encode_vocabulary(Vocabulary.from_request(VOCAB))
     assert "wall" not in st.background_words and len(st.background_words) == 24  # a class never competes
-    assert st.text.shape[0] == len(VOCAB) and st.background.shape[0] == 24
+    assert load_preset("clip_es", "realtime").get("drop_background_overlaps", True)
 
 
 def test_given_tags_restrict_labels(segmenter, rgb_image) -> None:
@@ -63,7 +71,7 @@ def test_labels_match_direct_pipeline(segmenter, rgb_image) -> None:
     enc = cc.encode(x)
     present = [2, 0]
     cams = cc.gradcam(enc, st.text[present], st.background, [0, 1])
-    cams = C.refine_with_affinity(cc.affinity(enc), cams, cfg.box_threshold)
+    cams = C.refine_with_affinity(cc.affinity(enc), cams, cfg.box_threshold, clip_box_edges=cfg.clip_box_edges)
     up = torch.nn.functional.interpolate(cams[None], size=rgb_image.shape[:2], mode="bilinear",
                                          align_corners=False)[0].clamp(0, 1)
     scores = torch.cat([1 - up.max(0, keepdim=True).values, up])

@@ -43,7 +43,7 @@ def test_explicit_colours_and_bad_options() -> None:
     with pytest.raises(ValueError, match="max_distance"):
         build_segmenter("color_key", "realtime", {"max_distance": float("nan")})
     with pytest.raises(ValueError, match="#rrggbb"):
-        build_segmenter("color_key", "realtime", {"colors": ["red"]}).encode_vocabulary(Vocabulary.from_request(["a"]))
+        build_segmenter("color_key", "realtime", {"colors": ["red"]})
 
 
 def test_large_vocabulary_labels_stay_in_range() -> None:

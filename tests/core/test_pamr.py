@@ -85,6 +85,7 @@ def test_resizes_low_resolution_scores() -> None:
     assert out.shape == (1, 3, 32, 40) and out.dtype == torch.float32
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu() -> None:
     image, mask = torch.rand(1, 3, 40, 50), torch.randn(1, 4, 40, 50)

@@ -15,8 +15,10 @@ import pytest
 
 LAUNCH_FILE = Path(__file__).resolve().parents[2] / "launch" / "segment.launch.py"
 EXPECTED_ARGS = {"image", "use_compressed", "image_reliability", "segmenter", "preset", "model", "pretrained",
-                 "checkpoint", "device", "params_file", "vocabulary", "namespace", "node_name", "log_level"}
-WITH_CHOICES = {"use_compressed", "image_reliability", "segmenter", "device", "log_level"}
+                 "checkpoint", "device", "params_file", "vocabulary", "namespace", "node_name", "log_level",
+                 "depth", "camera_info", "nav2_compatible", "respawn", "respawn_delay", "rviz", "rviz_config"}
+WITH_CHOICES = {"use_compressed", "image_reliability", "segmenter", "log_level", "nav2_compatible", "respawn",
+                "rviz"}
 
 
 class _Record:
@@ -46,6 +48,7 @@ def _stub_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     mods["launch"].LaunchDescription = _Record
     mods["launch.actions"].DeclareLaunchArgument = DeclareLaunchArgument
     mods["launch.actions"].OpaqueFunction = _Record
+    mods["launch.actions"].LogInfo = _Record
     mods["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
     mods["launch.substitutions"].PathJoinSubstitution = _Record
     mods["launch_ros.actions"].Node = _Record
@@ -90,10 +93,7 @@ def test_node_action(monkeypatch: pytest.MonkeyPatch, vocabulary: str, expected:
     module, real = _load(monkeypatch)
     if real:
         pytest.skip("checked with the stand-ins only (real actions hide their arguments)")
-    values = {"image": "/camera/color/image_raw", "use_compressed": "true", "image_reliability": "reliable",
-              "segmenter": "dense_clip", "preset": "", "model": "", "pretrained": "", "checkpoint": "/w/tiny.pt",
-              "device": "cpu", "params_file": "/p.yaml", "vocabulary": vocabulary, "namespace": "front",
-              "node_name": "segment_node", "log_level": "debug"}
+    values = {**BASE_VALUES, "vocabulary": vocabulary}
     (node,) = module._node(types.SimpleNamespace(values=values))
     kw = node.kwargs
     assert (kw["package"], kw["executable"], kw["name"], kw["namespace"]) == (
@@ -105,3 +105,86 @@ def test_node_action(monkeypatch: pytest.MonkeyPatch, vocabulary: str, expected:
     assert kw["remappings"] == [("image", "/camera/color/image_raw"),
                                 ("image/compressed", "/camera/color/image_raw/compressed")]
     assert kw["arguments"][-1] == "debug"
+    assert (kw["respawn"], kw["respawn_delay"]) == (False, 2.0)
+
+
+BASE_VALUES = {"image": "/camera/color/image_raw", "use_compressed": "true", "image_reliability": "reliable",
+               "segmenter": "dense_clip", "preset": "", "model": "", "pretrained": "", "checkpoint": "/w/tiny.pt",
+               "device": "cpu", "params_file": "/p.yaml", "vocabulary": "", "namespace": "front",
+               "node_name": "segment_node", "log_level": "debug", "depth": "", "camera_info": "",
+               "nav2_compatible": "", "respawn": "false", "respawn_delay": "2.0", "rviz": "false",
+               "rviz_config": "/share/ovseg.rviz"}
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, **values: str) -> list:
+    module, real = _load(monkeypatch)
+    if real:
+        pytest.skip("checked with the stand-ins only (real actions hide their arguments)")
+    return module._node(types.SimpleNamespace(values={**BASE_VALUES, **values}))
+
+
+@pytest.mark.parametrize("depth,camera_info,expected_info", [
+    ("/camera/aligned_depth_to_color/image_raw", "", "/camera/aligned_depth_to_color/camera_info"),
+    ("/cam/depth/image_rect_raw", "/cam/depth/info", "/cam/depth/info"),
+    ("depth_image", "", "camera_info"),
+])
+def test_depth_turns_points_on(monkeypatch: pytest.MonkeyPatch, depth: str, camera_info: str,
+                               expected_info: str) -> None:
+    (node,) = _run(monkeypatch, depth=depth, camera_info=camera_info, nav2_compatible="true")
+    _, overrides = node.kwargs["parameters"]
+    assert overrides["publish_points"] is True and overrides["nav2_compatible"] is True
+    remaps = dict(node.kwargs["remappings"])
+    assert remaps["depth/image"] == depth and remaps["depth/camera_info"] == expected_info
+
+
+def test_no_depth_leaves_points_to_the_params_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    (node,) = _run(monkeypatch)
+    _, overrides = node.kwargs["parameters"]
+    assert "publish_points" not in overrides and "nav2_compatible" not in overrides
+    assert "depth/image" not in dict(node.kwargs["remappings"])
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1", "cuda:7", "cuda:12", "cuda", "cpu", "auto", ""])
+def test_any_cuda_index_is_accepted(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    (node,) = _run(monkeypatch, device=device)
+    assert node.kwargs["parameters"][1].get("device", "") == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "cuda:-1"])
+def test_bad_device_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    with pytest.raises(ValueError, match="cuda:N"):
+        _run(monkeypatch, device=device)
+
+
+def test_respawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    (node,) = _run(monkeypatch, respawn="true", respawn_delay="5")
+    assert (node.kwargs["respawn"], node.kwargs["respawn_delay"]) == (True, 5.0)
+
+
+@pytest.mark.parametrize("delay", ["soon", "-1", "nan"])
+def test_bad_respawn_delay_is_refused(monkeypatch: pytest.MonkeyPatch, delay: str) -> None:
+    with pytest.raises(ValueError, match="respawn_delay"):
+        _run(monkeypatch, respawn="true", respawn_delay=delay)
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_rviz_started_only_when_installed(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
+    module, real = _load(monkeypatch)
+    if real:
+        pytest.skip("checked with the stand-ins only")
+    monkeypatch.setattr(module, "_rviz_available", lambda: available)
+    actions = module._node(types.SimpleNamespace(values={**BASE_VALUES, "rviz": "true"}))
+    assert len(actions) == 2
+    extra = actions[1].kwargs
+    if available:
+        assert (extra["package"], extra["executable"]) == ("rviz2", "rviz2")
+        assert extra["arguments"] == ["-d", "/share/ovseg.rviz"]
+    else:
+        assert "rviz2 is not installed" in extra["msg"]
+    assert len(module._node(types.SimpleNamespace(values=BASE_VALUES))) == 1
+
+
+def test_rviz_config_and_nav2_example_are_installed_files() -> None:
+    root = LAUNCH_FILE.parents[1]
+    assert (root / "config" / "ovseg.rviz").is_file()
+    assert (root / "config" / "nav2" / "semantic_layer.yaml").is_file()

@@ -102,7 +102,12 @@ def test_default_params_file_matches_the_specs() -> None:
     "name,value,expected",
     [("device", "cuda:1", None), ("device", "tpu", "device must be"), ("precision", "bf16", None),
      ("overlay_alpha", -0.1, "overlay_alpha must be in"), ("max_image_pixels", 8192 * 8192 + 1, "must be in"),
-     ("segmenter_options", "{a: 1}", None), ("segmenter_options", "a: [", "not valid YAML"),
+     ("segmenter_options", "{short_side: 96}", None), ("segmenter_options", "{a: 1}", "unknown option"),
+     ("segmenter_options", "{logit_scale: .nan}", "finite"), ("segmenter_options", "{logit_scale: -1}", "> 0"),
+     ("segmenter_options", "2001-12-14", "must be a mapping"), ("segmenter_options", "{short_side: 2001-12-14}",
+                                                                 "must be an integer"),
+     ("segmenter_options", "a: [", "not valid YAML"), ("device", "cpu\n", "device must be"),
+     ("device", 3, "device must be"), ("overlay_alpha", float("nan"), "finite"), ("overlay_alpha", "x", "type"),
      ("vocabulary", ["a", ""], "the name is empty"), ("preset", "", None)],
 )
 def test_validate(name: str, value: object, expected: str | None) -> None:
@@ -115,6 +120,19 @@ def test_parse_options() -> None:
     assert parse_options('{"short_side": 224}') == {"short_side": 224}
     with pytest.raises(ValueError, match="mapping"):
         parse_options("3")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        parse_options("2001-12-14")  # a YAML date: refused with a reason, never a TypeError
+    with pytest.raises(ValueError, match="expands to more than|nested more than"):
+        parse_options("a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+            f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(6)))
+
+
+def test_model_override_that_is_not_a_mapping_is_a_clean_error() -> None:
+    defaults = {p.name: p.default for p in PARAMS}
+    cfg = NodeConfig.from_values({**defaults, "segmenter": "dense_clip", "model": "ovseg-tiny-vit",
+                                  "segmenter_options": "{model: ViT-B-16}"})
+    with pytest.raises(ValueError, match="'model' must be a mapping"):
+        cfg.segmenter_overrides()
 
 
 def test_model_parameters_become_overrides(tmp_path: Path) -> None:

@@ -156,6 +156,145 @@ COCO_PANOPTIC: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("rug-merged", False, ("rug", "rugs", "carpet", "mat")),
 )
 
+#: FC-CLIP's own training names, one comma-joined string per COCO panoptic class in contiguous order: the
+#: label file ``fcclip/data/datasets/coco_panoptic_with_prompt_eng.txt`` of bytedance/fc-clip (data, read with
+#: the ``search`` tool). The authors' "seen" rule compares these strings exactly (``seen_rule: authors``).
+AUTHORS_COCO_NAMES: tuple[str, ...] = (
+    "person,child,girl,boy,woman,man,people,children,girls,boys,women,men,lady,guy,ladies,guys,clothes",
+    "bicycle,bicycles,bike,bikes",
+    "car,cars",
+    "motorcycle,motorcycles",
+    "airplane,airplanes",
+    "bus,buses",
+    "train,trains,locomotive,locomotives,freight train",
+    "truck,trucks",
+    "boat,boats",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench,benches",
+    "bird,birds",
+    "cat,cats,kitties,kitty",
+    "dog,dogs,puppy,puppies",
+    "horse,horses,foal",
+    "sheep",
+    "cow,cows,calf",
+    "elephant,elephants",
+    "bear,bears",
+    "zebra,zebras",
+    "giraffe,giraffes",
+    "backpack,backpacks",
+    "umbrella,umbrellas",
+    "handbag,handbags",
+    "tie",
+    "suitcase,suitcases",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite,kites",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle,bottles,water bottle",
+    "wine glass,wine glasses,wineglass",
+    "cup,cups,water cup,water glass",
+    "fork,forks",
+    "knife,knives",
+    "spoon,spoons",
+    "bowl,bowls",
+    "banana,bananas",
+    "apple,apples,apple fruit",
+    "sandwich,sandwiches",
+    "orange fruit",
+    "broccoli",
+    "carrot,carrots",
+    "hot dog",
+    "pizza",
+    "donut,donuts",
+    "cake,cakes",
+    "chair,chairs",
+    "couch,sofa,sofas",
+    "potted plant,potted plants,pottedplant,pottedplants,planter,planters",
+    "bed,beds",
+    "dining table,dining tables,diningtable,diningtables,plate,plates,diningtable tablecloth",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "tv remote,remote control",
+    "keyboard",
+    "cell phone,mobile",
+    "microwave",
+    "oven,ovens",
+    "toaster",
+    "sink,sinks",
+    "refrigerator,fridge",
+    "book,books",
+    "clock",
+    "vase,vases",
+    "scissor,scissors",
+    "teddy bear,teddy bears",
+    "hair drier",
+    "toothbrush,toothbrushes",
+    "banner,banners",
+    "blanket,blankets",
+    "bridge",
+    "cardboard",
+    "counter",
+    "curtain,curtains",
+    "door,doors",
+    "wood floor",
+    "flower,flowers",
+    "fruit,fruits",
+    "gravel",
+    "house",
+    "lamp,bulb,lamps,bulbs",
+    "mirror",
+    "tennis net",
+    "pillow,pillows",
+    "platform",
+    "playingfield,tennis court,baseball field,soccer field,tennis field",
+    "railroad",
+    "river",
+    "road",
+    "roof",
+    "sand",
+    "sea,sea wave,wave,waves",
+    "shelf",
+    "snow",
+    "stairs",
+    "tent",
+    "towel",
+    "brick wall",
+    "stone wall",
+    "tile wall",
+    "wood wall",
+    "water",
+    "window blind",
+    "window",
+    "tree,trees,palm tree,bushes",
+    "fence,fences",
+    "ceiling",
+    "sky,clouds",
+    "cabinet,cabinets",
+    "table",
+    "floor,flooring,tile floor",
+    "pavement",
+    "mountain,mountains",
+    "grass",
+    "dirt",
+    "paper",
+    "food",
+    "building,buildings",
+    "rock",
+    "wall,walls",
+    "rug",
+)
+
 _SPACES = re.compile(r"[\s_\-]+")
 
 
@@ -198,3 +337,27 @@ def is_seen(names: Iterable[str]) -> bool:
 def seen_mask(classes: Sequence[Sequence[str]]) -> list[bool]:
     """:func:`is_seen` for every class of a vocabulary (each given by its name and synonyms)."""
     return [is_seen(names) for names in classes]
+
+
+@lru_cache(maxsize=1)
+def _authors_names() -> frozenset[str]:
+    return frozenset(n for line in AUTHORS_COCO_NAMES for n in line.replace(", ", ",").split(","))
+
+
+def is_seen_authors(names: Iterable[str]) -> bool:
+    """The authors' rule (``FCCLIP.prepare_class_names_from_metadata``): a class is seen when any of its
+    names equals, as an exact string, any name of their COCO panoptic label file. No case folding, no
+    synonyms of ours: e.g. ADE20K's "sofa" is seen (it is in their "couch" line), "rail" is not."""
+    flat = _authors_names()
+    return any(n in flat for n in names)
+
+
+SEEN_RULES = ("synonyms", "authors")
+
+
+def seen_mask_by(classes: Sequence[Sequence[str]], rule: str = "synonyms") -> list[bool]:
+    """``seen`` per class under ``rule``: ``synonyms`` (ours, :func:`is_seen`) or ``authors``."""
+    if rule not in SEEN_RULES:
+        raise ValueError(f"seen_rule must be one of {SEEN_RULES}, got {rule!r}")
+    fn = is_seen if rule == "synonyms" else is_seen_authors
+    return [fn(names) for names in classes]

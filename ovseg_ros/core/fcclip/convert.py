@@ -24,7 +24,7 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from ..models import ModelLoadError
+from ..models import ModelLoadError, check_weights_file
 
 #: Where users get the weights (README of bytedance/fc-clip, ConvNeXt-Large COCO panoptic model).
 CHECKPOINT_URL = "https://drive.google.com/file/d/1-91PIns86vyNaL3CzMmDD39zKGnPMtvj/view"
@@ -130,9 +130,10 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, torch.Te
             f"FC-CLIP checkpoint {str(path)!r} does not exist. Download {CHECKPOINT_NAME} from the authors' "
             f"README ({CHECKPOINT_URL}) and pass its path as checkpoint:=/path/to/{CHECKPOINT_NAME}"
         )
+    check_weights_file(path, "FC-CLIP checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  (UnpicklingError, RuntimeError, EOFError, ... on a hostile file)
         hint = ("" if trust else f"; if you trust the file, re-save it with `python -m {__name__} --trust "
                 f"--out SAFE.pth {path}`")
         raise ModelLoadError(f"cannot read FC-CLIP checkpoint {str(path)!r}: {str(exc)[:300]}{hint}") from exc

@@ -18,10 +18,10 @@ authors' inference code (the numbers are the same unless stated):
    before post-processing, which changes each probability by at most ~1e-8 relative.
 5. "Seen" classes are decided against our own COCO-panoptic synonym table (:mod:`.coco_panoptic`),
    case/hyphen-insensitively, for any runtime vocabulary; the authors match exact strings of their label
-   files, fixed per dataset.
+   files, fixed per dataset (``seen_rule: authors`` does that; set in the paper presets).
 6. The input is resized on the device with antialiased bilinear interpolation of float pixels, rounded to
    integers (the authors resize the uint8 image with PIL's bilinear filter); values differ by +-1 grey level
-   at some pixels.
+   at some pixels. ``resize: pil`` (the paper presets) resizes with PIL as theirs.
 7. Mask upsampling (to the padded input, crop, resize to the original image) is applied as two separable
    linear maps band by band in :mod:`.postprocess`, which equals the authors' two ``F.interpolate`` calls
    up to float rounding but never holds all Q full-resolution masks in memory.

@@ -32,13 +32,23 @@ def prepare_image(
     min_size: int,
     max_size: int,
     divisibility: int = 32,
+    resize: str = "device",
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """(H, W, 3) uint8 RGB -> ((1, 3, Hp, Wp) float32 normalised and zero-padded, (h, w) before padding).
 
     ``mean``/``std`` are CLIP's statistics for 0..1 pixels. The resize is bilinear with antialiasing on
-    the device (the authors resize the uint8 image with PIL's bilinear filter, which also antialiases).
+    the device (the authors resize the uint8 image with PIL's bilinear filter, which also antialiases);
+    ``resize='pil'`` does exactly what detectron2's ``ResizeTransform`` does to a uint8 image.
     """
+    if resize not in ("device", "pil"):
+        raise ValueError(f"resize must be 'device' or 'pil', got {resize!r}")
     h, w = image.shape[:2]
+    if resize == "pil" and shortest_edge_size(h, w, min_size, max_size) != (h, w):
+        from PIL import Image
+
+        nh, nw = shortest_edge_size(h, w, min_size, max_size)
+        image = np.array(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR))
+        h, w = nh, nw
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
     x = x.permute(2, 0, 1).unsqueeze(0).float()
     new_h, new_w = shortest_edge_size(h, w, min_size, max_size)

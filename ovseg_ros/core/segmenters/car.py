@@ -29,53 +29,23 @@ the background words; the label map paints stuff, then things, each in ascending
 (softmax over that sentence and the background words), one CRF per mask; :meth:`CarSegmenter.refer` merges
 the masks of sentences that describe one object by score-weighted mean (falling back to their union).
 
-Deliberate differences from the authors' code (numbers change only where a switch is named):
+The loop counts survivors as the authors' ``_forward_car`` does: when no query passes θ, ``_filter_texts``
+appends the best query to the survivor list in place, so it counts as a positive and the loop goes on with
+it (an empty first step does not end the loop; see :func:`run_recurrence`).
 
-* open_clip models (``ViT-B-16-quickgelu``/``ViT-L-14-quickgelu`` with the ``openai`` tag are the same
-  weights); any open_clip model can be the classifier (non-ViT ones run their full ``encode_image``).
-* Text embeddings are encoded once per vocabulary and cached across steps, frames and processes (the authors
-  re-encode N x 15 prompts every step); the CAM backbone forward and the attention affinity are computed once
-  per image and reused by every step and both passes (the authors recompute them per step and, in referring
-  mode, per sentence).
-* All prompted images of a step go through the classifier in one batch; the "outside the mask" image (blur,
-  gray) is computed once per image instead of once per mask.
-* Prompts are drawn with torch (see :mod:`ovseg_ros.core.visual_prompts` for the pixel-level differences);
-  ``gray_order: rgb`` uses RGB luma weights (``bgr`` reproduces the authors' ``BGR2GRAY`` on RGB data).
-* Background words equal to a vocabulary name are dropped from the CAM softmax (``drop_background_overlaps``;
-  a class "helmet" would otherwise compete with the background word "helmet").
-* Synonyms: one query per class, its names joined by ``synonym_joiner`` (the authors' class strings are
-  comma-joined synonyms, e.g. "person with clothes,people,human").
-* The stuff/thing split comes from the vocabulary's ``is_thing`` flags; painting order is stuff then things
-  in every mode (identical to the authors' where they have both passes, and where all classes are things).
-* If every proposal of a step is zero, the previous step's proposals *of the live queries* are reused (the
-  authors reuse the whole previous stack, whose rows no longer match the queries).
-* Stage 1 and the CRF are the shared CLIP-ES modules (:mod:`~ovseg_ros.core.cam`, :mod:`~ovseg_ros.core.crf`):
-  a torch dense CRF instead of pydensecrf (no BGR-minus-mean uint8 wrap-around), and boxes touching the
-  right/bottom edge kept whole (``cam_clip_box_edges: true`` reproduces the clipping).
-* Prompted images are padded with the normalisation mean (zero after normalising) under ``keep_full_image``.
-* ``query`` gives an empty mask to a text whose score is 0 (the authors return the best text's mask with
-  score 0 when nothing survives; :meth:`CarSegmenter.refer` keeps that, as their RefCOCO merge needs it).
-* Optional knobs absent from the reference, off in the authors' presets: ``cam_max_side`` (CAM input size),
-  ``prompt_max_side`` (size at which prompts are composed), ``crf_max_side`` (size at which the CRF runs),
-  ``max_steps``, ``crf: false``, and ``classifier_negatives`` (background words as extra stage-2 softmax
-  columns, so a lone query can be rejected: alone in the softmax it always scores 1).
-
-Reference defects fixed (behind a switch where the fix changes numbers; ``docs/methods/car.md`` lists them):
-
-* ``fix_empty_first_step``: when no query survives step 1, the authors keep the best query but pair it with
-  the proposal of query 0 (``zip`` over mismatched lists). We pair it with its own proposal.
-* ``keep_full_image``: the classifier's stock preprocessing centre-crops, so on wide images a prompt near the
-  left/right edge is cut away; we pad to a square before resizing.
-* The authors' SAM path cannot run (``forward`` called with 3 arguments, ``cfg.sam.matching_thresh`` read but
-  absent from every config). Ours is a hook, ``mask_source``: any callable returning candidate masks, matched
-  as the paper describes (IoM, then IoU against the CaR mask).
-* CRF one-hot (no switch: it only restores lost masks): the authors' ``F.one_hot`` infers the number of
-  classes from the labels present, so trailing queries that win no pixel lose their masks (and a per-mask CRF
-  that labels everything background returns no mask at all); ours always returns one mask per query.
-
-Kept on purpose (the thresholds θ were tuned with them): the classifier reads the CLS token after L-1 blocks
-(``classifier_skip_last_block``, kevin-ssy/CLIP_as_RNN#12), and step 1 sends raw names to the CAM while later
-steps send "a clean origami {}." (``cam_raw_names_first_step``).
+Differences from the authors' code. Each one that changes numbers has a switch restoring the authors'
+behaviour, and the paper presets (voc, coco_object, pascal_context, ade, refcoco, demo) set all of them;
+``docs/methods/car.md`` has the table. Switch (authors' value): ``cam_resize`` (``pil``, the default),
+``cam_eps`` (1e-15, the default), ``cam_clip_box_edges`` (true), ``drop_background_overlaps`` (false),
+``gray_order`` (``bgr``), ``prompt_backend`` (``authors``: OpenCV prompts and PIL classifier input),
+``keep_full_image`` (false: centre crop), ``reuse_whole_stack`` (true), ``crf_image`` (``authors``),
+``crf_onehot_shift`` (true). Without a switch, because the numbers do not change: open_clip models, cached
+text embeddings, the CAM backbone and affinity once per image, batched classification, one "outside" image
+per image. Not reproducible: their SAM path (it cannot run; ours is the ``mask_source`` hook) and pydensecrf
+(ours is the shared torch CRF). Additions, off in the paper presets: ``cam_max_side``, ``prompt_max_side``,
+``crf_max_side``, ``max_steps``, ``crf: false``, ``classifier_negatives``, ``keep_best_when_empty: false``.
+Kept as the authors' because θ was tuned with them: ``classifier_skip_last_block`` (kevin-ssy/CLIP_as_RNN#12)
+and ``cam_raw_names_first_step``.
 """
 
 from __future__ import annotations
@@ -88,7 +58,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import clip_vit
-from ..cam import COCO_BACKGROUND, ClipCam, prepare_image, refine_with_affinity
+from ..cam import (
+    CAR_EPS,
+    COCO_BACKGROUND,
+    RESIZE_MODES,
+    ClipCam,
+    authors_crf_image,
+    prepare_image,
+    refine_with_affinity,
+)
 from ..crf import dense_crf_capped
 from ..geometry import image_to_tensor, normalize
 from ..models import ClipModel, ModelSpec, load_clip
@@ -101,8 +79,16 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, VILD_TEMPLATES, TextEncoder, format_prompts
-from ..visual_prompts import apply_visual_prompts, check_kinds, outside_appearance, to_classifier_input
+from ..visual_prompts import (
+    apply_visual_prompts,
+    check_kinds,
+    outside_appearance,
+    reference_classifier_input,
+    reference_prompt,
+    to_classifier_input,
+)
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
 
 #: The 15 classifier templates of the authors' semantic configs: CLIP-ES's origami template followed by the
@@ -135,6 +121,10 @@ class CarConfig:
     cam_logit_scale: float = 100.0
     #: Long-side cap of the CAM input in pixels (0 = the input size, as the authors).
     cam_max_side: int = 0
+    #: CAM input resampling: ``pil`` (the authors' PIL bicubic on uint8) or ``torch`` (torch bicubic).
+    cam_resize: str = "pil"
+    #: Min-max epsilon of the CAM normalisation: CaR's own ``scale_cam_image`` uses 1e-15 (CLIP-ES 1e-7).
+    cam_eps: float = CAR_EPS
     #: Keep CLIP-ES's clipping of box ends to size-1 (False = the shared fix, see ``cam.box_mask``).
     cam_clip_box_edges: bool = False
     cam_max_batch: int = 8
@@ -164,6 +154,9 @@ class CarConfig:
     keep_full_image: bool = True
     #: Prompted images composed per chunk (memory); the classifier still sees the whole step in one batch.
     prompt_chunk: int = 32
+    #: ``torch``: our batched prompts (analytic outlines, torch resize); ``authors``: every prompt composed
+    #: with OpenCV on uint8 and resized with PIL, pixel for pixel as the authors' code (slow, one at a time).
+    prompt_backend: str = "torch"
     #: Add the background words to the stage-2 softmax as negatives (not in the reference): otherwise one
     #: query alone always scores 1 and can never be dropped (a single ``query`` text, a 1-class vocabulary).
     classifier_negatives: bool = False
@@ -171,7 +164,12 @@ class CarConfig:
     # --- loop ---
     #: Hard cap on steps (0 = the vocabulary bound, N + 1).
     max_steps: int = 0
-    fix_empty_first_step: bool = True
+    #: After a step whose proposals are all zero, keep the previous step's whole stack paired by position
+    #: (the authors' code; rows then belong to other queries) instead of the live queries' own rows (fix).
+    reuse_whole_stack: bool = False
+    #: When no query passes θ, keep the best one and go on (the authors' loop). False: stop with nothing
+    #: kept, so every query can be rejected (our addition; with ``classifier_negatives`` for single texts).
+    keep_best_when_empty: bool = True
 
     # --- semantic mode ---
     #: Second pass for stuff classes with the thing names as background words (Context/ADE configs).
@@ -185,6 +183,13 @@ class CarConfig:
     # --- refinement ---
     #: Dense CRF on the final proposals (False: argmax of the same unary, no pairwise terms).
     crf: bool = True
+    #: Image the CRF's bilateral kernel sees: ``rgb`` (ours) or ``authors`` (RGB minus the mean, cast to
+    #: uint8, wrapping around, as their ``PostProcess``).
+    crf_image: str = "rgb"
+    #: Referring mode: the authors' ``F.one_hot`` returns no mask for a text whose CRF labels everything
+    #: background, so the masks of later texts move up one place. True reproduces that; False (fix) keeps
+    #: one mask per text.
+    crf_onehot_shift: bool = False
     #: Long-side cap at which the CRF runs (0 = full resolution, as the authors); marginals are upsampled.
     crf_max_side: int = 0
     #: External masks (``mask_source``): IoM to match (``iom_thres``), per-prediction floor, IoU to accept.
@@ -195,6 +200,18 @@ class CarConfig:
     # --- referring merge (refer) ---
     refer_merge_threshold: float = 0.5
     refer_min_cover: float = 0.05
+
+
+declare_constraints(
+    CarConfig,
+    cam_threshold=UNIT, cam_logit_scale=POSITIVE, cam_max_side=SIDE, cam_max_batch=Range(1, 4096),
+    mask_threshold=UNIT, confidence_threshold=UNIT, prompt_color=Range(0, 255), prompt_thickness=Range(0, 1000),
+    blur_kernel=Range(1, 1001, odd=True), gray_order=OneOf(("rgb", "bgr")), prompt_max_side=SIDE,
+    classifier_logit_scale=POSITIVE, classifier_input_size=SIDE, prompt_chunk=Range(1, 4096),
+    max_steps=Range(0, 100_000), bg_factor=Range(0, 100), stuff_bg_factor=Range(0, 100), crf_max_side=SIDE,
+    iom_threshold=UNIT, min_pred_threshold=UNIT, matching_threshold=UNIT, refer_merge_threshold=UNIT,
+    refer_min_cover=UNIT, cam_template=Template(), templates=Template(),
+)
 
 
 # --- stage 1 protocol and its CLIP-ES implementation ----------------------------------------------------
@@ -231,7 +248,8 @@ class ClipEsProposals:
         self.clip = clip
         self.text = text
         self.config = config
-        self.cam = ClipCam(clip, logit_scale=config.cam_logit_scale, max_batch=config.cam_max_batch)
+        self.cam = ClipCam(clip, logit_scale=config.cam_logit_scale, max_batch=config.cam_max_batch,
+                           eps=config.cam_eps)
 
     def warm(self, texts: Sequence[str]) -> None:
         """Encode ``texts`` into the cache now (vocabulary time), so steps only hit memory."""
@@ -239,7 +257,7 @@ class ClipEsProposals:
             self.text.encode_texts(list(dict.fromkeys(texts)))
 
     def prepare(self, image: np.ndarray) -> _Prepared:
-        x = prepare_image(self.clip, image, max_long_side=self.config.cam_max_side)
+        x = prepare_image(self.clip, image, max_long_side=self.config.cam_max_side, resize=self.config.cam_resize)
         enc = self.cam.encode(x)
         return _Prepared(enc, self.cam.affinity(enc), tuple(image.shape[:2]))
 
@@ -255,7 +273,7 @@ class ClipEsProposals:
         else:
             cams = self.cam.gradcam(enc, text, bg, range(len(queries)), retry_without_background=True)
         refined = refine_with_affinity(prepared.affinity, cams, self.config.cam_threshold,
-                                       clip_box_edges=self.config.cam_clip_box_edges)
+                                       clip_box_edges=self.config.cam_clip_box_edges, eps=self.config.cam_eps)
         up = F.interpolate(refined[None], size=prepared.size, mode="bilinear", align_corners=False)[0]
         return up.clamp_(0, 1)
 
@@ -349,9 +367,17 @@ def run_recurrence(
     threshold: float,
     max_steps: int = 0,
     step_dependent: bool = False,
-    fix_empty_first_step: bool = True,
+    reuse_whole_stack: bool = False,
+    keep_best: bool = True,
 ) -> LoopResult:
-    """Run CaR's loop over query ids 0..N-1.
+    """Run CaR's loop over query ids 0..N-1, counting survivors as the authors' ``_forward_car`` does.
+
+    Each step proposes a mask per live query and scores the prompted images; the queries whose own score
+    P[i, i] exceeds θ survive. When none does, the best-scoring query is kept instead: the authors'
+    ``_filter_texts`` appends its index to the survivor list *in place*, so it also counts as a positive in
+    ``all_scores`` and the loop goes on with it alone (an empty first step is no reason to stop; the lone
+    query then scores 1 in a softmax over one entry). The loop stops when the number of positives (kept
+    queries with a score > 0) equals the previous step's (0 before step 1).
 
     Args:
         propose: (live ids, step from 1) -> (A, H, W) proposals, one per live id in order.
@@ -360,7 +386,15 @@ def run_recurrence(
         threshold: θ; a query survives when its diagonal entry is strictly greater.
         step_dependent: step 1 differs from later steps for the same queries (raw CAM names), so an
             unchanged live set after step 1 must still be run once more.
-        fix_empty_first_step: see the module docstring.
+        reuse_whole_stack: after a step whose proposals are all zero, the output keeps the previous step's
+            whole stack, paired with the live queries by position (the authors' code); False (fix): the
+            previous rows *of the live queries*.
+        keep_best: the authors' rule above. False (not in the reference): a step where nobody passes θ
+            ends the loop with nothing kept (all scores 0), so a vocabulary can be rejected as a whole
+            (with ``classifier_negatives`` even a single query).
+
+    Returns the last step's live queries, the proposals to refine (row j belongs to query j) and the scores
+    (0 for queries the step did not keep).
     """
     if num_queries <= 0:
         raise ValueError("the recurrence needs at least one query")
@@ -368,28 +402,32 @@ def run_recurrence(
     last_count = 0
     prev: Optional[tuple[list[int], torch.Tensor]] = None
     steps: list[LoopStep] = []
-    for step in range(1, step_limit(num_queries, max_steps) + 1):
+    limit = step_limit(num_queries, max_steps)
+    for step in range(1, limit + 1):
         props = propose(active, step)
+        # Scored as proposed: an (almost) empty proposal is the unprompted image, as the authors' prompts.
+        diag = torch.diagonal(score(props, active)).float().cpu()
         if prev is not None and not bool((props > 0).any()):
             prev_ids, prev_props = prev  # live ids are a subset of the previous step's
-            props = prev_props[[prev_ids.index(q) for q in active]]
-        diag = torch.diagonal(score(props, active)).float().cpu()
+            props = prev_props if reuse_whole_stack else prev_props[[prev_ids.index(q) for q in active]]
         keep = torch.nonzero(diag > threshold).flatten().tolist()  # float32 comparison, as the authors'
-        steps.append(LoopStep(tuple(active), tuple(float(v) for v in diag), tuple(active[i] for i in keep)))
-        if len(keep) == last_count:
-            break  # the number of survivors stopped changing
-        nxt = [active[i] for i in keep] or [active[int(diag.argmax())]]
+        if not keep and not keep_best:
+            steps.append(LoopStep(tuple(active), tuple(float(v) for v in diag), ()))
+            return LoopResult(list(active), props, torch.zeros_like(diag), steps)
+        kept = keep or [int(diag.argmax())]  # the authors' in-place append of the best query
+        count = sum(1 for i in kept if float(diag[i]) > 0)
+        steps.append(LoopStep(tuple(active), tuple(float(v) for v in diag), tuple(active[i] for i in kept)))
+        nxt = [active[i] for i in kept]
+        if count == last_count:
+            break  # the number of positives stopped changing
         if nxt == active and not (step == 1 and step_dependent):
             break  # the next step would repeat this one exactly, then stop
-        if step == step_limit(num_queries, max_steps):
+        if step == limit:
             break  # capped: report this step's queries
-        prev, active, last_count = (active, props), nxt, len(keep)
-    if not keep:
-        best = int(diag.argmax())
-        row = best if fix_empty_first_step else 0  # the reference pairs the best query with proposal 0
-        return LoopResult([active[best]], props[row:row + 1], torch.zeros(1), steps)
-    kept = torch.where(diag > threshold, diag, torch.zeros_like(diag))
-    return LoopResult(list(active), props, kept, steps)
+        prev, active, last_count = (active, props), nxt, count  # (whole-stack mode never reads the ids)
+    scores = torch.zeros_like(diag)
+    scores[kept] = diag[kept]
+    return LoopResult(list(active), props, scores, steps)
 
 
 # --- refinement, painting, merging (pure) -------------------------------------------------------------
@@ -509,6 +547,7 @@ class _Image:
     full: torch.Tensor  # (1, 3, H, W) float 0..255
     work: torch.Tensor  # the same at the prompt working size
     outside: dict[tuple[str, ...], Optional[torch.Tensor]]
+    uint8: Optional[np.ndarray] = None  # (H, W, 3) of ``work`` for the authors' prompt path
 
 
 @dataclass
@@ -636,6 +675,12 @@ class CarSegmenter(Segmenter):
         if tuple(props.shape[-2:]) != tuple(img.work.shape[-2:]):
             props = F.interpolate(props[None], size=img.work.shape[-2:], mode="bilinear", align_corners=False)[0]
         masks = (props > cfg.mask_threshold) & valid.view(-1, 1, 1)
+        if cfg.prompt_backend == "authors":
+            feats = self.classifier.embed(self._authors_batch(img, masks, valid, kinds))
+            a = text.shape[0]
+            if negatives is not None:
+                text = torch.cat([text.to(feats.device), negatives.to(feats.device)])
+            return template_ensemble(feats, text.to(feats.device), cfg.classifier_logit_scale)[:, :a]
         if kinds not in img.outside:
             img.outside[kinds] = outside_appearance(img.work, kinds, cfg.blur_kernel, cfg.gray_order)
         batch = []
@@ -650,6 +695,27 @@ class CarSegmenter(Segmenter):
         if negatives is not None:
             text = torch.cat([text.to(feats.device), negatives.to(feats.device)])
         return template_ensemble(feats, text.to(feats.device), cfg.classifier_logit_scale)[:, :a]
+
+    def _authors_batch(
+        self, img: _Image, masks: torch.Tensor, valid: torch.Tensor, kinds: tuple[str, ...]
+    ) -> torch.Tensor:
+        """Prompted classifier inputs (N, 3, S, S) in 0..255 composed as the authors do: OpenCV on the uint8
+        image, then CLIP's stock PIL preprocessing (or our padding under ``keep_full_image``)."""
+        cfg = self.config
+        if img.uint8 is None:
+            img.uint8 = img.work[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        size = self.classifier.input_size
+        out = []
+        for m, ok in zip(masks.cpu().numpy(), valid.cpu().tolist()):
+            pic = reference_prompt(img.uint8, m, kinds, cfg.prompt_color, cfg.prompt_thickness,
+                                   cfg.blur_kernel) if ok else img.uint8
+            if cfg.keep_full_image:
+                t = torch.from_numpy(np.ascontiguousarray(pic)).permute(2, 0, 1)[None].float()
+                out.append(to_classifier_input(t, size, True, self.classifier.fill()))
+            else:
+                arr = reference_classifier_input(pic, size)
+                out.append(torch.from_numpy(arr).permute(2, 0, 1)[None].float())
+        return torch.cat(out).to(self.classifier.clip.device)
 
     def _loop(
         self, prepared: Any, img: _Image, st: CarState, p: _Pass, separate: bool, timer: StageTimer
@@ -668,7 +734,7 @@ class CarSegmenter(Segmenter):
                 return self._classify(img, props, bank[[p.ids[a] for a in active]], p.kinds, st.negatives)
 
         return run_recurrence(len(p.ids), propose, score, cfg.confidence_threshold, cfg.max_steps,
-                              cfg.cam_raw_names_first_step, cfg.fix_empty_first_step)
+                              cfg.cam_raw_names_first_step, cfg.reuse_whole_stack, cfg.keep_best_when_empty)
 
     def _refine(
         self, image: np.ndarray, proposals: torch.Tensor, separate: bool, bg_factor: float, timer: StageTimer
@@ -679,7 +745,12 @@ class CarSegmenter(Segmenter):
             if tuple(props.shape[-2:]) != tuple(image.shape[:2]):
                 props = F.interpolate(props[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
             groups = [props[i:i + 1] for i in range(props.shape[0])] if separate else [props]
-            masks = torch.cat([self._crf_masks(image, g, bg_factor) for g in groups])
+            crf_img = authors_crf_image(image) if self.config.crf_image == "authors" else image
+            masks = torch.cat([self._crf_masks(crf_img, g, bg_factor) for g in groups])
+            if separate and self.config.crf_onehot_shift:
+                # The authors' one_hot drops an all-background result: later masks move up, zeros at the end.
+                full = masks[masks.flatten(1).any(1)]
+                masks = torch.cat([full, torch.zeros_like(masks[:masks.shape[0] - full.shape[0]])])
         if self.mask_source is not None:
             with timer.stage("external_masks"):
                 src = self.mask_source(image)
@@ -736,7 +807,7 @@ class CarSegmenter(Segmenter):
 
     def _referring(self, image: np.ndarray, texts: list[str]) -> tuple[list[np.ndarray], list[float], dict]:
         """Referring-mode loop: the final mask and score of each text (texts the loop dropped: empty, 0; the
-        best text when nothing survived: its mask with score 0, as the authors return it)."""
+        best text is never dropped unless ``keep_best_when_empty`` is off, as the authors' loop)."""
         image = check_image(image)
         vocab = vocabulary_from_texts(texts)  # validates: non-empty, no empty texts
         timer = StageTimer(self.device)
@@ -777,7 +848,7 @@ class CarSegmenter(Segmenter):
     def backbone_forward(self, image: np.ndarray) -> None:
         """One bare forward of the CAM backbone at the size stage 1 uses."""
         clip = self.cam_clip or self.classifier.clip
-        clip_vit.bare_forward(clip.visual, prepare_image(clip, check_image(image),
+        clip_vit.bare_forward(clip.visual, prepare_image(clip, check_image(image), resize=self.config.cam_resize,
                                                          max_long_side=self.config.cam_max_side))
 
     @torch.inference_mode()
@@ -800,6 +871,10 @@ def _validate(cfg: CarConfig) -> None:
     check_kinds(cfg.stuff_visual_prompts)
     if cfg.gray_order not in ("rgb", "bgr"):
         raise ValueError(f"car: gray_order must be 'rgb' or 'bgr', got {cfg.gray_order!r}")
+    choices = {"cam_resize": RESIZE_MODES, "prompt_backend": ("torch", "authors"), "crf_image": ("rgb", "authors")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"car: {name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     if cfg.blur_kernel < 1 or cfg.blur_kernel % 2 == 0:
         raise ValueError(f"car: blur_kernel must be odd and positive, got {cfg.blur_kernel}")
     bad = [t for t in (cfg.cam_template, *cfg.templates) if "{}" not in t]

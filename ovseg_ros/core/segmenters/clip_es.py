@@ -11,33 +11,15 @@ gradients for all present classes (softmax Grad-CAM), CAA refinement with the bo
 ``(1 - max_c cam)^α``, optional dense CRF, argmax. Labels are vocabulary ids, UNLABELED where the
 background wins (or the winning score is below ``prob_threshold``).
 
-Deliberate differences from the authors' code:
-
-1. **Present classes**: the authors read ground-truth image tags; we take them from the caller (``query``,
-   ``segment(..., present=...)``, the pseudo-label tool) or decide per frame by image-level CLIP
-   classification (softmax over vocabulary ∪ background words at temperature 100, ``presence_threshold``,
-   ``max_present``, ``min_present``).
-2. **Batched Grad-CAM**: one last-block forward/backward for up to ``max_batch`` classes (activation
-   replicated per class, or ``grad_mode: vmap``: one forward and a vmapped backward) instead of one
-   backward per class; gradients via ``torch.autograd.grad`` w.r.t. the ``ln_1`` output only (frozen
-   weights), not hooks and ``.backward()``.
-3. **CAA cost**: Sinkhorn once per image (the authors redo it for every class), and ``S·(S·(B⊙cam))``
-   instead of forming ``S²`` (O(N²) instead of O(N³) per class); on the model's device in float32 (the
-   authors move the attention to the CPU).
-4. **Box mask at the right/bottom edge**: the authors clip each box's exclusive end to ``size - 1``, so the
-   last patch column/row never counts and a region there is lost; we keep those boxes whole
-   (``clip_box_edges: true`` restores the authors' behaviour).
-5. **CRF**: our torch mean-field CRF (:mod:`ovseg_ros.core.crf`: exact Gaussian kernel, permutohedral
-   bilateral kernel) on the RGB image; pydensecrf on BGR-minus-mean-cast-to-uint8 (which wraps) in the
-   authors' code. Optionally on a downscaled copy (``crf_max_side``).
-6. **Synonyms**: fused into one comma-joined prompt per class as the authors do (``synonyms: join``);
-   ``synonyms: mean`` averages per-name embeddings instead (for long synonym lists). Background words
-   equal to a vocabulary name or synonym are dropped so a class never competes with itself.
-7. **Input size**: the authors use the original size; ``short_side``/``max_long_side`` can shrink frames
-   first (bicubic with antialiasing), then H and W are rounded up to patch multiples as theirs.
-8. **Numerics**: positional embeddings are interpolated in the model's dtype (the authors cast to fp16
-   even on CPU); the last-block-only quirk for 77-token inputs is not reproduced; no flipped copy is
-   computed (the authors compute and discard one).
+Deliberate differences from the authors' code (``docs/methods/clip_es.md`` has the table). Each one that
+changes numbers has a switch, set to the authors' value in the paper presets (voc, coco): ``resize``
+(``pil``: their PIL bicubic; the default), ``cam_eps`` (1e-7, applied twice as their pytorch-grad-cam),
+``clip_box_edges`` (true: box ends clipped to size - 1), ``crf_image`` (``authors``: BGR minus mean cast to
+uint8), ``drop_background_overlaps`` (false), ``present`` tags given by the caller (their ground-truth tags;
+otherwise decided per frame), ``short_side: 0`` (original size), ``synonyms: join``. Without a switch because
+the numbers do not change: batched Grad-CAM via ``torch.autograd.grad``, Sinkhorn once per image and
+``S·(S·(B⊙cam))``, no discarded flipped copy. Not reproduced: fp16 positional embeddings on CPU, the
+77-token quirk, pydensecrf (ours: :mod:`ovseg_ros.core.crf`).
 """
 
 from __future__ import annotations
@@ -50,7 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import clip_vit
-from ..cam import VOC_BACKGROUND, ClipCam, prepare_image, refine_with_affinity
+from ..cam import (
+    CLIP_ES_EPS,
+    RESIZE_MODES,
+    VOC_BACKGROUND,
+    ClipCam,
+    authors_crf_image,
+    prepare_image,
+    refine_with_affinity,
+)
 from ..crf import dense_crf_capped
 from ..geometry import resize
 from ..models import ClipModel, ModelSpec, load_clip
@@ -63,6 +53,7 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, TextEncoder
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
 
@@ -76,12 +67,16 @@ class ClipEsConfig:
     short_side: int = 0
     #: Cap on the long side (0 = none). H and W are then rounded up to patch multiples.
     max_long_side: int = 0
+    #: Input resampling: ``pil`` = the authors' PIL bicubic on the uint8 image; ``torch`` = torch bicubic.
+    resize: str = "pil"
     #: Prompt template for classes and background words.
     template: str = ORIGAMI_TEMPLATE
     #: ``join``: one prompt per class with its names comma-joined (authors); ``mean``: average per name.
     synonyms: str = "join"
     #: Background words added to every softmax (VOC list: 25 words; COCO: 23).
     background: tuple[str, ...] = VOC_BACKGROUND
+    #: Drop background words equal to a vocabulary name or synonym (ours; the authors keep every word).
+    drop_background_overlaps: bool = True
     #: Softmax temperature (pretrained CLIP's exp(logit_scale) = 100).
     logit_scale: float = 100.0
     #: Blocks whose attention the affinity averages, Sinkhorn rounds, and the power t of S.
@@ -93,6 +88,8 @@ class ClipEsConfig:
     box_threshold: float = 0.4
     #: Reproduce the authors' box clipping at the right/bottom edge.
     clip_box_edges: bool = False
+    #: Min-max epsilon of the CAM normalisation (the authors' pytorch-grad-cam: 1e-7).
+    cam_eps: float = CLIP_ES_EPS
     #: CaR's rule: redo an all-zero CAM without the background words.
     retry_without_background: bool = False
     #: Classes per batched last-block forward/backward (memory vs. speed), and how the batch is formed:
@@ -114,10 +111,24 @@ class ClipEsConfig:
     crf_bilateral_srgb: float = 3.0
     crf_bilateral_compat: float = 4.0
     crf_max_side: int = 0
+    #: Image the CRF's bilateral kernel sees: ``rgb`` (ours) or ``authors`` (BGR minus the mean, cast to
+    #: uint8 with wrap-around, as ``eval_cam_with_crf.py``).
+    crf_image: str = "rgb"
     #: ``segment``: pixels whose winning score is below this are UNLABELED.
     prob_threshold: float = 0.0
     #: Pseudo-label export: pixels whose winning score is below this become 255 (ignore), as the authors.
     ignore_below: float = 0.95
+
+
+declare_constraints(
+    ClipEsConfig,
+    short_side=SIDE, max_long_side=SIDE, synonyms=OneOf(("join", "mean")), logit_scale=POSITIVE,
+    attn_layers=Range(1, 1000), sinkhorn_rounds=Range(0, 100), affinity_power=Range(1, 16), box_threshold=UNIT,
+    max_batch=Range(1, 4096), grad_mode=OneOf(("replicate", "vmap")), presence_threshold=UNIT,
+    max_present=Range(1, 100_000), min_present=Range(0, 100_000), bg_power=Range(0, 100),
+    crf_iterations=Range(0, 100), crf_gaussian_sxy=POSITIVE, crf_bilateral_sxy=POSITIVE, crf_bilateral_srgb=POSITIVE,
+    crf_max_side=SIDE, prob_threshold=UNIT, ignore_below=UNIT, template=Template(),
+)
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,10 @@ class ClipEsSegmenter(Segmenter):
         super().__init__(config, clip.device)
         if config.synonyms not in ("join", "mean"):
             raise ValueError(f"synonyms must be 'join' or 'mean', got {config.synonyms!r}")
+        if config.resize not in RESIZE_MODES:
+            raise ValueError(f"clip_es: resize must be one of {RESIZE_MODES}, got {config.resize!r}")
+        if config.crf_image not in ("rgb", "authors"):
+            raise ValueError(f"clip_es: crf_image must be 'rgb' or 'authors', got {config.crf_image!r}")
         self.clip = clip
         self.text_encoder = text_encoder
         self.cam = ClipCam(
@@ -157,6 +172,7 @@ class ClipEsSegmenter(Segmenter):
             pos_mode="bilinear",
             max_batch=config.max_batch,
             grad_mode=config.grad_mode,
+            eps=config.cam_eps,
         )
 
     @classmethod
@@ -177,7 +193,8 @@ class ClipEsSegmenter(Segmenter):
         prompts = tuple(self._class_prompts(c.names) for c in vocabulary.classes)
         text = torch.stack([F.normalize(self.text_encoder.encode_group(list(p)).mean(dim=0), dim=-1)
                             for p in prompts])
-        words = background_without_classes(self.config.background, vocabulary)
+        words = (background_without_classes(self.config.background, vocabulary)
+                 if self.config.drop_background_overlaps else tuple(self.config.background))
         bg = self.text_encoder.encode_templated(words, [self.config.template]) if words else None
         return ClipEsState(vocabulary=vocabulary, text=text, background=bg, background_words=words,
                            prompts=prompts)
@@ -187,7 +204,8 @@ class ClipEsSegmenter(Segmenter):
 
     # --- image --------------------------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
-        return prepare_image(self.clip, image, self.config.short_side, self.config.max_long_side)
+        cfg = self.config
+        return prepare_image(self.clip, image, cfg.short_side, cfg.max_long_side, resize=cfg.resize)
 
     def _choose_present(self, image_probs: torch.Tensor) -> list[int]:
         cfg = self.config
@@ -239,7 +257,8 @@ class ClipEsSegmenter(Segmenter):
         if cfg.use_affinity:
             with timer.stage("affinity"):
                 s = self.cam.affinity(enc)
-                cams = refine_with_affinity(s, cams, cfg.box_threshold, cfg.affinity_power, cfg.clip_box_edges)
+                cams = refine_with_affinity(s, cams, cfg.box_threshold, cfg.affinity_power, cfg.clip_box_edges,
+                                            eps=cfg.cam_eps)
         with timer.stage("postprocess"):
             cams = resize(cams[None].float(), (h, w))[0].clamp_(0, 1)
             bg_score = (1 - cams.max(dim=0, keepdim=True).values).pow(cfg.bg_power)
@@ -251,6 +270,8 @@ class ClipEsSegmenter(Segmenter):
 
     def _crf(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        if cfg.crf_image == "authors":
+            image = authors_crf_image(image)
         return dense_crf_capped(
             image, probs, cfg.crf_max_side, iterations=cfg.crf_iterations, gaussian_sxy=cfg.crf_gaussian_sxy,
             gaussian_compat=cfg.crf_gaussian_compat, bilateral_sxy=cfg.crf_bilateral_sxy,

@@ -21,7 +21,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..segmenter import SegmentationResult, Segmenter, VocabularyState, check_image, register_segmenter
+from ..segmenter import (
+    POSITIVE,
+    Pattern,
+    Range,
+    SegmentationResult,
+    Segmenter,
+    VocabularyState,
+    check_image,
+    declare_constraints,
+    register_segmenter,
+)
 from ..vocabulary import UNLABELED, Vocabulary
 
 _BITS = 5
@@ -38,6 +48,14 @@ class ColorKeyConfig:
     cost_ms: float = 0.0
     #: Key colour per class id as "#rrggbb"; classes beyond the list use the palette colour.
     colors: tuple[str, ...] = ()
+
+
+declare_constraints(
+    ColorKeyConfig,
+    max_distance=POSITIVE,
+    cost_ms=Range(0.0, 10_000.0),
+    colors=Pattern(r"#?[0-9a-fA-F]{6}", "a colour '#rrggbb'"),
+)
 
 
 @dataclass(frozen=True)
@@ -67,11 +85,7 @@ class ColorKeySegmenter(Segmenter):
 
     @classmethod
     def from_config(cls, config: ColorKeyConfig, device: str | torch.device = "cpu", **_: object) -> "ColorKeySegmenter":
-        if not np.isfinite(config.max_distance) or config.max_distance <= 0:
-            raise ValueError(f"color_key: max_distance must be a positive number, got {config.max_distance!r}")
-        if not np.isfinite(config.cost_ms) or not 0 <= config.cost_ms <= 10_000:
-            raise ValueError(f"color_key: cost_ms must be in [0, 10000], got {config.cost_ms!r}")
-        return cls(config, device)
+        return cls(config, device)  # options are checked by make_config (declare_constraints above)
 
     def encode_vocabulary(self, vocabulary: Vocabulary) -> ColorKeyState:
         keys = key_colors(len(vocabulary), tuple(self.config.colors)).astype(np.float32)

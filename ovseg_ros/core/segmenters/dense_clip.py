@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from .. import clip_vit
-from ..geometry import image_to_tensor, normalize, resize, short_side_size, slide_inference, upsample_max
+from ..geometry import (
+    image_to_tensor,
+    normalize,
+    resize,
+    short_side_size,
+    slide_inference,
+    upsample_max,
+    upsample_max_topk,
+)
 from ..models import ClipModel, ModelSpec, load_clip
 from ..segmenter import (
     Segmenter,
@@ -29,7 +37,9 @@ from ..segmenter import (
     VocabularyState,
     check_image,
     register_segmenter,
+    to_host,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates
 from ..vocabulary import UNLABELED, Vocabulary
 
@@ -55,6 +65,16 @@ class DenseClipConfig:
     logit_scale: float = 50.0
     #: Pixels whose best class probability is below this are left unlabeled.
     prob_threshold: float = 0.0
+    #: Upsample only each pixel's candidate classes (the top-k of its low-resolution neighbours, checked
+    #: against a bound, :func:`upsample_max_topk`): cost flat in vocabulary size, labels equal up to ties.
+    fast_upsample: bool = False
+
+
+declare_constraints(
+    DenseClipConfig,
+    short_side=SIDE, max_long_side=SIDE, window=SIDE, window_stride=Range(1, 16384), window_batch=Range(1, 4096),
+    templates=OneOf(("imagenet80", "photo")), logit_scale=POSITIVE, prob_threshold=UNIT,
+)
 
 
 @dataclass(frozen=True)
@@ -152,13 +172,13 @@ class DenseClipSegmenter(Segmenter):
             per_class = clip_vit.max_over_names(names[None], st.owner.to(self.device), k)[0]
             if st.background is not None:
                 per_class = torch.cat([per_class, probs[st.text.shape[0]:].max(dim=0, keepdim=True).values])
-            conf, idx = upsample_max(per_class, image.shape[:2])
+            up = upsample_max_topk if self.config.fast_upsample else upsample_max
+            conf, idx = up(per_class, image.shape[:2])
             labels = idx.to(torch.int32)
             labels[idx >= k] = UNLABELED  # a background word won
             if self.config.prob_threshold > 0:
                 labels[conf < self.config.prob_threshold] = UNLABELED
-            labels_np = labels.cpu().numpy()
-            conf_np = conf.clamp(0, 1).cpu().numpy()
+            labels_np, conf_np = to_host(labels, conf.clamp(0, 1))
         return SegmentationResult(labels_np, conf_np, st.vocabulary, timings=timer.times)
 
     @torch.inference_mode()

@@ -15,12 +15,13 @@ tower, which that file may lack, from open_clip's ``convnext_large_d_320`` / ``l
 
 Thing/stuff per class (``thing_from``): ``coco`` (default) keeps a flag the request or vocabulary file gave
 explicitly, else uses COCO-panoptic membership of the class name or a synonym (things win when both match),
-else the vocabulary's guess from the name; ``vocabulary`` always uses the vocabulary's flag.
+else the vocabulary's guess from the name; ``vocabulary`` always uses the vocabulary's flag (the authors':
+their dataset's own ``isthing``; the paper presets use it). "Seen" per class (``seen_rule``): ``synonyms``
+(ours) or ``authors`` (exact names of their COCO label file; the paper presets use it).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -41,6 +42,8 @@ from ..segmenter import (
     check_image,
     register_segmenter,
 )
+from ..models import file_content_hash
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import VILD_TEMPLATES, TextEncoder, format_prompts
 from ..vocabulary import UNLABELED, Vocabulary
 
@@ -75,9 +78,15 @@ class FCCLIPConfig:
     min_size: int = 800
     max_size: int = 1333
     size_divisibility: int = 32
+    #: Input resize: ``device`` (bilinear on float pixels on the device, rounded) or ``pil`` (the authors':
+    #: detectron2's PIL bilinear on the uint8 image).
+    resize: str = "device"
     #: Geometric-ensemble weight of frozen CLIP for classes seen in COCO panoptic (alpha) and unseen ones (beta).
     alpha: float = 0.4
     beta: float = 0.8
+    #: Which classes count as "seen" (alpha): ``synonyms`` (ours: our COCO synonym table, case- and
+    #: hyphen-insensitive) or ``authors`` (exact match against their COCO label file's names).
+    seen_rule: str = "synonyms"
     #: Ignore frozen CLIP for queries whose mask is empty at the CLIP feature resolution (the authors' ResNet setting).
     ensemble_on_valid_mask: bool = False
     #: Panoptic: queries whose best class is void, or whose best probability is at or below this, are dropped.
@@ -95,6 +104,22 @@ class FCCLIPConfig:
     instance_topk: int = 100
     #: Post-processing band size in queries x rows x width elements (small bands stay in the CPU cache).
     band_elements: int = 1 << 20
+
+
+declare_constraints(
+    FCCLIPConfig,
+    min_size=SIDE, max_size=SIDE, size_divisibility=Range(0, 1024), alpha=UNIT, beta=UNIT,
+    object_mask_threshold=UNIT, overlap_threshold=UNIT, thing_from=OneOf(_THING_SOURCES),
+    semantic_source=OneOf(_SEMANTIC_SOURCES), semantic_threshold=UNIT, instance_topk=Range(0, 100_000),
+    band_elements=Range(1, 1 << 31),
+)
+declare_constraints(
+    FCCLIPArch,
+    **{name: Range(1, 65536) for name in ("hidden_dim", "mask_dim", "num_queries", "dec_layers", "dec_heads",
+                                          "dec_ffn_dim", "enc_layers", "enc_heads", "enc_points", "enc_ffn_dim",
+                                          "gn_groups")},
+    deform_kernel=OneOf(("auto", "grid_sample", "gather")),
+)
 
 
 @dataclass(frozen=True)
@@ -121,9 +146,8 @@ class FCCLIPPrediction:
 
 
 def _file_key(name: str, path: str) -> str:
-    st = Path(path).stat()
-    ident = f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{name}@fcclip:{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    # Content hash: a different file at the same path, size and mtime must not reuse cached embeddings.
+    return f"{name}@fcclip:{file_content_hash(path)[:32]}"
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -227,6 +251,12 @@ class FCCLIPSegmenter(Segmenter):
     def __init__(self, config: FCCLIPConfig, network: FCCLIPNetwork, text_encoder: TextEncoder) -> None:
         if config.thing_from not in _THING_SOURCES:
             raise ValueError(f"thing_from must be one of {_THING_SOURCES}, got {config.thing_from!r}")
+        from ..fcclip.coco_panoptic import SEEN_RULES
+
+        if config.resize not in ("device", "pil"):
+            raise ValueError(f"resize must be 'device' or 'pil', got {config.resize!r}")
+        if config.seen_rule not in SEEN_RULES:
+            raise ValueError(f"seen_rule must be one of {SEEN_RULES}, got {config.seen_rule!r}")
         if config.semantic_source not in _SEMANTIC_SOURCES:
             raise ValueError(f"semantic_source must be one of {_SEMANTIC_SOURCES}, got {config.semantic_source!r}")
         super().__init__(config, network.clip.device)
@@ -261,7 +291,7 @@ class FCCLIPSegmenter(Segmenter):
         return flags
 
     def encode_vocabulary(self, vocabulary: Vocabulary) -> FCCLIPState:
-        from ..fcclip.coco_panoptic import seen_mask
+        from ..fcclip.coco_panoptic import seen_mask_by
 
         names, owner = vocabulary.query_names()
         # Per name: the 14 prompts normalised, averaged, renormalised (raises VocabularyError if too long).
@@ -271,7 +301,8 @@ class FCCLIPSegmenter(Segmenter):
             vocabulary=vocabulary,
             text=text,
             owner=torch.tensor(owner, dtype=torch.long, device=text.device),
-            seen=torch.tensor(seen_mask([c.names for c in vocabulary.classes]), dtype=torch.bool),
+            seen=torch.tensor(seen_mask_by([c.names for c in vocabulary.classes], self.config.seen_rule),
+                              dtype=torch.bool),
             is_thing=torch.tensor(self._thing_flags(vocabulary), dtype=torch.bool),
             prompts=prompts,
         )
@@ -285,7 +316,7 @@ class FCCLIPSegmenter(Segmenter):
 
         cfg = self.config
         return prepare_image(image, self.device, self.clip.mean, self.clip.std, cfg.min_size, cfg.max_size,
-                             cfg.size_divisibility)
+                             cfg.size_divisibility, cfg.resize)
 
     def _resizer(self, mask_hw: tuple[int, int], padded_hw: tuple[int, int], crop_hw: tuple[int, int],
                  out_hw: tuple[int, int]) -> "SeparableResize":

@@ -39,7 +39,8 @@ Deliberate differences from the authors' code (none changes the mathematics unle
 * Positional embeddings are resized bicubically to the exact token grid (``size=``) and cached per grid;
   the authors use ``scale_factor`` with a +0.1 offset. Identical for 224 crops (no resizing), slightly
   different only for other grids (whole-frame mode, images smaller than a crop).
-* The resize to the processing size runs on the device on the float image (authors: mmseg/cv2 on uint8).
+* The resize to the processing size runs on the device on the float image (authors: mmseg/cv2 on uint8);
+  ``resize: cv2`` (the dataset presets) does it as the authors.
 * The Gaussian blur is two separable 1-D convolutions with torchvision's kernel (same result).
 * Logits, PAMR and post-processing run in float32 even when the ViT runs in fp16 (authors: fp16 on GPU).
 * Background: the authors' class 0 is our group of background words; their pixels become UNLABELED.
@@ -65,13 +66,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 
 from .. import clip_vit
-from ..geometry import image_to_tensor, normalize, resize, short_side_size, slide_inference, sliding_windows
+from ..geometry import (
+    bilinear_at,
+    image_to_tensor,
+    normalize,
+    resize,
+    short_side_size,
+    slide_inference,
+    sliding_windows,
+    upsample_max_topk,
+)
 from ..llm_text import LLMConfig, LLMTextClient
 from ..models import ClipModel, ModelSpec, load_clip, resolve_device
 from ..pamr import pamr
@@ -83,7 +94,9 @@ from ..segmenter import (
     VocabularyState,
     check_image,
     register_segmenter,
+    to_host,
 )
+from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, PlainName, Range, declare_constraints
 from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
 
@@ -118,6 +131,9 @@ class ITACLIPConfig:
     #: Resize so the short side has this many pixels (0 keeps the input size); long side capped below.
     short_side: int = 336
     max_long_side: int = 2048
+    #: Input resize: ``cv2`` = the authors' mmseg ``Resize(keep_ratio)`` (size ``int(x·s + 0.5)``, OpenCV
+    #: bilinear on the uint8 image); ``torch`` = bilinear on the float image on the device.
+    resize: str = "torch"
     #: Sliding-window crop (0 = the whole resized frame in one pass, positions interpolated).
     slide_crop: int = 224
     slide_stride: int = 112
@@ -171,6 +187,9 @@ class ITACLIPConfig:
     close_kernel: int = 3
     #: Rows per chunk of the softmax/max-over-names step (0 = all at once; memory only).
     chunk_rows: int = 0
+    #: With ``refine_at: processing`` and no area suppression: upsample only each pixel's candidate classes
+    #: (:func:`upsample_max_topk`), so the cost is flat in vocabulary size; labels equal up to ties.
+    fast_upsample: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -178,6 +197,8 @@ class ITACLIPConfig:
 
         if self.short_side < 0 or self.max_long_side < 0:
             bad("short_side and max_long_side must be >= 0")
+        if self.resize not in ("torch", "cv2"):
+            bad(f"resize must be 'torch' or 'cv2', got {self.resize!r}")
         if self.slide_crop < 0 or self.slide_stride <= 0 or self.batch_windows <= 0:
             bad("slide_crop must be >= 0, slide_stride and batch_windows > 0")
         if any(not isinstance(i, int) or i < 1 for i in self.intermediate_layers):
@@ -212,6 +233,19 @@ class ITACLIPConfig:
         if not self.img_engineering:
             return ("original",)
         return ("original",) + tuple(self.feature_augs) + tuple(self.flip_augs)
+
+
+declare_constraints(
+    ITACLIPConfig,
+    short_side=SIDE, max_long_side=SIDE, slide_crop=SIDE, slide_stride=Range(1, 16384), batch_windows=Range(1, 4096),
+    intermediate_layers=Range(1, 1000), attn_fusion=UNIT, feature_augs=OneOf(_FEATURE_AUGS),
+    flip_augs=OneOf(_FLIP_AUGS), img_eng_coefficient=UNIT, blur_kernel=Range(1, 1001, odd=True),
+    blur_sigma=Range(0, 1000, lo_open=True), templates=OneOf(("imagenet80", "photo")),
+    aux_kind=OneOf(("definition", "synonym", "none")), def_coefficient=UNIT, logit_scale=POSITIVE,
+    pamr_steps=Range(0, 100), pamr_dilations=Range(1, 1000), refine_at=OneOf(("input", "processing")),
+    prob_thd=UNIT, area_thd=UNIT, close_kernel=Range(1, 1001, odd=True), chunk_rows=Range(0, 1 << 31),
+    aux_file=PlainName(), dataset=PlainName(),
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -413,11 +447,21 @@ class ITACLIPSegmenter(Segmenter):
         return all(count_tokens(self.clip.tokenizer, p) <= limit for p in format_prompts(text, templates))
 
     def _fit(self, text: str, templates: Sequence[str]) -> str:
-        """Trim words from the end of a (non-user) text until every templated prompt fits the context."""
+        """The longest word prefix of a (non-user) text whose templated prompts all fit the context.
+
+        Token counts grow with the prefix, so a binary search needs O(log n) tokenisations, not O(n).
+        """
         words = text.split()
-        while words and not self._fits(" ".join(words), templates):
-            words.pop()
-        return " ".join(words)
+        if self._fits(" ".join(words), templates):
+            return " ".join(words)
+        lo, hi = 0, len(words) - 1  # words[:lo] fits (the empty prefix trivially); words[:hi + 1] does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._fits(" ".join(words[:mid]), templates):
+                lo = mid
+            else:
+                hi = mid - 1
+        return " ".join(words[:lo])
 
     def _aux_text(self, cls_spec, templates: Sequence[str]) -> tuple[str, str]:
         """(auxiliary text, source) of one class; ("", "none") when there is none."""
@@ -541,9 +585,14 @@ class ITACLIPSegmenter(Segmenter):
 
     # --- image: the frame ---------------------------------------------------------------------------
     def processing_size(self, h: int, w: int) -> tuple[int, int]:
-        if self.config.short_side <= 0:
+        cfg = self.config
+        if cfg.short_side <= 0:
             return h, w
-        return short_side_size(h, w, self.config.short_side, self.config.max_long_side)
+        if cfg.resize == "cv2":  # mmcv ``rescale_size``: one factor, each side rounded half up
+            long_cap = cfg.max_long_side if cfg.max_long_side > 0 else max(cfg.short_side, max(h, w))
+            s = min(max(long_cap, cfg.short_side) / max(h, w), min(long_cap, cfg.short_side) / min(h, w))
+            return int(h * s + 0.5), int(w * s + 0.5)
+        return short_side_size(h, w, cfg.short_side, cfg.max_long_side)
 
     def vit_passes(self, h: int, w: int) -> int:
         """ViT image passes ``segment`` makes for an h x w input (windows x augmentations)."""
@@ -559,6 +608,8 @@ class ITACLIPSegmenter(Segmenter):
         size = self.processing_size(h, w)
         if min(size) < ps:
             raise ImageError(f"the image ({w}x{h}) is smaller than one {ps}-pixel patch after resizing to {size}")
+        if self.config.resize == "cv2" and tuple(image.shape[:2]) != size:
+            image = cv2.resize(np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
         x = resize(image_to_tensor(image, self.device), size)
         mean, std = self.clip.pixel_stats()
         return normalize(x, mean, std)
@@ -600,7 +651,33 @@ class ITACLIPSegmenter(Segmenter):
             conf_out = torch.where(labels >= 0, chosen, top)
         else:
             conf_out = torch.where(labels >= 0, conf, top)
-        return labels.cpu().numpy(), conf_out.float().clamp(0, 1).cpu().numpy()
+        labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
+        return labels_np, conf_np
+
+    def _labels_fast(self, low: torch.Tensor, size: tuple[int, int], state: ITACLIPState) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_labels` of ``resize(low, size)`` without upsampling every class (see ``fast_upsample``)."""
+        cfg = self.config
+        k = len(state.vocabulary)
+        conf, idx = upsample_max_topk(low[:k], size)
+        labels = idx.to(torch.int32)
+        top = conf
+        if state.num_background:
+            bg = resize(low[k:k + 1][None].float(), size)[0, 0]
+            labels = torch.where(bg > conf, torch.full_like(labels, UNLABELED), labels)
+            top = torch.maximum(conf, bg)
+        if cfg.prob_thd > 0:
+            labels = torch.where(top < cfg.prob_thd, torch.full_like(labels, UNLABELED), labels)
+        chosen = conf
+        if cfg.close_kernel > 1:
+            closed = close_labels_torch(labels, cfg.close_kernel)
+            moved = ((closed != labels) & (closed >= 0)).nonzero(as_tuple=True)
+            chosen = conf.clone()
+            if moved[0].numel():  # the closed label's own probability, only where closing changed it
+                chosen[moved] = bilinear_at(low[:k], size, moved[0], moved[1], closed[moved].long())
+            labels = closed
+        conf_out = torch.where(labels >= 0, chosen, top)
+        labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
+        return labels_np, conf_np
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:
@@ -626,9 +703,12 @@ class ITACLIPSegmenter(Segmenter):
                 logits = pamr(guide, logits, cfg.pamr_steps, cfg.pamr_dilations)
         with timer.stage("classify"):
             probs = self._class_probs(logits[0], st)
-            if cfg.refine_at == "processing":
-                probs = resize(probs[None], (h, w))[0]
-            labels, conf = self._labels(probs, st)
+            if cfg.refine_at == "processing" and cfg.fast_upsample and cfg.area_thd <= 0:
+                labels, conf = self._labels_fast(probs, (h, w), st)
+            else:
+                if cfg.refine_at == "processing":
+                    probs = resize(probs[None], (h, w))[0]
+                labels, conf = self._labels(probs, st)
         return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
 
     @torch.inference_mode()

@@ -1,0 +1,321 @@
+"""``~/semantic/points``: the organised semantic point cloud, pixel-aligned with the label image.
+
+:class:`SemanticPointsOutput` is self-contained so that a node (one per camera) can own one: it subscribes
+the depth image (registered to the colour camera) and its camera_info, pairs each processed frame with the
+depth image nearest in time (:mod:`.sync`), and publishes a ``sensor_msgs/PointCloud2`` with exactly the label
+image's width and height and the colour frame's header (Nav2's semantic_segmentation_layer pairs mask,
+confidence and cloud by exact stamp and drops a cloud whose ``width * height`` differs from the mask's).
+
+Fields: ``x y z`` float32 (optical frame, NaN where depth is invalid or outside ``[min_depth, max_depth]``),
+``confidence`` float32 [0, 1], ``label`` uint16 (the label image's value, its unlabeled id where unlabeled),
+``rgb`` packed float32 (camera colour, optional). Geometry: :mod:`ovseg_ros.core.depth`.
+
+Bad input never escapes as an exception: a refused depth image or camera_info is counted with its reason
+(``diagnostics()``), logged throttled, and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import array
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+
+from ..core import depth as dp
+from .qos import output_qos
+from .sync import ApproximateTimeMatcher
+
+LOG_THROTTLE_S = 5.0
+
+
+@dataclass(frozen=True)
+class PointsOptions:
+    """Options of the semantic cloud (node parameters ``min_depth``, ``max_depth``, ``points_rgb``, ``depth_slop``)."""
+
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+    rgb: bool = False
+    slop: float = 0.05
+    max_pixels: int = 4096 * 4096
+    depth_capacity: int = 32
+    max_wait: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.min_depth < self.max_depth):
+            raise ValueError(f"need 0 <= min_depth < max_depth, got {self.min_depth} and {self.max_depth}")
+        if not 0.0 <= self.slop <= 10.0:
+            raise ValueError(f"depth_slop must be in [0, 10] s, got {self.slop}")
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity (holds arrays)
+class _Frame:
+    header: Any
+    labels: np.ndarray
+    confidence: np.ndarray
+    rgb: Optional[np.ndarray]
+    unlabeled_id: int
+
+
+@dataclass(frozen=True)
+class _CameraModel:
+    intrinsics: dp.Intrinsics
+    source: str  # "K" or "P"
+    frame_id: str
+
+
+def stamp_ns(header: Any) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+class SemanticPointsOutput:
+    """Depth + camera_info subscriptions, the time matcher and the ``PointCloud2`` publisher of one camera."""
+
+    def __init__(
+        self,
+        node: Any,
+        depth_topic: str = "depth/image",
+        camera_info_topic: str = "depth/camera_info",
+        points_topic: str = "~/semantic/points",
+        qos: Any = None,
+        callback_group: Any = None,
+        options: Optional[PointsOptions] = None,
+    ) -> None:
+        from .qos import input_qos
+
+        self._node = node
+        self._opts = options or PointsOptions()
+        self._log = node.get_logger()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._camera: Optional[_CameraModel] = None
+        self._matcher: ApproximateTimeMatcher[_Frame, tuple[Any, float]] = ApproximateTimeMatcher(
+            int(self._opts.slop * 1e9), self._opts.depth_capacity, max_wait_s=self._opts.max_wait)
+        self._published = 0
+        self._refused = 0
+        self._info_refused = 0
+        self._errors = 0
+        self._last_refusal = ""
+        self._last_error = ""
+        self._frame_warned = False
+        self._health_mark = (0, 0, 0)  # (matched, unmatched, published) at the last health() call
+        self._ms: deque = deque(maxlen=100)
+        # The message buffer, reused frame to frame (publish copies it into the middleware synchronously); the
+        # emit lock serialises building + publishing (frames are emitted from the publishing thread and from
+        # the depth callback).
+        self._emit_lock = threading.Lock()
+        self._data = array.array("B")
+        self._data_f32: Optional[np.ndarray] = None
+        qos = qos if qos is not None else input_qos()
+        self._depth_topic, self._info_topic = depth_topic, camera_info_topic
+        self._pub = node.create_publisher(PointCloud2, points_topic, output_qos())
+        self._subs = [
+            node.create_subscription(Image, depth_topic, self._on_depth, qos, callback_group=callback_group),
+            node.create_subscription(CameraInfo, camera_info_topic, self._on_camera_info, qos,
+                                     callback_group=callback_group),
+        ]
+        self._depth_topic, self._info_topic = self._subs[0].topic_name, self._subs[1].topic_name
+        self._points_topic = self._pub.topic_name
+
+    # --- topics (for logs) ------------------------------------------------------------------------------
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        """(depth, camera_info, points) resolved topic names."""
+        return self._depth_topic, self._info_topic, self._points_topic
+
+    # --- callbacks ---------------------------------------------------------------------------------------
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            intr = dp.intrinsics_from_camera_info(msg.k, msg.p, msg.width, msg.height, msg.d)
+            source = dp.intrinsics_source(msg.p, msg.d)
+            with self._lock:
+                self._camera = _CameraModel(intr, source, msg.header.frame_id)
+        except dp.DepthError as exc:
+            self._refuse(f"camera_info refused: {exc}", info=True)
+        except Exception as exc:  # noqa: BLE001  (a malformed message must not take the node down)
+            self._error(f"camera_info: {type(exc).__name__}: {exc}")
+
+    def _on_depth(self, msg: Image) -> None:
+        try:
+            dp.check_depth_msg(msg, self._opts.max_pixels)
+        except dp.DepthError as exc:
+            self._refuse(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._error(f"depth: {type(exc).__name__}: {exc}")
+            return
+        try:
+            resolved = self._matcher.push_depth(stamp_ns(msg.header), (msg, time.monotonic()), time.monotonic())
+            self._emit_all(resolved)
+        except Exception as exc:  # noqa: BLE001
+            self._error(f"depth: {type(exc).__name__}: {exc}")
+
+    # --- the node's side -------------------------------------------------------------------------------
+    def publish(
+        self,
+        header: Any,
+        labels: np.ndarray,
+        confidence: np.ndarray,
+        rgb: Optional[np.ndarray] = None,
+        unlabeled_id: int = 65535,
+    ) -> bool:
+        """Queue one processed frame: (H, W) int32 labels (-1 unlabeled), (H, W) float32 confidence, the
+        camera's (H, W, 3) uint8 RGB when the ``rgb`` field is on (else ignored).
+
+        Returns True when the frame's cloud was published, or waits (at most ``max_wait`` s) for a depth image
+        that may still arrive; False when it was refused or no depth image matched (counted). Never raises.
+        """
+        try:
+            if self._closed:
+                return False
+            frame = _Frame(header, labels, confidence, rgb if self._opts.rgb else None, int(unlabeled_id))
+            resolved = self._matcher.push_frame(stamp_ns(header), frame, time.monotonic())
+            results = self._emit_all(resolved)
+            for (done, _), ok in zip(resolved, results):
+                if done is frame:
+                    return ok
+            return True  # pending: a depth image at or after its stamp may still arrive
+        except Exception as exc:  # noqa: BLE001
+            self._error(f"publish: {type(exc).__name__}: {exc}")
+            return False
+
+    def _emit_all(self, resolved: list[tuple[_Frame, Optional[tuple[Any, float]]]]) -> list[bool]:
+        return [self._emit(frame, depth) for frame, depth in resolved]
+
+    def _emit(self, frame: _Frame, depth: Optional[tuple[Any, float]]) -> bool:
+        if depth is None:
+            self._log.warning(
+                f"no depth image within depth_slop={self._opts.slop} s of the frame stamped "
+                f"{frame.header.stamp.sec}.{frame.header.stamp.nanosec:09d} on {self._depth_topic}: "
+                "no cloud for it", throttle_duration_sec=LOG_THROTTLE_S)
+            return False
+        with self._emit_lock:
+            try:
+                t0 = time.perf_counter()
+                msg = self._cloud(frame, depth[0])
+            except dp.DepthError as exc:
+                self._refuse(str(exc))
+                return False
+            except Exception as exc:  # noqa: BLE001
+                self._error(f"cloud: {type(exc).__name__}: {exc}")
+                return False
+            with self._lock:
+                if self._closed:
+                    return False
+                self._pub.publish(msg)
+                self._published += 1
+                self._ms.append((time.perf_counter() - t0) * 1e3)
+            return True
+
+    def _cloud(self, frame: _Frame, depth_msg: Image) -> PointCloud2:
+        with self._lock:
+            camera = self._camera
+        if camera is None:
+            raise dp.DepthError(f"no valid camera_info received on {self._info_topic}: cannot project depth")
+        h, w = frame.labels.shape
+        if frame.confidence.shape != (h, w):
+            raise dp.DepthError(f"confidence {frame.confidence.shape} and labels {(h, w)} differ")
+        dh, dw = int(depth_msg.height), int(depth_msg.width)
+        dp.check_aspect((dh, dw), (h, w), f"depth {depth_msg.encoding}")
+        intr = camera.intrinsics
+        dp.check_aspect((intr.height, intr.width), (h, w), "camera_info")
+        if depth_msg.header.frame_id != frame.header.frame_id and not self._frame_warned:
+            self._frame_warned = True
+            self._log.warning(
+                f"depth frame {depth_msg.header.frame_id!r} differs from the colour frame "
+                f"{frame.header.frame_id!r}: the cloud uses the colour frame; the depth must be registered to it")
+        metres = dp.depth_msg_to_metres(depth_msg, self._opts.max_pixels)
+        metres = dp.resample_nearest(metres, h, w)
+        rgb = frame.rgb
+        if rgb is not None and rgb.shape[:2] != (h, w):
+            rgb = dp.resample_nearest(rgb, h, w)
+        layout = dp.cloud_layout(rgb is not None)
+        size = h * w * layout.point_step
+        if len(self._data) != size:
+            self._data_f32 = None  # release the exported view before resizing
+            self._data = array.array("B", bytes(size))
+            self._data_f32 = np.frombuffer(self._data, dtype=np.float32)
+        dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth, frame.labels,
+                          frame.confidence.astype(np.float32, copy=False), frame.unlabeled_id, rgb,
+                          out=self._data_f32)
+        msg = PointCloud2()
+        msg.header = frame.header
+        msg.height, msg.width = h, w
+        msg.fields = [PointField(name=n, offset=o, datatype=t, count=c) for n, o, t, c in layout.fields]
+        msg.is_bigendian = dp.is_bigendian()
+        msg.point_step = layout.point_step
+        msg.row_step = layout.point_step * w
+        msg.is_dense = False
+        msg.data = self._data  # by reference: the setter keeps an array('B') as is
+        return msg
+
+    # --- bookkeeping -----------------------------------------------------------------------------------
+    def _refuse(self, reason: str, info: bool = False) -> None:
+        with self._lock:
+            if info:
+                self._info_refused += 1
+            else:
+                self._refused += 1
+            self._last_refusal = reason
+        self._log.warning(f"semantic points: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+
+    def _error(self, reason: str) -> None:
+        with self._lock:
+            self._errors += 1
+            self._last_error = reason
+        self._log.error(f"semantic points: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
+
+    def diagnostics(self) -> dict[str, str]:
+        """Counters for /diagnostics (string values)."""
+        self._emit_all(self._matcher.poll(time.monotonic()))
+        st = self._matcher.stats()
+        with self._lock:
+            camera = self._camera
+            ms = list(self._ms)
+            out = {
+                "points_published": str(self._published),
+                "points_matched": str(st.matched),
+                "points_unmatched": str(st.unmatched),
+                "depth_received": str(st.depth_received),
+                "depth_unused": str(st.depth_unused),
+                "depth_refused": str(self._refused),
+                "camera_info_refused": str(self._info_refused),
+                "depth_last_refusal": self._last_refusal,
+                "points_errors": str(self._errors),
+                "points_last_error": self._last_error,
+            }
+        out["camera_info"] = (f"{camera.intrinsics.width}x{camera.intrinsics.height} ({camera.source})"
+                              if camera is not None else "missing")
+        out["points_ms_mean"] = f"{np.mean(ms):.2f}" if ms else ""
+        return out
+
+    def health(self) -> Optional[str]:
+        """Why the frames resolved since the previous call produced no cloud at all (None when some did, or when
+        no frame came): for the node's diagnostics level."""
+        st = self._matcher.stats()
+        with self._lock:
+            now = (st.matched, st.unmatched, self._published)
+            before, self._health_mark = self._health_mark, now
+            last = self._last_refusal or self._last_error
+        if now[:2] == before[:2] or now[2] > before[2]:
+            return None
+        if now[1] > before[1]:
+            return (f"no semantic points: no depth image within depth_slop={self._opts.slop} s on "
+                    f"{self._depth_topic} ({st.depth_received} received)")
+        return f"no semantic points: {last}"
+
+    def destroy(self) -> None:
+        """Stop publishing and remove the subscriptions and the publisher (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._matcher.clear()
+        for sub in self._subs:
+            self._node.destroy_subscription(sub)
+        self._node.destroy_publisher(self._pub)
+        self._subs = []
