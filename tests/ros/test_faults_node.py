@@ -57,6 +57,49 @@ def _refused_with_reason(result: Any, what: str) -> None:
     assert result.reason.strip(), f"{what} was refused without a reason"
 
 
+# --- the checker catches what it must (no node needed) --------------------------------------------------------
+def test_frame_checker_reports_wrong_labels_revisions_and_duplicates() -> None:
+    from fault_harness import ColorKeyOracle, FrameChecker
+    from ros_harness import Collector
+    from sensor_msgs.msg import Image
+
+    from ovseg_ros.msg import SegmentationInfo, Vocabulary, VocabularyClass
+    from ovseg_ros.ros.conversions import numpy_to_image
+
+    class Stamps:  # stands in for the camera: every frame showed scene variant 0
+        def variant_of(self, stamp: Any) -> int:
+            return 0
+
+    labels, info, vocab = Collector(), Collector(), Collector()
+    oracle = ColorKeyOracle({})
+    checker = FrameChecker(labels, info, vocab, Stamps(), oracle)  # type: ignore[arg-type]
+    vocab(Vocabulary(revision=3, classes=[VocabularyClass(name=n) for n in INITIAL]))
+
+    def frame(sec: int, arr: Any, revision: int = 3) -> None:
+        msg = Image()
+        msg.header.stamp.sec = sec
+        labels(numpy_to_image(arr.astype("uint8"), "mono8", msg.header))
+        i = SegmentationInfo(vocabulary_revision=revision)
+        i.header.stamp.sec = sec
+        info(i)
+
+    good = oracle.expected(len(INITIAL), 0, 255)
+    frame(1, good)
+    assert checker.problems() == [] and checker.checked == 1
+    wrong = good.copy()
+    wrong[0, 0] = (int(wrong[0, 0]) + 1) % len(INITIAL)
+    frame(2, wrong)
+    assert any("differ" in p for p in checker.problems())
+    out_of_range = good.copy()
+    out_of_range[0, 0] = 7
+    frame(3, out_of_range)
+    assert any("outside revision 3" in p for p in checker.problems())
+    frame(1, good)
+    assert any("published twice" in p for p in checker.problems())
+    checker.learn(3, ("a", "b"))
+    assert any("named two vocabularies" in p for p in checker.problems())
+
+
 # --- a healthy baseline (the checker itself works) --------------------------------------------------------
 def test_baseline_frames_are_exact(node: Target) -> None:
     node.assert_healthy()
