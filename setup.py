@@ -25,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["ovseg_ros", "ovseg_ros.core", "ovseg_ros.core.*", "ovseg_ros.tools"]),
+    packages=find_packages(include=["ovseg_ros", "ovseg_ros.core", "ovseg_ros.core.*", "ovseg_ros.tools", "ovseg_ros.eval"]),
     package_data={
         "ovseg_ros.core": [
             "presets/**/*.yaml",
@@ -39,5 +39,6 @@ setup(
     entry_points={"console_scripts": [
         "ovseg-segment = ovseg_ros.cli:main",
         "ovseg-nav2-params = ovseg_ros.tools.nav2_params:main",
+        "ovseg-eval = ovseg_ros.eval.cli:main",
     ]},
 )

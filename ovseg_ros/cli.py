@@ -6,6 +6,10 @@ uint16; 255/65535 = unlabeled, the node's convention), a colour PNG and a JSON s
 Example::
 
     ovseg-segment photos/ -o out/ --segmenter itaclip --vocabulary floor chair "person, people" door
+    torchrun --nproc_per_node=4 -m ovseg_ros.cli photos/ -o out/ ...   # 4 processes share the images
+
+Images whose outputs exist are skipped (``--overwrite`` redoes them), so a rerun continues where the last
+one stopped. Under ``torchrun`` each process takes every N-th image and writes its own files.
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "instead of the semantic outputs (CaR answers in its referring mode)")
     p.add_argument("--cache-dir", default="~/.cache/ovseg_ros", help="text-embedding and weights cache")
     p.add_argument("--online", action="store_true", help="allow downloading weights from the hub")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: skip them)")
     p.add_argument("--list", action="store_true", help="list segmenters and presets, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -163,9 +168,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("ovseg-segment: give image files or folders (or --list)", file=sys.stderr)
         return 2
     from .core.models import resolve_device
+    from .eval.distributed import DistContext, env_world, shard
 
     try:
-        images = find_images(args.inputs)
+        rank, world, local_rank = env_world()
+        ctx = DistContext(rank, world, local_rank)
+        images = shard(find_images(args.inputs), ctx)  # torchrun: every N-th image; else all
         vocabulary = resolve_vocabulary(args)
         overrides: dict[str, Any] = load_yaml(args.options, "--options") if args.options else {}
         if not isinstance(overrides, dict):
@@ -181,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if preset and preset not in list_presets(args.segmenter):
             preset = ""
         device = resolve_device(args.device)
+        if ctx.distributed and device.type == "cuda" and args.device in ("auto", "cuda"):
+            import torch
+
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())  # one GPU per process
         cache = str(Path(args.cache_dir).expanduser())
         segmenter = build_segmenter(args.segmenter, preset, overrides, device, cache_dir=cache, offline=not args.online)
         segmenter.set_vocabulary(vocabulary)
@@ -193,6 +205,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failures = 0
     for path in images:
         stem = out_dir / path.stem
+        marker = Path(f"{stem}_query.json" if args.query else f"{stem}.json")  # written last: complete
+        if marker.exists() and not args.overwrite:
+            continue
         try:
             image = read_rgb(path)
             if args.query:

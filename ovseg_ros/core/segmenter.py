@@ -250,7 +250,19 @@ def load_preset(segmenter: str, preset: str) -> dict[str, Any]:
         raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset file {path} must hold a mapping")
+    data.pop("paper", None)  # published results of the preset (for ovseg-eval), not an option
     return data
+
+
+def load_paper_results(segmenter: str, preset: str) -> list[dict[str, Any]]:
+    """The ``paper:`` entries of a preset: the authors' published numbers (``ovseg_ros.eval`` reads them)."""
+    path = PRESET_DIR / segmenter / f"{preset}.yaml"
+    try:
+        data = load_yaml(read_text_file(path, "preset file"), f"preset file {path}") if path.is_file() else None
+    except UntrustedInputError:
+        return []
+    entries = data.get("paper") if isinstance(data, dict) else None
+    return [dict(e) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 # --- config validation --------------------------------------------------------------------------------

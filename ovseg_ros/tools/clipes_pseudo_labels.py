@@ -19,6 +19,10 @@ Examples::
     python -m ovseg_ros.tools.clipes_pseudo_labels train2014/ --dataset coco --tags coco14/train.txt -o out/
     # Your own classes, tags predicted
     python -m ovseg_ros.tools.clipes_pseudo_labels frames/ --classes "pallet" "forklift, lift truck" -o out/
+    # 4 GPUs (or processes) share the images; each writes its own PNGs, rank 0 merges tags.json
+    torchrun --nproc_per_node=4 -m ovseg_ros.tools.clipes_pseudo_labels VOC2012/JPEGImages ... -o pseudo/
+
+Existing PNGs are skipped (``--overwrite`` redoes them), so a rerun continues where the last one stopped.
 """
 
 from __future__ import annotations
@@ -176,8 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     import torch
 
-    from ..core.models import resolve_device
     from ..core.segmenter import build_segmenter
+    from ..eval import distributed as dist
     from ..core.vocabulary import Vocabulary, load_vocabulary_file
 
     if sum(x is not None for x in (args.dataset, args.vocabulary, args.classes)) != 1:
@@ -201,14 +205,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images = [im for im in images if im.stem in wanted]
     if args.limit > 0:
         images = images[: args.limit]
+    try:
+        ctx, device = dist.init(args.device)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    images = dist.shard(images, ctx)  # torchrun: every N-th image; one process: all
     preset = args.preset or (args.dataset if args.dataset in ("voc", "coco") else "voc")
     overrides = merge(model_overrides(args), parse_sets(args.sets))
-    seg = build_segmenter("clip_es", preset, overrides, device=resolve_device(args.device),
+    seg = build_segmenter("clip_es", preset, overrides, device=device,
                           cache_dir=args.cache_dir, offline=not args.online)
     state = seg.encode_vocabulary(vocabulary)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record_path = out_dir / "tags.json"
+    merged_path = out_dir / "tags.json"
+    # Each process keeps its own record file; rank 0 merges them into tags.json at the end.
+    record_path = merged_path if not ctx.distributed else out_dir / f"tags.{ctx.tag}.json"
     record: dict[str, dict] = json.loads(record_path.read_text()) if record_path.is_file() else {}
     palette = voc_palette()
     from PIL import Image
@@ -242,8 +254,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("%s -> %s (%s)", path.name, target.name,
                  ", ".join(record[path.stem]["labels_in_mask"]) or "background")
     record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
+    dist.barrier(ctx)
+    if ctx.distributed and ctx.is_main:
+        merged: dict[str, dict] = json.loads(merged_path.read_text()) if merged_path.is_file() else {}
+        for part in sorted(out_dir.glob("tags.rank*.json")):
+            merged.update(json.loads(part.read_text()))
+        merged_path.write_text(json.dumps(merged, indent=1, sort_keys=True))
+    dist.finish(ctx)
     dt = time.perf_counter() - t0
-    print(f"wrote {done} pseudo-label PNGs to {out_dir} in {dt:.1f} s"
+    print(f"{'' if not ctx.distributed else f'rank {ctx.rank}: '}wrote {done} pseudo-label PNGs to {out_dir} in {dt:.1f} s"
           + (f" ({dt / done:.2f} s/image)" if done else ""))
     return 0
 
