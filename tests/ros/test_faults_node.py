@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import pytest
 from fault_harness import (
     INITIAL,
+    SCENES,
     Restartable,
     StateProbe,
     Target,
@@ -350,6 +351,45 @@ def test_concurrent_set_vocabulary_calls_never_block_the_executor(node: Target) 
     assert in_use.revision == last[0].revision and [c.name for c in in_use.classes] == last[1]
     node.assert_healthy()
     assert node.set_vocabulary(INITIAL).success
+
+
+def test_rapid_deactivate_activate_under_a_fast_stream(node: Target) -> None:
+    """Subscriptions go away at deactivate while messages for them are ready in the executor (the race the
+    soak found: "executor stopped: InvalidHandle"); raw and compressed frames at 30 Hz, 15 quick cycles."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", cv2.cvtColor(SCENES[0], cv2.COLOR_RGB2BGR))
+    assert ok
+    pub = node.client.publisher(f"{node.ns}/image/compressed", CompressedImage)
+    stop = threading.Event()
+
+    def stream() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            msg = CompressedImage(format="png", data=array.array("B", png.tobytes()))
+            msg.header.frame_id = "fast_camera"
+            msg.header.stamp.sec, msg.header.stamp.nanosec = 3_000_000 + n, 11
+            pub.publish(msg)
+            stop.wait(1 / 30)
+
+    feeder = threading.Thread(target=stream, daemon=True)
+    feeder.start()
+    try:
+        with StateProbe(node) as probe:
+            for i in range(15):
+                assert node.transition("deactivate", timeout=30.0), f"deactivate {i} failed\n{node.tail()}"
+                assert node.proc.alive(), f"the node died at deactivate {i}\n{node.tail()}"
+                time.sleep(0.05 * (i % 3))
+                assert node.transition("activate", timeout=30.0), f"activate {i} failed\n{node.tail()}"
+                assert node.proc.alive(), f"the node died at activate {i}\n{node.tail()}"
+                time.sleep(0.05 * (i % 4))
+        probe.check()
+    finally:
+        stop.set()
+        feeder.join(2.0)
+        node.client.node.destroy_publisher(pub)
+    node.assert_healthy()
 
 
 # --- item 3: transitions while services run ------------------------------------------------------------------------
