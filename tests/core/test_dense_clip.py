@@ -127,3 +127,17 @@ def test_resized_pos_embed_is_cached_and_follows_weight_changes(tiny_vit_checkpo
     with torch.inference_mode():
         c = clip_vit.interpolate_pos_embed(visual, (6, 6))
     assert not c.is_inference()  # usable by the gradient-based methods too
+
+
+def test_segment_batch_equals_frame_by_frame(segmenter, rgb_image) -> None:
+    """Several cameras in one pass: same labels as one call per frame, also with frames of another size."""
+    state = segmenter.encode_vocabulary(Vocabulary.from_request(["floor", "wall", "person"]))
+    other = np.ascontiguousarray(rgb_image[::-1, ::2])
+    frames = [rgb_image, np.ascontiguousarray(rgb_image[:, ::-1]), other]
+    batched = segmenter.segment_batch(frames, state)
+    for frame, got in zip(frames, batched):
+        one = segmenter.segment(frame, state)
+        assert got.labels.shape == frame.shape[:2]
+        assert (got.labels == one.labels).mean() > 0.999
+        np.testing.assert_allclose(got.confidence, one.confidence, atol=1e-4)
+        assert got.vocabulary is state.vocabulary

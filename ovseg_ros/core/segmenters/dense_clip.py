@@ -155,17 +155,42 @@ class DenseClipSegmenter(Segmenter):
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:
+        return self.segment_batch([image], state)[0]
+
+    @torch.inference_mode()
+    def segment_batch(self, images: list[np.ndarray], state: Optional[VocabularyState] = None) -> list[SegmentationResult]:
+        """Several frames (e.g. one per camera): one backbone pass for all frames that share a size.
+
+        Sliding-window presets run frame by frame (their windows are already batched).
+        """
         st: DenseClipState = self._resolve_state(state)  # type: ignore[assignment]
-        image = check_image(image)
+        images = [check_image(im) for im in images]
         timer = StageTimer(self.device)
-        k = len(st.vocabulary)
         with timer.stage("preprocess"):
-            x = self._prepare(image)
+            xs = [self._prepare(im) for im in images]
             rows = st.text.to(self.device)
             if st.background is not None:
                 rows = torch.cat([rows, st.background.to(self.device)])
+        scores: list[Optional[torch.Tensor]] = [None] * len(images)
         with timer.stage("backbone"):
-            scores = self._scores(x, rows)[0]  # (Q [+ G], h, w)
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, x in enumerate(xs):
+                groups.setdefault(tuple(x.shape) if self.config.window == 0 else (i,), []).append(i)
+            for members in groups.values():
+                batch = self._scores(torch.cat([xs[i] for i in members]), rows)  # (B, Q [+ G], h, w)
+                for j, i in enumerate(members):
+                    scores[i] = batch[j]
+        results = []
+        for image, s in zip(images, scores):
+            frame_timer = StageTimer(self.device)
+            frame_timer.times = {k: v / len(images) for k, v in timer.times.items()}
+            results.append(self._classify(s, st, image.shape[:2], frame_timer))
+        return results
+
+    def _classify(self, scores: torch.Tensor, st: DenseClipState, size: tuple[int, int],
+                  timer: StageTimer) -> SegmentationResult:
+        """(Q [+ G], h, w) cosine scores of one frame -> labels and confidence at ``size``."""
+        k = len(st.vocabulary)
         with timer.stage("classify"):
             probs = torch.softmax(self.config.logit_scale * scores, dim=0)
             names = probs[: st.text.shape[0]]
@@ -173,7 +198,7 @@ class DenseClipSegmenter(Segmenter):
             if st.background is not None:
                 per_class = torch.cat([per_class, probs[st.text.shape[0]:].max(dim=0, keepdim=True).values])
             up = upsample_max_topk if self.config.fast_upsample else upsample_max
-            conf, idx = up(per_class, image.shape[:2])
+            conf, idx = up(per_class, size)
             labels = idx.to(torch.int32)
             labels[idx >= k] = UNLABELED  # a background word won
             if self.config.prob_threshold > 0:
