@@ -51,10 +51,11 @@ def post_vit_stages(seg: Any, state: Any, image: np.ndarray) -> dict[str, float]
     """Measured times of every stage but the ViT (random logits stand in for the windows' output)."""
     q = int(state.text.shape[0])
     seg._logits = lambda x, text: torch.randn(1, q, *x.shape[-2:], device=x.device)  # instance override
+    seg._pruned_logits = lambda x, text, st: (seg._logits(x, text), st.owner)  # prune_names presets: no ViT
     try:
         timings = seg.segment(image, state).timings
     finally:
-        del seg._logits
+        del seg._logits, seg._pruned_logits
     return {k: round(v, 4) for k, v in timings.items() if k != "backbone"}
 
 

@@ -78,8 +78,9 @@ if grep -q -- "--hz" <<< "$HELP"; then RATE_FLAG="--hz"; NOTE=""; else RATE_FLAG
 MODEL="ViT-B-16-quickgelu"; [[ $DRY -eq 1 ]] && MODEL="ovseg-tiny-vit"
 for hz in 30 60; do
   run_step "node_stream ${hz}Hz" 150 "$PY" benchmarks/bench_node_stream.py "$RATE_FLAG" "$hz" --device "$DEVICE" \
+    --segmenter dense_clip --preset realtime \
     --model "$MODEL" --frames "$FRAMES" --json "$OUT/node_stream_${hz}.json" --workdir "$OUT/node_stream_work"
-  figures="$(grep -iE "fps|latency|dropped" "$STEP_LOG" | tr '\n' ' ' | cut -c1-160)"
+  figures="$(grep -iE "processed|e2e latency" "$STEP_LOG" | tr -s " " | tr "\n" " " | cut -c1-200)"
   row "node stream ${hz} Hz $MODEL $DEVICE$NOTE" "$([[ $STEP_RC -eq 0 ]] && echo ok || echo "FAILED rc=$STEP_RC")" \
     "${STEP_S}s" "${figures:-see log} (goal >= 60 fps at 640x480 fp16)"
 done

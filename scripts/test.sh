@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): set up/build (scripts/setup.sh), then the whole pytest suite against
-# the built package, DDS on loopback only. Extra arguments go to pytest (e.g. -k vocabulary, tests/ros).
+# the built package, DDS on loopback only. Extra arguments go to pytest (e.g. -k vocabulary; tests/ros runs
+# only that folder).
 # Exit status: pytest's, so any failure, a collection error or "no tests collected" (5) is non-zero.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +21,12 @@ unset ROS_DOMAIN_ID
 # `pytest` (not `python -m pytest`): the source tree is not put first on sys.path, so the installed
 # package (install/, on PYTHONPATH via env.sh) is what gets tested.
 set +e
-pytest tests -p no:cacheprovider -q -ra --durations=10 "$@"
+# Arguments naming test files or folders replace the default `tests` (options alone keep it).
+targets=(tests)
+for arg in "$@"; do
+  if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then targets=(); break; fi
+done
+pytest "${targets[@]}" -p no:cacheprovider -q -ra --durations=10 "$@"
 rc=$?
 set -e
 elapsed=$(( $(date +%s) - start ))

@@ -165,10 +165,11 @@ def upsample_max_topk(
     (k+1)-th best scores, so where the best candidate beats that bound the label is the full path's; the
     rare pixels where it does not are recomputed over all K classes. Labels therefore equal
     :func:`upsample_max`'s up to floating-point ties. Vocabularies below ``exact_below`` classes (or fewer
-    than ``4k + 1``) take :func:`upsample_max` directly.
+    than ``4k + 1``), and outputs with fewer than 4x the input's pixels, take :func:`upsample_max` directly.
     """
     n_cls, h, w = scores.shape
-    if n_cls < max(exact_below, 4 * k + 1) or (h, w) == tuple(size):
+    if n_cls < max(exact_below, 4 * k + 1) or size[0] * size[1] < 4 * h * w:
+        # Small vocabulary, or hardly any upsampling: a top-k over every source pixel costs more than it saves.
         return upsample_max(scores, size)
     s = scores.float()
     dev = s.device
@@ -177,11 +178,13 @@ def upsample_max_topk(
     a1 = (torch.arange(h, device=dev) + 1).clamp_(max=h - 1)
     b1 = (torch.arange(w, device=dev) + 1).clamp_(max=w - 1)
     # The corners of cell (a, b) are (a, b), (a, b1), (a1, b), (a1, b1); candidates are their top-k classes.
-    right = s.index_select(2, b1)
-    down = s.index_select(1, a1)
-    diag = down.index_select(2, b1)
-    cand = torch.cat([top_k, top_k.index_select(2, b1), top_k.index_select(1, a1),
-                      top_k.index_select(1, a1).index_select(2, b1)])  # (4k, h, w)
+    pos = torch.arange(h * w, device=dev).view(h, w)
+    corners = [pos, pos[:, b1], pos[a1], pos[a1][:, b1]]  # flat pixel index of each corner of each cell
+    cand = torch.cat([top_k.flatten(1)[:, c.flatten()].view(k, h, w) for c in corners])  # (4k, h, w)
+    flat = s.flatten()
+
+    def at(c: torch.Tensor) -> torch.Tensor:  # candidate scores at one corner of every cell (no K-sized copy)
+        return flat.take(cand * (h * w) + c)
     y0, _, wy = _bilinear_taps(h, size[0], dev)
     x0, _, wx = _bilinear_taps(w, size[1], dev)
 
@@ -192,8 +195,8 @@ def upsample_max_topk(
         return t.repeat_interleave(reps_x, dim=-1).repeat_interleave(reps_y, dim=-2)
 
     fy, fx = wy.view(1, -1, 1), wx.view(1, 1, -1)
-    top = torch.lerp(expand(s.gather(0, cand)), expand(right.gather(0, cand)), fx)
-    bottom = torch.lerp(expand(down.gather(0, cand)), expand(diag.gather(0, cand)), fx)
+    top = torch.lerp(expand(at(corners[0])), expand(at(corners[1])), fx)
+    bottom = torch.lerp(expand(at(corners[2])), expand(at(corners[3])), fx)
     best, which = torch.lerp(top, bottom, fy).max(dim=0)
     label = expand(cand).gather(0, which[None])[0]
     limit = resize(bound[None], size)[0, 0]  # the same mix of the corners' (k+1)-th scores

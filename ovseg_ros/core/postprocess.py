@@ -46,7 +46,10 @@ def class_codes(labels: np.ndarray, num_classes: int) -> Optional[np.ndarray]:
         return labels if num_classes <= 255 else None
     if num_classes > 255 or labels.ndim != 2 or labels.size == 0:
         return None
-    lo, hi, _, _ = cv2.minMaxLoc(labels if labels.dtype != np.int64 else labels.astype(np.int32))
+    if labels.dtype in (np.int32, np.int16, np.uint16, np.int8):
+        lo, hi, _, _ = cv2.minMaxLoc(labels)
+    else:  # dtypes OpenCV does not reduce (int64, uint32, ...)
+        lo, hi = int(labels.min()), int(labels.max())
     if lo < UNLABELED or hi > 255:
         return None
     return labels.astype(np.uint8)  # -1 wraps to 255
@@ -115,7 +118,8 @@ def panoptic_from_semantic(
     if codes is not None:
         ids = cv2.LUT(codes, ids_lut)  # int32 table -> int32 ids; thing classes map to 0 here
     for ya, xa, comp, crop, first in things:
-        ids[ya:ya + comp.shape[0], xa:xa + comp.shape[1]] += cv2.add(comp, first, mask=crop)
+        # dtype given: OpenCV's binding reads a (4, 1) array as a Scalar and would refuse the mixed types.
+        ids[ya:ya + comp.shape[0], xa:xa + comp.shape[1]] += cv2.add(comp, first, mask=crop, dtype=cv2.CV_32S)
     # Statistics of all segments at once: areas and score sums by histogram, boxes by one scan.
     n = len(owners)
     flat = ids.ravel()
@@ -167,11 +171,13 @@ def colorize(labels: np.ndarray, palette: np.ndarray, unlabeled_color: tuple[int
 
 
 def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5, labels: np.ndarray | None = None) -> np.ndarray:
-    """Blend ``color`` over the RGB ``image``; where ``labels`` is UNLABELED the image shows through unchanged."""
+    """Blend ``color`` over the RGB ``image``; where ``labels`` is UNLABELED (255 in uint8 wire labels) the image
+    shows through unchanged."""
     blend = cv2.addWeighted(image, 1.0 - alpha, color, alpha, 0.0)
     if labels is not None:
-        if labels.dtype == np.uint8:
-            raise ValueError("overlay needs int labels (-1 = unlabeled), not encoded uint8 ones")
-        keep = cv2.compare(labels if labels.dtype == np.int32 else labels.astype(np.int32), UNLABELED, cv2.CMP_EQ)
+        if labels.dtype == np.uint8:  # wire-encoded labels: 255 is unlabeled
+            keep = cv2.compare(labels, 255, cv2.CMP_EQ)
+        else:
+            keep = cv2.compare(labels if labels.dtype == np.int32 else labels.astype(np.int32), UNLABELED, cv2.CMP_EQ)
         cv2.copyTo(image, keep, blend)
     return blend

@@ -147,3 +147,31 @@ def test_fast_colorize_and_overlay_equal_reference() -> None:
         for alpha in (0.0, 0.3, 1.0):
             assert np.array_equal(overlay(img, col, alpha, lab), reference_overlay(img, col, alpha, lab))
         assert np.array_equal(overlay(img, col, 0.5), reference_overlay(img, col, 0.5))
+
+
+def test_wire_encoded_labels_and_other_int_dtypes() -> None:
+    rng = np.random.default_rng(6)
+    lab = rng.integers(-1, 20, (30, 40)).astype(np.int32)
+    pal = make_palette(20)
+    wire = lab.astype(np.uint8)  # what encode_labels publishes: -1 -> 255
+    img = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    assert np.array_equal(colorize(wire, pal), reference_colorize(lab, pal))
+    col = colorize(lab, pal)
+    assert np.array_equal(overlay(img, col, 0.5, wire), reference_overlay(img, col, 0.5, lab))
+    v = Vocabulary.from_request([f"c{i}" for i in range(20)], is_thing=[i % 3 == 0 for i in range(20)])
+    conf = rng.random((30, 40)).astype(np.float32)
+    for dtype in (np.int64, np.int16):
+        assert_same(panoptic_from_semantic(lab.astype(dtype), conf, v), reference_panoptic(lab, conf, v))
+
+
+@pytest.mark.parametrize("n_classes", [4, 300])  # uint8 class codes, and the general path
+@pytest.mark.parametrize("shape", [(4, 1), (3, 1), (1, 4), (4, 2)])
+def test_thin_components_whose_crop_opencv_could_read_as_a_scalar(n_classes: int, shape: tuple[int, int]) -> None:
+    """A one-pixel-wide thing of 4 rows gives a (4, 1) crop, which OpenCV's Python binding once took for a
+    Scalar in ``cv2.add`` (a type error that failed every frame of the node)."""
+    vocab = Vocabulary.from_request([f"object {i}" for i in range(n_classes)], is_thing=[True] * n_classes)
+    labels = np.full((12, 12), UNLABELED, np.int32)
+    labels[2: 2 + shape[0], 2: 2 + shape[1]] = n_classes - 1
+    labels[8, 8:10] = 1
+    conf = np.full(labels.shape, 0.5, np.float32)
+    assert_same(panoptic_from_semantic(labels, conf, vocab), reference_panoptic(labels, conf, vocab))

@@ -190,6 +190,10 @@ class ITACLIPConfig:
     #: With ``refine_at: processing`` and no area suppression: upsample only each pixel's candidate classes
     #: (:func:`upsample_max_topk`), so the cost is flat in vocabulary size; labels equal up to ties.
     fast_upsample: bool = False
+    #: With one whole-frame pass (``slide_crop: 0``): keep only the text rows among the top ``prune_names``
+    #: of some patch (plus one row standing for the others in the softmax) before logits are upsampled and
+    #: refined, so PAMR's cost stops growing with the vocabulary (0 = off, every row refined).
+    prune_names: int = 0
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -574,14 +578,14 @@ class ITACLIPSegmenter(Segmenter):
                 out.append(crops.flip(-1))
         return torch.cat(out) if len(out) > 1 else crops
 
-    def crop_logits(self, crops: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def crop_logits(self, crops: torch.Tensor, text: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         """Cosine logits (B, Q, h, w) of normalised crops at their own resolution (all passes in one batch)."""
         cfg = self.config
         feats, grid = self.dense_features(self.augment(crops))
         patches = feats[:, 1:].float().reshape(feats.shape[0], grid[0], grid[1], -1)
         mixed = combine_augmented(patches, cfg.augmentations, float(cfg.img_eng_coefficient))
         logits = torch.einsum("bhwe,qe->bqhw", mixed, text)
-        return resize(logits, tuple(crops.shape[-2:]))
+        return resize(logits, tuple(crops.shape[-2:])) if upsample else logits
 
     # --- image: the frame ---------------------------------------------------------------------------
     def processing_size(self, h: int, w: int) -> tuple[int, int]:
@@ -621,10 +625,37 @@ class ITACLIPSegmenter(Segmenter):
             return slide_inference(x, fn, cfg.slide_crop, cfg.slide_stride, text.shape[0], cfg.batch_windows)
         return fn(x)
 
-    def _class_probs(self, logits: torch.Tensor, state: ITACLIPState) -> torch.Tensor:
-        """(Q, H, W) logits -> (K [+1 background], H, W): softmax over all names, max over each class's."""
+    def _pruned_logits(self, x: torch.Tensor, text: torch.Tensor, state: ITACLIPState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch-level logits of every row; rows never among a patch's top ``prune_names`` are folded into one
+        log-sum-exp row (it keeps the softmax's denominator, owner = an extra class that is dropped later).
+        Returns the kept rows upsampled to the processing size, and their owners."""
+        low = self.crop_logits(x, text, upsample=False)[0]  # (Q, gh, gw)
+        owner = state.owner.to(low.device)
+        top = low.topk(min(self.config.prune_names, low.shape[0]), dim=0).indices
+        kept = torch.zeros(low.shape[0], dtype=torch.bool, device=low.device)
+        kept[top.flatten()] = True
+        if int(kept.sum()) >= low.shape[0] - 1:
+            return resize(low[None], tuple(x.shape[-2:])), owner
+        scale = self.config.logit_scale
+        rest = torch.logsumexp(scale * low[~kept], dim=0, keepdim=True) / scale
+        extra = len(state.vocabulary) + (1 if state.num_background else 0)
+        rows = torch.cat([low[kept], rest])
+        owners = torch.cat([owner[kept], torch.tensor([extra], dtype=owner.dtype, device=owner.device)])
+        return resize(rows[None], tuple(x.shape[-2:])), owners
+
+    def _class_probs(
+        self, logits: torch.Tensor, state: ITACLIPState, owner: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(Q, H, W) logits -> (K [+1 background], H, W): softmax over all names, max over each class's.
+
+        ``owner`` replaces the state's row owners for pruned logits; rows owned by class K [+1] (the folded
+        rest) only count in the softmax, and classes left without rows get probability 0."""
         k = len(state.vocabulary) + (1 if state.num_background else 0)
-        owner = state.owner.to(logits.device)
+        pruned = owner is not None
+        owner = (state.owner if owner is None else owner).to(logits.device)
+        if pruned:
+            p = torch.softmax(self.config.logit_scale * logits, dim=0)
+            return clip_vit.max_over_names(p[None], owner, k + 1)[0, :k].clamp_(min=0)
         rows = self.config.chunk_rows or logits.shape[1]
         out = []
         for s in range(0, logits.shape[1], rows):
@@ -691,8 +722,12 @@ class ITACLIPSegmenter(Segmenter):
         with timer.stage("preprocess"):
             x = self._prepare(image)
             text = st.text.to(self.device)
+        owner = None
         with timer.stage("backbone"):
-            logits = self._logits(x, text)  # (1, Q, h', w') float32
+            if cfg.prune_names > 0 and cfg.slide_crop <= 0:
+                logits, owner = self._pruned_logits(x, text, st)
+            else:
+                logits = self._logits(x, text)  # (1, Q, h', w') float32
         with timer.stage("refine"):
             if cfg.refine_at == "input":
                 logits = resize(logits, (h, w))
@@ -702,7 +737,7 @@ class ITACLIPSegmenter(Segmenter):
             if cfg.pamr_steps > 0:
                 logits = pamr(guide, logits, cfg.pamr_steps, cfg.pamr_dilations)
         with timer.stage("classify"):
-            probs = self._class_probs(logits[0], st)
+            probs = self._class_probs(logits[0], st, owner)
             if cfg.refine_at == "processing" and cfg.fast_upsample and cfg.area_thd <= 0:
                 labels, conf = self._labels_fast(probs, (h, w), st)
             else:
