@@ -165,6 +165,8 @@ class FrameChecker:
         self.checked = 0
         self.unmatched_revisions: set[int] = set()
         self._done: set[tuple[int, int]] = set()
+        self._stamps: set[tuple[int, int]] = set()  # every labels stamp scanned for duplicates
+        self._scanned = 0
 
     def learn(self, revision: int, names: tuple[str, ...]) -> None:
         """Record what ``revision`` means; a second, different meaning is a defect (issue 9, item 4)."""
@@ -183,7 +185,18 @@ class FrameChecker:
         self._learn_published()
         infos = {stamp_of(m.header): m for m in self.info.snapshot()}
         out = list(self.conflicts)
-        for lab in self.labels.snapshot():
+        labels = self.labels.snapshot()
+        seen: set[tuple[int, int]] = set()
+        for lab in labels[self._scanned:]:
+            key = stamp_of(lab.header)
+            if key == (0, 0):
+                continue  # an unstamped input: not ours to track
+            if key in self._stamps or key in seen:
+                out.append(f"frame {key} was published twice")
+            seen.add(key)
+        self._stamps |= seen
+        self._scanned = len(labels)
+        for lab in labels:
             key = stamp_of(lab.header)
             if key in self._done or key not in infos:
                 continue  # checked already, or its info is not here yet

@@ -193,6 +193,32 @@ def test_text_cache_is_not_fooled_by_same_path_size_and_mtime(node: Target, tmp_
     node.assert_healthy()
 
 
+@pytest.mark.parametrize("poison", ["nan", "unnormalised"])
+def test_poisoned_text_cache_entries_are_not_served(node: Target, tmp_path: Path, fast_params: dict,
+                                                    poison: str) -> None:
+    """Item 8: cache entries of the right shape but NaN or unnormalised rows are recomputed, not served."""
+    cache = tmp_path / "text_cache"
+    image = make_image(64, 48, frame_id="cache_probe")
+    texts = ["a red chair", "the floor", "an open door"]
+    try:
+        assert _reconfigure(node, {"cache_dir": str(cache)}) and node.transition("activate")
+        clean = _query_scores(node, texts, image)
+        assert node.transition("deactivate") and node.transition("cleanup")
+        entries = list(cache.rglob("*.npy"))
+        assert entries, "nothing was cached; the test cannot poison it"
+        for f in entries:
+            arr = np.load(f)
+            np.save(f, np.full_like(arr, np.nan) if poison == "nan" else arr * 7.0 + 1.0)
+        assert node.transition("configure", timeout=120.0) and node.transition("activate")
+        again = _query_scores(node, texts, image)
+        assert again == pytest.approx(clean, abs=1e-4), f"{poison} cache entries were served"
+    finally:
+        if node.proc.alive():
+            _reconfigure(node, {"cache_dir": ""})
+            node.bring_active()
+    node.assert_healthy()
+
+
 def test_class_name_with_the_cache_separator(node: Target) -> None:
     """Item 8: a text containing \\x1f (the old prompt-key separator) is one text, never two."""
     assert node.set_vocabulary_when_free(SMALL_NAMES).success  # not busy with an earlier change

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import pytest
 from fault_harness import (
     INITIAL,
+    SCENES,
     Restartable,
     StateProbe,
     Target,
@@ -55,6 +56,49 @@ def node(shared: Restartable) -> Target:
 def _refused_with_reason(result: Any, what: str) -> None:
     assert not result.successful, f"{what} was accepted"
     assert result.reason.strip(), f"{what} was refused without a reason"
+
+
+# --- the checker catches what it must (no node needed) --------------------------------------------------------
+def test_frame_checker_reports_wrong_labels_revisions_and_duplicates() -> None:
+    from fault_harness import ColorKeyOracle, FrameChecker
+    from ros_harness import Collector
+    from sensor_msgs.msg import Image
+
+    from ovseg_ros.msg import SegmentationInfo, Vocabulary, VocabularyClass
+    from ovseg_ros.ros.conversions import numpy_to_image
+
+    class Stamps:  # stands in for the camera: every frame showed scene variant 0
+        def variant_of(self, stamp: Any) -> int:
+            return 0
+
+    labels, info, vocab = Collector(), Collector(), Collector()
+    oracle = ColorKeyOracle({})
+    checker = FrameChecker(labels, info, vocab, Stamps(), oracle)  # type: ignore[arg-type]
+    vocab(Vocabulary(revision=3, classes=[VocabularyClass(name=n) for n in INITIAL]))
+
+    def frame(sec: int, arr: Any, revision: int = 3) -> None:
+        msg = Image()
+        msg.header.stamp.sec = sec
+        labels(numpy_to_image(arr.astype("uint8"), "mono8", msg.header))
+        i = SegmentationInfo(vocabulary_revision=revision)
+        i.header.stamp.sec = sec
+        info(i)
+
+    good = oracle.expected(len(INITIAL), 0, 255)
+    frame(1, good)
+    assert checker.problems() == [] and checker.checked == 1
+    wrong = good.copy()
+    wrong[0, 0] = (int(wrong[0, 0]) + 1) % len(INITIAL)
+    frame(2, wrong)
+    assert any("differ" in p for p in checker.problems())
+    out_of_range = good.copy()
+    out_of_range[0, 0] = 7
+    frame(3, out_of_range)
+    assert any("outside revision 3" in p for p in checker.problems())
+    frame(1, good)
+    assert any("published twice" in p for p in checker.problems())
+    checker.learn(3, ("a", "b"))
+    assert any("named two vocabularies" in p for p in checker.problems())
 
 
 # --- a healthy baseline (the checker itself works) --------------------------------------------------------
@@ -257,6 +301,31 @@ def test_query_with_thousands_of_texts_is_refused(node: Target) -> None:
     node.assert_healthy()
 
 
+# --- item 11: refusals are logged; a name that is another class's synonym is not silent ----------------------
+def test_refused_vocabulary_change_is_logged_with_its_reason(node: Target) -> None:
+    resp = node.set_vocabulary(["chair", "Chair"])
+    assert not resp.success and resp.message.strip()
+    assert node.proc.wait_for_log(resp.message[:60], timeout=5.0), f"the refusal is not in the log\n{node.tail()}"
+    node.assert_healthy()
+
+
+def test_class_name_equal_to_another_classes_synonym_is_not_silent(node: Target) -> None:
+    start = len(node.proc.output())
+    resp = node.set_vocabulary(["chair, seat", "seat"])
+    try:
+        if resp.success:
+            def warned() -> bool:
+                new_log = node.proc.output()[start:]
+                return "synonym" in new_log.lower() and "seat" in new_log
+
+            assert wait_until(warned, 5.0), f"accepted without a warning: {resp.message!r}\n{node.tail()}"
+        else:
+            assert "seat" in resp.message, resp.message
+    finally:
+        assert node.set_vocabulary(INITIAL).success
+    node.assert_healthy()
+
+
 # --- item 5: concurrent vocabulary changes -----------------------------------------------------------------------
 def test_concurrent_set_vocabulary_calls_never_block_the_executor(node: Target) -> None:
     """Four changes at once (a few seconds of encoding each): get_state keeps answering within 1 s, frames keep
@@ -282,6 +351,45 @@ def test_concurrent_set_vocabulary_calls_never_block_the_executor(node: Target) 
     assert in_use.revision == last[0].revision and [c.name for c in in_use.classes] == last[1]
     node.assert_healthy()
     assert node.set_vocabulary(INITIAL).success
+
+
+def test_rapid_deactivate_activate_under_a_fast_stream(node: Target) -> None:
+    """Subscriptions go away at deactivate while messages for them are ready in the executor (the race the
+    soak found: "executor stopped: InvalidHandle"); raw and compressed frames at 30 Hz, 15 quick cycles."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", cv2.cvtColor(SCENES[0], cv2.COLOR_RGB2BGR))
+    assert ok
+    pub = node.client.publisher(f"{node.ns}/image/compressed", CompressedImage)
+    stop = threading.Event()
+
+    def stream() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            msg = CompressedImage(format="png", data=array.array("B", png.tobytes()))
+            msg.header.frame_id = "fast_camera"
+            msg.header.stamp.sec, msg.header.stamp.nanosec = 3_000_000 + n, 11
+            pub.publish(msg)
+            stop.wait(1 / 30)
+
+    feeder = threading.Thread(target=stream, daemon=True)
+    feeder.start()
+    try:
+        with StateProbe(node) as probe:
+            for i in range(15):
+                assert node.transition("deactivate", timeout=30.0), f"deactivate {i} failed\n{node.tail()}"
+                assert node.proc.alive(), f"the node died at deactivate {i}\n{node.tail()}"
+                time.sleep(0.05 * (i % 3))
+                assert node.transition("activate", timeout=30.0), f"activate {i} failed\n{node.tail()}"
+                assert node.proc.alive(), f"the node died at activate {i}\n{node.tail()}"
+                time.sleep(0.05 * (i % 4))
+        probe.check()
+    finally:
+        stop.set()
+        feeder.join(2.0)
+        node.client.node.destroy_publisher(pub)
+    node.assert_healthy()
 
 
 # --- item 3: transitions while services run ------------------------------------------------------------------------
@@ -350,9 +458,5 @@ def test_deactivate_activate_cycles_under_load(node: Target) -> None:
             assert node.transition("activate", timeout=30.0)
             assert node.labels.wait_for(timeout=10.0, new_only=True) is not None, "no frames after activate"
     probe.check()
-    node.assert_healthy()
-    # one worker, not one per cycle: the output rate is bounded by the camera's
-    t0, n0 = time.monotonic(), len(node.labels.snapshot())
-    time.sleep(2.0)
-    rate = (len(node.labels.snapshot()) - n0) / (time.monotonic() - t0)
-    assert rate <= 33.0, f"{rate:.1f} labels/s from a 30 Hz camera: more than one worker"
+    time.sleep(1.0)
+    node.assert_healthy()  # includes: no frame published twice (two workers after a late join would)

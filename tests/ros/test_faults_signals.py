@@ -61,7 +61,8 @@ def test_one_sigint_under_load_exits_cleanly(streaming: Target) -> None:
     _stop_with(streaming, [signal.SIGINT])
 
 
-def test_two_sigints_50ms_apart_under_load_exit_cleanly(streaming: Target) -> None:
+@pytest.mark.parametrize("run", range(3))  # the crash was intermittent (8 of 11 runs)
+def test_two_sigints_50ms_apart_under_load_exit_cleanly(streaming: Target, run: int) -> None:
     _stop_with(streaming, [signal.SIGINT, signal.SIGINT])
 
 
