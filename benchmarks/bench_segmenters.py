@@ -67,7 +67,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} vocabulary={len(vocab)} classes")
     print(f"{'segmenter':<11} {'preset':<13} {'size':<9} {'total ms':>9} {'backbone ms':>11} {'ratio':>6}  stages (ms)")
-    for name in args.segmenters or list_segmenters():
+    # color_key has no model: it is the ROS-layer benchmark's stand-in, not a method to compare.
+    for name in args.segmenters or [n for n in list_segmenters() if n != "color_key"]:
         for preset in [p for p in args.presets if p in list_presets(name)] or [""]:
             keys = model_fields(name)
             overrides = random_weights(extra, keys)
