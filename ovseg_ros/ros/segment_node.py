@@ -5,7 +5,8 @@ The node wires its parts; nothing per frame happens here:
 * :mod:`.camera` - one camera's subscriptions, conversion, latest-frame mailbox, publishers, counters;
 * :mod:`.pipeline` - inference thread -> publishing thread, latest item between stages;
 * :mod:`.vocabulary_service` - set/get vocabulary and query, encoding off the executor, the current binding;
-* :mod:`.diagnostics` - counters and ``/diagnostics``; :mod:`.guard` - no exception escapes a callback.
+* :mod:`.diagnostics` - counters and ``/diagnostics``; :mod:`.guard` - no exception escapes a callback;
+* :mod:`.process` - the executable: executor thread, signals, shutdown.
 
 Lifecycle:
 
@@ -23,17 +24,13 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
-import sys
 import threading
 import time
 from typing import Any, Optional
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile
 
@@ -493,130 +490,11 @@ def _empty_cuda_cache() -> None:
         pass
 
 
-def _init_without_signal_handlers(args: Optional[list[str]]) -> None:
-    """rclpy.init, leaving SIGINT/SIGTERM to us (rclpy's handler would raise inside any thread's code)."""
-    try:
-        from rclpy.signals import SignalHandlerOptions
-
-        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    except (ImportError, TypeError):  # an rclpy without the option
-        rclpy.init(args=args)
-
-
 def main(args: Optional[list[str]] = None) -> int:
-    """Run the node; SIGINT (once or twice) and SIGTERM stop it cleanly and quietly with exit code 0.
+    """The ``segment_node`` executable (process lifetime and signals: :mod:`.process`)."""
+    from .process import run
 
-    The executor spins in a worker thread; the main thread only waits for a stop request. Our signal
-    handlers only set an event, so a second Ctrl-C (terminal + launch deliver two) cannot interrupt the
-    shutdown sequence: stop outputs, stop the executor, destroy the node, shut ROS down, exit.
-    """
-    stop = threading.Event()  # set by a signal, or by the executor thread when it ends
-    requested = threading.Event()  # set by a signal only
-
-    def request_stop(signum: int, frame: Any) -> None:
-        requested.set()
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
-    try:
-        _init_without_signal_handlers(args)
-    except Exception as exc:  # noqa: BLE001  (RCLError: unparsable --ros-args)
-        print(f"segment_node: cannot start: {exc}", file=sys.stderr)
-        return 2
-    node: Optional[SegmentNode] = None
-    executor: Optional[MultiThreadedExecutor] = None
-    code = 0
-    try:
-        node = SegmentNode()
-        # Threads: one per camera's image callbacks, services (a waiting set_vocabulary and query), lifecycle,
-        # diagnostics, and one spare.
-        cameras = len(current_values(node)["cameras"]) or 1
-        executor = MultiThreadedExecutor(num_threads=5 + cameras)
-        executor.add_node(node)
-        # Autostart before spinning: the node is seen "active" (or failed) by the time it answers get_state.
-        if node.autostart and not stop.is_set():
-            node.autostart_transitions()
-        spinner = threading.Thread(target=_spin, args=(executor, stop, node), name="ovseg_executor", daemon=True)
-        spinner.start()
-        while not stop.wait(0.5):  # a bounded wait: signal handlers run between waits
-            pass
-        spinner.join(0.5)
-        if not requested.is_set() and rclpy.ok():
-            code = 1  # the executor gave up: a non-zero exit lets launch's respawn restart the node
-    except Exception as exc:  # noqa: BLE001
-        print(f"segment_node: {type(exc).__name__}: {reason(exc)}", file=sys.stderr)
-        code = 1
-    finally:
-        _stop_everything(node, executor)
-    _exit_now(code)
-    return code
-
-
-def _spin(executor: MultiThreadedExecutor, stop: threading.Event, node: SegmentNode) -> None:
-    """Spin until a stop is requested or ROS shuts down.
-
-    rclpy's executor raises ``InvalidHandle`` out of ``spin()`` when a subscription or timer is destroyed (by a
-    transition on another thread) while it gathers its wait set; the executor is intact afterwards, so the
-    error is counted and spinning goes on instead of ending the process. Anything else that escapes (every
-    callback is guarded, so it would be an rclpy fault) is counted and retried too, a bounded number of times
-    in a row.
-    """
-    from rclpy.exceptions import InvalidHandle
-
-    failures = 0
-    try:
-        while not stop.is_set() and rclpy.ok():
-            try:
-                executor.spin()
-                break  # the executor was shut down
-            except ExternalShutdownException:
-                break
-            except InvalidHandle as exc:
-                node.errors.record("executor", f"entity destroyed while waited on (recovered): {reason(exc)}")
-            except Exception as exc:  # noqa: BLE001
-                failures += 1
-                node.errors.record("executor", f"{type(exc).__name__}: {reason(exc)}")
-                if failures > 100:
-                    print(f"segment_node: executor failing: {type(exc).__name__}: {reason(exc)}", file=sys.stderr)
-                    return
-                time.sleep(0.01)
-    finally:
-        stop.set()
-
-
-def _stop_everything(node: Optional[SegmentNode], executor: Optional[MultiThreadedExecutor]) -> None:
-    """Each step bounded and guarded: a clean stop must not depend on every step succeeding."""
-    steps = []
-    if node is not None:
-        steps.append(node.stop_outputs)
-    if executor is not None:
-        steps.append(lambda: executor.shutdown(timeout_sec=0.5))
-    if node is not None:
-        steps.append(node.destroy_node)
-    steps.append(rclpy.try_shutdown)
-    for step in steps:
-        try:
-            step()
-        except Exception:  # noqa: BLE001  (shutting down: nothing useful to do with it)
-            pass
-
-
-def _exit_now(code: int) -> None:
-    """Exit without the interpreter's teardown, once ROS is shut down cleanly.
-
-    Tearing down torch and open_clip's modules takes seconds on a loaded machine, longer than launch's
-    SIGINT -> SIGTERM escalation (5 s), and the pipeline's daemon threads may still be inside a forward.
-    """
-    import logging
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001  (closed pipe)
-            pass
-    os._exit(code)
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -232,10 +232,10 @@ def test_executor_thread_survives_invalid_handle(monkeypatch: pytest.MonkeyPatch
     pytest.importorskip("rclpy")
     from rclpy.exceptions import InvalidHandle
 
-    from ovseg_ros.ros import segment_node
+    from ovseg_ros.ros import process
     from ovseg_ros.ros.guard import ErrorLog
 
-    monkeypatch.setattr(segment_node.rclpy, "ok", lambda: True)
+    monkeypatch.setattr(process.rclpy, "ok", lambda: True)
 
     class FlakyExecutor:
         calls = 0
@@ -247,7 +247,7 @@ def test_executor_thread_survives_invalid_handle(monkeypatch: pytest.MonkeyPatch
 
     executor, stop = FlakyExecutor(), threading.Event()
     node = types.SimpleNamespace(errors=ErrorLog())
-    segment_node._spin(executor, stop, node)  # type: ignore[arg-type]
+    process._spin(executor, stop, node)  # type: ignore[arg-type]
     assert executor.calls == 3 and stop.is_set()
     total, last, _ = node.errors.snapshot()
     assert total == 2 and "recovered" in last
