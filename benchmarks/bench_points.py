@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import array
-import time
 import types
 from typing import Any, Callable
 
@@ -28,22 +27,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-import benchlib  # noqa: E402,F401  (puts the repository root on sys.path)
+import benchlib  # noqa: E402  (also puts the repository root on sys.path)
 from ovseg_ros.core import depth as dp  # noqa: E402
 
 
 REDUCE: Callable[[list[float]], float] = min
+CPU = benchlib.torch.device("cpu")
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
     """``REDUCE`` (min by default: least disturbed by other processes; --median) of the run times, ms."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return REDUCE(times) * 1e3
+    return benchlib.timed(fn, repeats, CPU, reduce=REDUCE) * 1e3
 
 
 def depth_msg(width: int, height: int, encoding: str, rng: np.random.Generator) -> Any:

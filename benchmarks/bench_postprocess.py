@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -32,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-import benchlib  # noqa: E402,F401  (puts the repository root on sys.path)
+import benchlib  # noqa: E402  (also puts the repository root on sys.path)
 from ovseg_ros.core.postprocess import colorize, make_palette, overlay, panoptic_from_semantic  # noqa: E402
 from ovseg_ros.core.segmenter import PanopticResult, Segment  # noqa: E402
 from ovseg_ros.core.vocabulary import UNLABELED, Vocabulary  # noqa: E402
@@ -176,13 +174,8 @@ def image_msg(rgb: np.ndarray, encoding: str) -> Any:
 
 # --- measuring ---------------------------------------------------------------------------------------------
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3  # the least disturbed run: this machine is shared
+    """The least disturbed run (min) in ms: this machine is shared."""
+    return benchlib.timed(fn, repeats, benchlib.torch.device("cpu"), reduce=min) * 1e3
 
 
 def stages(h: int, w: int, kind: str, repeats: int, have_ros: bool) -> dict[str, dict[str, float]]:
