@@ -137,9 +137,7 @@ class Camera:
         return [s.topic_name for s in self.subs]
 
     def convert(self, msg: Image) -> np.ndarray:
-        if self.bridge is not None:
-            return image_msg_to_rgb_bridge(self.bridge, msg, self.max_pixels())
-        return image_msg_to_rgb(msg, self.max_pixels())
+        return convert_image(msg, self.bridge, self.max_pixels())
 
     def _on_image(self, msg: Image) -> None:
         received = time.monotonic()
@@ -170,6 +168,13 @@ class Camera:
         self.stats.refuse(why)
         where = f" on camera {self.spec.name}" if self.spec.name else ""
         self.node.get_logger().warning(f"frame refused{where}: {why}", throttle_duration_sec=LOG_THROTTLE_S)
+
+
+def convert_image(msg: Image, bridge: Any, max_pixels: int) -> np.ndarray:
+    """sensor_msgs/Image -> (H, W, 3) uint8 RGB through cv_bridge when present; raises ConversionError only."""
+    if bridge is not None:
+        return image_msg_to_rgb_bridge(bridge, msg, max_pixels)
+    return image_msg_to_rgb(msg, max_pixels)
 
 
 def _quietly(fn: Callable[[], Any]) -> None:

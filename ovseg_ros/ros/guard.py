@@ -79,7 +79,10 @@ def guarded(node: Any, errors: ErrorLog, where: str, fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def guarded_service(node: Any, errors: ErrorLog, where: str, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+ServiceCallback = Callable[[Any, Any], Any]
+
+
+def guarded_service(node: Any, errors: ErrorLog, where: str, fn: ServiceCallback) -> ServiceCallback:
     """Wrap a service callback: an exception becomes ``success = False`` and ``message`` (when the type has them)."""
 
     @functools.wraps(fn)
@@ -100,7 +103,9 @@ def guarded_service(node: Any, errors: ErrorLog, where: str, fn: Callable[[Any, 
     return wrapper
 
 
-def guarded_transition(node: Any, errors: ErrorLog, where: str, fn: Callable[..., Any], failure: Any) -> Callable[..., Any]:
+def guarded_transition(
+    node: Any, errors: ErrorLog, where: str, fn: Callable[..., Any], failure: Any
+) -> Callable[..., Any]:
     """Wrap a lifecycle transition: an exception becomes ``failure`` (FAILURE/ERROR) with the reason logged."""
 
     @functools.wraps(fn)

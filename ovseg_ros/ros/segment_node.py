@@ -38,7 +38,7 @@ from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
 from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
-from .camera import Camera, camera_specs
+from .camera import Camera, camera_specs, convert_image
 from .conversions import make_cv_bridge
 from .diagnostics import camera_values, cuda_memory, make_status, status_level
 from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_transition, reason
@@ -90,21 +90,23 @@ class SegmentNode(LifecycleNode):
         self.vocab = VocabularyService(self, self._publish_lock)
         self.vocab.publish_latched = self._publish_latched
         self.vocab.latest_frame = self._latest_frame
-        self.vocab.convert = lambda msg: self._cameras[0].convert(msg) if self._cameras else _not_configured()
+        self.vocab.convert = lambda msg: convert_image(
+            msg, self._bridge, int(self.get_parameter("max_image_pixels").value))
         self._label_info_cls = messages.label_info_type()
         self._vocab_pub = self.create_publisher(messages.VocabularyMsg, "~/vocabulary", latched_qos())
         self._label_info_pub = (
             self.create_publisher(self._label_info_cls, "~/label_info", latched_qos())
             if self._label_info_cls is not None else None
         )
-        grp, g = self._cb_services, guarded_service
+        services = (
+            (SetVocabulary, "set_vocabulary", self.vocab.srv_set_vocabulary),
+            (GetVocabulary, "get_vocabulary", self.vocab.srv_get_vocabulary),
+            (Query, "query", self.vocab.srv_query),
+        )
         self._srvs = [
-            self.create_service(SetVocabulary, "~/set_vocabulary",
-                                g(self, self.errors, "set_vocabulary", self.vocab.srv_set_vocabulary), callback_group=grp),
-            self.create_service(GetVocabulary, "~/get_vocabulary",
-                                g(self, self.errors, "get_vocabulary", self.vocab.srv_get_vocabulary), callback_group=grp),
-            self.create_service(Query, "~/query", g(self, self.errors, "query", self.vocab.srv_query),
-                                callback_group=grp),
+            self.create_service(srv_type, f"~/{name}", guarded_service(self, self.errors, name, callback),
+                                callback_group=self._cb_services)
+            for srv_type, name, callback in services
         ]
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self._diag_period = float(self.get_parameter("diagnostics_period").value)
@@ -453,12 +455,6 @@ class SegmentNode(LifecycleNode):
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-def _not_configured() -> Any:
-    from .conversions import ConversionError
-
-    raise ConversionError("the node is not configured")
-
-
 def _qos_advice(node: LifecycleNode, reliability: str) -> Any:
     """Subscription events that turn a QoS mismatch with the camera (the usual "no output") into advice."""
     try:

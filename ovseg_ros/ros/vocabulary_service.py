@@ -109,7 +109,7 @@ class VocabularyService:
         self.stamp: Any = None
         self.jobs = JobRunner()
         self.latest_frame: Callable[[], Any] = lambda: None
-        self.convert: Callable[[Any], np.ndarray] = lambda msg: (_ for _ in ()).throw(ConversionError("no converter"))
+        self.convert: Callable[[Any], np.ndarray] = _no_converter  # the node sets its image conversion
         self.publish_latched: Callable[[Binding, Any], None] = lambda binding, stamp: None
         self.check_vocabulary: Callable[[Vocabulary], Optional[str]] = lambda v: None
 
@@ -181,7 +181,8 @@ class VocabularyService:
             return self._refused(resp)
         if job.error is not None:
             text = reason(job.error)
-            resp.message = text if isinstance(job.error, VocabularyError) else f"could not encode the vocabulary: {text}"
+            encoding_failed = not isinstance(job.error, VocabularyError)
+            resp.message = f"could not encode the vocabulary: {text}" if encoding_failed else text
             return self._refused(resp)
         with self._lock:
             current = self.binding
@@ -275,6 +276,10 @@ class VocabularyService:
         resp.success = True
         resp.message = f"{len(texts)} masks on a {image.shape[1]}x{image.shape[0]} frame"
         return resp
+
+
+def _no_converter(msg: Any) -> np.ndarray:
+    raise ConversionError("request images cannot be converted here (no converter set)")
 
 
 def _with_revision(state: Any, revision: int) -> Any:
