@@ -14,8 +14,8 @@ from typing import Optional
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
+from .runs import row_runs, same_value_components
 from .segmenter import PanopticResult, Segment
 from .vocabulary import UNLABELED, Vocabulary
 
@@ -66,14 +66,12 @@ def panoptic_from_semantic(
 
     Stuff classes become one segment each; thing classes one segment per connected component
     (``connectivity`` 4 or 8). Components smaller than ``min_area`` pixels are dropped (left at id 0).
-    Segment ids are 1..S in order of class id then component scan order (OpenCV's labelling order);
-    score = mean confidence (``confidence`` float in [0, 1], or uint8 0..255 as on the wire).
+    Segment ids are 1..S in order of class id, then of OpenCV's labelling order within a class (first 2x2
+    block in raster order for 8-connectivity, first pixel for 4); score = mean confidence (``confidence``
+    float in [0, 1], or uint8 0..255 as on the wire).
 
-    Cost: per present class one byte comparison; per thing class connected components inside the class's
-    bounding box, aligned to even coordinates so OpenCV's 2x2-block labelling numbers components exactly as
-    on the whole image. Stuff ids come from one table lookup; then areas and score sums are two histograms of
-    the final ids and the boxes one ``ndimage.find_objects`` scan, whatever the number of segments.
-    No ``ufunc.at``.
+    Cost: one labelling of all classes together on row runs (:mod:`.runs`), whatever the number of classes
+    or segments; the per-pixel work is finding the runs, one confidence sum per run and painting the ids.
     """
     if labels.ndim != 2 or confidence.shape[:2] != labels.shape:
         raise ValueError(f"labels {labels.shape} and confidence {confidence.shape} must be (H, W) of one size")
@@ -81,62 +79,60 @@ def panoptic_from_semantic(
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     h, w = labels.shape
     n_cls = len(vocabulary)
-    codes = class_codes(labels, n_cls)
-    if codes is not None:
-        if codes.size < 2**24:  # OpenCV's float histogram is exact below 2**24 counts
-            counts = cv2.calcHist([codes], [0], None, [256], [0, 256]).ravel().astype(np.int64)
-        else:
-            counts = np.bincount(codes.ravel(), minlength=256)
-        present = [int(c) for c in np.flatnonzero(counts[:255]) if c < n_cls]
-    else:
-        present = [int(c) for c in np.unique(labels) if 0 <= c < n_cls]
+    if labels.size == 0:
+        return PanopticResult(np.zeros((h, w), dtype=np.int32), [])
+    codes = class_codes(labels, n_cls)  # byte codes make the neighbour comparison 4-8x cheaper
+    runs = row_runs(codes if codes is not None else labels)
+    value = runs.value.astype(np.int64)
+    valid = (value >= 0) & (value < n_cls)
+    is_thing = np.array([c.is_thing for c in vocabulary.classes] + [False], dtype=bool)
+    thing = valid & is_thing[np.where(valid, value, n_cls)]
+    members = np.flatnonzero(thing)
+    component, key = same_value_components(runs, members, connectivity)
+    # Segments: one per present stuff class (key -1 sorts it first; it is alone in its class) and one per
+    # thing component, ordered by (class, key).
+    stuff_classes = np.unique(value[valid & ~thing])
+    comp_class = np.empty(key.size, dtype=np.int64)
+    comp_class[component] = value[members]
+    seg_class = np.concatenate([stuff_classes, comp_class])
+    order = np.lexsort((np.concatenate([np.full(stuff_classes.size, -1), key]), seg_class))
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    seg_of_run = np.full(value.size, -1, dtype=np.int64)
+    stuff_runs = np.flatnonzero(valid & ~thing)
+    seg_of_run[stuff_runs] = rank[np.searchsorted(stuff_classes, value[stuff_runs])]
+    seg_of_run[members] = rank[stuff_classes.size + component]
+    if order.size == 0:
+        return PanopticResult(np.zeros((h, w), dtype=np.int32), [])
+    # Statistics from the runs: areas and confidence sums by histogram, boxes from the runs sorted by segment.
+    labelled = np.flatnonzero(seg_of_run >= 0)
+    seg = seg_of_run[labelled]
+    length = runs.length[labelled]
+    n = order.size
+    area = np.bincount(seg, weights=length, minlength=n).astype(np.int64)
     conf = confidence if confidence.dtype in (np.uint8, np.float32, np.float64) else confidence.astype(np.float32)
+    run_sums = np.add.reduceat(conf.reshape(-1), runs.start, dtype=np.float64)
+    sums = np.bincount(seg, weights=run_sums[labelled], minlength=n)
     scale = 1.0 / 255.0 if conf.dtype == np.uint8 else 1.0
-    # 8-connectivity: BBDT numbers components as the default (Spaghetti) does, and is the fastest.
-    algorithm = cv2.CCL_BBDT if connectivity == 8 else cv2.CCL_DEFAULT
-    ids_lut = np.zeros(256, dtype=np.int32)
-    ids = np.zeros((h, w), dtype=np.int32)
-    owners: list[tuple[int, bool]] = []  # (class, is_thing) per provisional id 1..n
-    things: list[tuple[int, int, np.ndarray, np.ndarray, int]] = []  # (y, x, components, class mask, first id)
-    for cls in present:
-        mask = cv2.compare(codes, cls, cv2.CMP_EQ) if codes is not None else (labels == cls).view(np.uint8)
-        if not vocabulary.classes[cls].is_thing:
-            owners.append((cls, False))
-            if codes is not None:
-                ids_lut[cls] = len(owners)
-            else:
-                np.copyto(ids, len(owners), where=mask.view(bool))
-            continue
-        bx, by, bw, bh = cv2.boundingRect(mask)  # of the class's pixels
-        ya, xa = by - by % 2, bx - bx % 2  # keep OpenCV's 2x2 block grid: the same numbering as uncropped
-        crop = np.ascontiguousarray(mask[ya:by + bh, xa:bx + bw])
-        n, comp = cv2.connectedComponentsWithAlgorithm(crop, connectivity, cv2.CV_32S, algorithm)
-        things.append((ya, xa, comp, crop, len(owners)))
-        owners.extend((cls, True) for _ in range(n - 1))
-    if not owners:
-        return PanopticResult(ids, [])
-    if codes is not None:
-        ids = cv2.LUT(codes, ids_lut)  # int32 table -> int32 ids; thing classes map to 0 here
-    for ya, xa, comp, crop, first in things:
-        # dtype given: OpenCV's binding reads a (4, 1) array as a Scalar and would refuse the mixed types.
-        ids[ya:ya + comp.shape[0], xa:xa + comp.shape[1]] += cv2.add(comp, first, mask=crop, dtype=cv2.CV_32S)
-    # Statistics of all segments at once: areas and score sums by histogram, boxes by one scan.
-    n = len(owners)
-    flat = ids.ravel()
-    area = np.bincount(flat, minlength=n + 1)
-    sums = np.bincount(flat, weights=conf.reshape(-1).astype(np.float64), minlength=n + 1)
-    boxes = ndimage.find_objects(ids, max_label=n)
-    keep = area[1:] >= max(min_area, 1)
-    if not keep.all():  # renumber the kept ids 1..S in the same order, dropped ones to 0
-        final = np.zeros(n + 1, dtype=np.int32)
-        final[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-        ids = final[ids]
-    segments = []
-    for k in np.flatnonzero(keep).tolist():
-        ys, xs = boxes[k]
-        cls, thing = owners[k]
-        segments.append(Segment(len(segments) + 1, cls, thing, float(sums[k + 1] / area[k + 1] * scale),
-                                int(area[k + 1]), (xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start)))
+    by_seg = np.argsort(seg, kind="stable")  # raster order within a segment
+    bounds = np.flatnonzero(np.r_[True, seg[by_seg][1:] != seg[by_seg][:-1]])
+    row = runs.row[labelled][by_seg]
+    x0 = (runs.start[labelled] % w)[by_seg]
+    x1 = x0 + length[by_seg] - 1
+    top = row[bounds]
+    bottom = np.maximum.reduceat(row, bounds)
+    left = np.minimum.reduceat(x0, bounds)
+    right = np.maximum.reduceat(x1, bounds)
+    keep = area >= max(min_area, 1)
+    final = np.zeros(n + 1, dtype=np.int32)  # segment -> id, 0 for dropped; index n is "no segment"
+    final[:n][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    ids = np.repeat(final[seg_of_run], runs.length).reshape(h, w)
+    kept = np.flatnonzero(keep)
+    cls = seg_class[order[kept]]
+    columns = zip(final[kept].tolist(), cls.tolist(), is_thing[cls].tolist(), (sums[kept] / area[kept] * scale).tolist(),
+                  area[kept].tolist(), left[kept].tolist(), top[kept].tolist(), (right - left + 1)[kept].tolist(),
+                  (bottom - top + 1)[kept].tolist())
+    segments = [Segment(i, c, t, s, a, (x, y, bw, bh)) for i, c, t, s, a, x, y, bw, bh in columns]
     return PanopticResult(ids, segments)
 
 

@@ -113,6 +113,30 @@ def test_fast_panoptic_equals_reference_on_random_maps(threads: int) -> None:
         cv2.setNumThreads(old)
 
 
+@pytest.mark.parametrize("threads", [1, 0])
+def test_fast_panoptic_equals_reference_on_large_maps(threads: int) -> None:
+    """Frame-sized maps: OpenCV labels these in parallel stripes when threads are allowed, and the run-based
+    labelling must still number components as the reference does."""
+    old = cv2.getNumThreads()
+    cv2.setNumThreads(threads)
+    try:
+        rng = np.random.default_rng(20 + threads)
+        for trial in range(6):
+            n_cls = int(rng.integers(2, 40))
+            v = Vocabulary.from_request([f"c{i}" for i in range(n_cls)],
+                                        is_thing=[bool(b) for b in rng.integers(0, 2, n_cls)])
+            h, w = int(rng.integers(200, 490)), int(rng.integers(200, 650))
+            small = rng.integers(-1, n_cls, (int(rng.integers(4, 80)), int(rng.integers(4, 80)))).astype(np.int32)
+            lab = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+            noise = rng.random((h, w)) < 0.02  # stray pixels: many one-pixel components
+            lab[noise] = rng.integers(-1, n_cls, int(noise.sum()))
+            conf = rng.random((h, w)).astype(np.float32)
+            conn = int(rng.choice([4, 8]))
+            assert_same(panoptic_from_semantic(lab, conf, v, 0, conn), reference_panoptic(lab, conf, v, 0, conn))
+    finally:
+        cv2.setNumThreads(old)
+
+
 def test_fast_panoptic_general_path_large_vocabulary_and_uint8_confidence() -> None:
     rng = np.random.default_rng(4)
     v = Vocabulary.from_request([f"c{i}" for i in range(300)], is_thing=[i % 2 == 0 for i in range(300)])
