@@ -80,6 +80,7 @@ def node_params(args: argparse.Namespace, cameras: list[str]) -> dict[str, Any]:
 def main() -> int:
     args = parse_args()
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
     from sensor_msgs.msg import Image
 
     from ovseg_ros.msg import PanopticSegmentation, SegmentationInfo, Vocabulary
@@ -112,6 +113,7 @@ def main() -> int:
             if client.record(f"{node.fqn}/vocabulary", Vocabulary, latched=True).wait(timeout=300) is None:
                 print("node did not come up:\n" + node.output()[-3000:])
                 return 1
+        diagnostics = client.record("/diagnostics", DiagnosticArray, depth=1000)
         recs = []
         for _, cam, image_topic, out in targets:
             recs.append({
@@ -130,7 +132,8 @@ def main() -> int:
             for r in recs:
                 r["pub"].publish(rgb_image_msg(frames[0], client.node.get_clock().now().to_msg()))
             time.sleep(0.2)
-        time.sleep(1.0)
+        time.sleep(2.5)  # the warm-up frames are counted in the next /diagnostics (1 s period)
+        counts_start = [node_counts(diagnostics, node.fqn, cam) for node, cam, _, _ in targets]
         rss_start = sum(n.rss_mib() for n in nodes)
         for r in recs:
             for key in ("labels", "confidence", "panoptic", "info"):
@@ -147,10 +150,14 @@ def main() -> int:
                 sent[c].add(stamp.sec * 1_000_000_000 + stamp.nanosec)
                 r["pub"].publish(rgb_image_msg(frames[i % len(frames)], stamp))
         duration = time.monotonic() - t0
-        time.sleep(2.0)  # the frames in flight
+        time.sleep(2.5)  # the frames in flight, and one more /diagnostics
         rss_end = sum(n.rss_mib() for n in nodes)
         per_camera = []
         for c, r in enumerate(recs):
+            node, cam = targets[c][0], targets[c][1]
+            end = node_counts(diagnostics, node.fqn, cam)
+            received, processed, dropped_publish = (e - s for e, s in zip(end, counts_start[c]))
+            status = node_status(diagnostics, node.fqn, cam)
             got = [(t, m) for t, m in list(r["labels"].items) if stamp_ns(m.header) in sent[c]]
             infos = [m for m in r["info"].messages() if stamp_ns(m.header) in sent[c]]
             complete = {stamp_ns(m.header) for m in r["panoptic"].messages()} & \
@@ -164,6 +171,15 @@ def main() -> int:
                 "dropped_by_node": dropped,
                 "dropped_pct": 100.0 * max(0, args.frames - len(got)) / args.frames,
                 "not_delivered_to_node": max(0, args.frames - len(got) - dropped),
+                # where the frames went, from the node's own counters (/diagnostics)
+                "received_by_node": received,
+                "processed_by_node": processed,
+                "lost_before_node": args.frames - received,
+                "processed_but_not_received_here": processed - len(got),
+                "results_dropped_in_publish_stage": dropped_publish,
+                # mean of the node's last 100 frames per stage
+                "stage_ms": {k[: -len("_ms_mean")]: float(v) for k, v in status.items()
+                             if k.endswith("_ms_mean") and k != "latency_ms_mean" and v},
                 "e2e_latency_ms": percentiles([(t - stamp_ns(m.header)) / 1e6 for t, m in got]),
                 "inference_ms": percentiles([m.inference_ms for m in infos]),
             })
@@ -184,6 +200,25 @@ def main() -> int:
     return 0 if all(c == 0 for c in codes) else 1
 
 
+def node_status(diagnostics: Any, fqn: str, camera: str) -> dict[str, str]:
+    """The key/values of ``camera`` in the node's latest /diagnostics."""
+    for msg in reversed(diagnostics.messages()):
+        for status in msg.status:
+            if not status.name.startswith(f"{fqn}:"):
+                continue
+            kv = {v.key: v.value for v in status.values}
+            if kv.get("camera") == (camera or "(default)") and "frames_received" in kv:
+                return kv
+    return {}
+
+
+def node_counts(diagnostics: Any, fqn: str, camera: str) -> tuple[int, int, int]:
+    """(frames received, processed, results dropped in the publish stage) of ``camera``."""
+    kv = node_status(diagnostics, fqn, camera)
+    return tuple(int(kv.get(k, 0)) for k in ("frames_received", "frames_processed",  # type: ignore[return-value]
+                                               "results_dropped_in_publish_stage"))
+
+
 def print_results(r: dict) -> None:
     def lat(d: dict) -> str:
         return f"mean {d['mean']:.1f}  p50 {d['p50']:.1f}  p95 {d['p95']:.1f}  max {d['max']:.1f} ms"
@@ -195,6 +230,12 @@ def print_results(r: dict) -> None:
         print(f"  [{c['camera']}] processed {c['processed']} = {c['processed_fps']:.2f} fps "
               f"({c['dropped_pct']:.1f} % not processed; {c['dropped_by_node']} dropped by the node, "
               f"{c['not_delivered_to_node']} never delivered); all four outputs for {c['complete_outputs']}")
+        print(f"      node counters: received {c['received_by_node']} ({c['lost_before_node']} lost on the way in), "
+              f"processed {c['processed_by_node']} ({c['processed_but_not_received_here']} processed but not "
+              f"received by this client), {c['results_dropped_in_publish_stage']} results replaced before the "
+              f"publish stage took them")
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in c["stage_ms"].items())
+        print(f"      node stage means (last 100 frames): {stages} ms")
         print(f"      e2e latency {lat(c['e2e_latency_ms'])}")
         print(f"      inference   {lat(c['inference_ms'])}")
     print(f"  node RSS        {r['rss_mib_start']:.0f} MiB at start, {r['rss_mib_end']:.0f} MiB after the run "

@@ -39,7 +39,7 @@ MAX_REASON_CHARS = 1000
 
 LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "max_vocabulary_classes",
                   "vocabulary_timeout", "max_query_texts"})
-ON_ACTIVATE = frozenset({"image_reliability", "use_compressed", "publish_points", "min_depth", "max_depth",
+ON_ACTIVATE = frozenset({"image_reliability", "image_queue_depth", "use_compressed", "publish_points", "min_depth", "max_depth",
                          "points_rgb", "depth_slop"})
 
 
@@ -184,6 +184,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               check=_check_vocabulary_preset),
     ParamSpec("image_reliability", "best_effort", "str", "Reliability of the camera subscriptions.",
               choices=RELIABILITIES),
+    ParamSpec("image_queue_depth", 2, "int", "KEEP_LAST depth of the camera subscriptions: 2 absorbs a short stall "
+              "of the executor (the frames are then dropped and counted by the node, newest kept), 1 leaves it to "
+              "DDS to overwrite them uncounted.", range=(1, 10)),
     ParamSpec("use_compressed", False, "bool", "Also subscribe image/compressed (sensor_msgs/CompressedImage)."),
     ParamSpec("max_image_pixels", 4096 * 4096, "int", "Frames with more pixels are refused.",
               range=(1, MAX_PIXELS_LIMIT)),
@@ -320,6 +323,7 @@ class NodeConfig:
     vocabulary_file: str
     vocabulary_preset: str
     image_reliability: str
+    image_queue_depth: int
     use_compressed: bool
     max_image_pixels: int
     overlay_alpha: float

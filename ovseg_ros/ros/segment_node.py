@@ -235,7 +235,7 @@ class SegmentNode(LifecycleNode):
                 return self._fail("the previous inference is still running; try activate again later", "activate")
         cfg = NodeConfig.from_values(current_values(self))  # ON_ACTIVATE parameters may have changed
         try:
-            qos = input_qos(cfg.image_reliability)
+            qos = input_qos(cfg.image_reliability, cfg.image_queue_depth)
             points = PointsOptions(cfg.min_depth, cfg.max_depth, cfg.points_rgb, cfg.depth_slop,
                                    cfg.max_image_pixels) if cfg.publish_points else None
             self._move_model(self._device)

@@ -64,7 +64,10 @@ def test_qos_profiles() -> None:
 
     from ovseg_ros.ros.qos import input_qos, latched_qos, output_qos
 
-    assert input_qos().reliability == ReliabilityPolicy.BEST_EFFORT and input_qos().depth == 1
+    assert input_qos().reliability == ReliabilityPolicy.BEST_EFFORT and input_qos().depth == 2
+    assert input_qos(depth=1).depth == 1
+    with pytest.raises(ValueError, match="image_queue_depth"):
+        input_qos(depth=0)
     assert input_qos("reliable").reliability == ReliabilityPolicy.RELIABLE
     with pytest.raises(ValueError, match="image_reliability"):
         input_qos("maybe")
