@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from . import cancel
 from .models import ClipModel
 from .untrusted import atomic_write as _atomic_write
 from .vocabulary import VocabularyError
@@ -162,6 +163,7 @@ class TextEncoder:
     def _encode(self, prompts: Sequence[str]) -> torch.Tensor:
         chunks = []
         for i in range(0, len(prompts), self.batch_size):
+            cancel.check()  # between batches: an abandoned vocabulary job stops here
             tokens = self.clip.tokenizer(list(prompts[i:i + self.batch_size])).to(self.clip.device)
             feats = self.clip.model.encode_text(tokens).float()
             chunks.append(torch.nn.functional.normalize(feats, dim=-1))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..core.cancel import cancellable
 from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
@@ -52,6 +53,7 @@ class _Job:
         self.kind, self.detail = kind, detail
         self.started = time.monotonic()
         self.done = threading.Event()
+        self.cancel = threading.Event()  # set when the model it works for is replaced
         self.result: Any = None
         self.error: Optional[BaseException] = None
 
@@ -68,7 +70,8 @@ class JobRunner:
         """(job, "") or (None, why busy)."""
         with self._lock:
             running = self._jobs.get(kind)
-            if running is not None and not running.done.is_set():
+            # A cancelled job no longer blocks: it stops at its next batch and its result is never used.
+            if running is not None and not running.done.is_set() and not running.cancel.is_set():
                 age = time.monotonic() - running.started
                 return None, f"busy: {running.detail} has been running for {age:.1f} s; try again when it is done"
             job = _Job(kind, detail)
@@ -76,7 +79,8 @@ class JobRunner:
 
         def run() -> None:
             try:
-                job.result = fn()
+                with cancellable(job.cancel):
+                    job.result = fn()
             except BaseException as exc:  # noqa: BLE001  (handed to the waiting caller)
                 job.error = exc
             finally:
@@ -84,6 +88,13 @@ class JobRunner:
 
         threading.Thread(target=run, name=f"ovseg_{kind}", daemon=True).start()
         return job, ""
+
+    def cancel_all(self) -> None:
+        """Cancel every running job (their model is being replaced) and release their callers."""
+        self.release.set()
+        with self._lock:
+            for job in self._jobs.values():
+                job.cancel.set()
 
     def wait(self, job: _Job, timeout: float) -> str:
         """"" when the job finished, else why the caller stopped waiting."""
@@ -132,8 +143,9 @@ class VocabularyService:
                 self.binding = dataclasses.replace(self.binding, state=state)
 
     def drop(self) -> None:
-        """No model any more (cleanup, shutdown): waiting callers are released; late results are dropped."""
-        self.jobs.release.set()
+        """No model any more (cleanup, shutdown): running jobs are cancelled, waiting callers released, late
+        results dropped."""
+        self.jobs.cancel_all()
         with self._lock:
             self.generation += 1
             self.binding = None

@@ -115,3 +115,29 @@ def test_fcclip_checkpoint_that_is_not_weights(tmp_path: Path) -> None:
     path.write_text("root:x:0:0:root:/root:/bin/bash\n")
     with pytest.raises(ModelLoadError, match="FC-CLIP checkpoint .*passwd' is not a weights file"):
         read_checkpoint(path)
+
+
+def test_a_cancelled_encoding_stops_between_batches_and_caches_nothing(tiny_vit_checkpoint: Path,
+                                                                        tmp_path: Path) -> None:
+    import threading
+
+    from ovseg_ros.core.cancel import Cancelled, cancellable
+
+    enc = TextEncoder(load_clip(ModelSpec("ovseg-tiny-vit", "", str(tiny_vit_checkpoint))), tmp_path,
+                      batch_size=2)
+    stop = threading.Event()
+    calls = {"n": 0}
+    forward = enc.clip.model.encode_text
+
+    def counting(tokens: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            stop.set()  # the model is replaced while the second batch runs
+        return forward(tokens)
+
+    enc.clip.model.encode_text = counting
+    with cancellable(stop), pytest.raises(Cancelled):
+        enc.encode_group(["a", "b", "c", "d", "e", "f"])
+    assert calls["n"] == 2  # stopped before the third batch
+    assert enc.stats["encoded_prompts"] == 0 and not list(tmp_path.rglob("*.npy"))
+    assert enc.encode_group(["a", "b"]).shape[0] == 2  # outside a scope nothing is checked

@@ -144,16 +144,48 @@ def test_revisions_fit_their_vocabulary_under_churn(node: SegmentNode, client: R
     assert seen == sorted(seen), "latched vocabularies out of order"
 
 
-def _slow_encode(node: SegmentNode, seconds: float) -> Any:
+def _slow_encode(node: SegmentNode, seconds: float, cooperative: bool = False) -> Any:
+    """Make encode_vocabulary take ``seconds``; ``cooperative``: in 0.05 s batches that check for
+    cancellation, as the text encoder does between its batches."""
+    from ovseg_ros.core import cancel
+
     segmenter = node.segmenter
     inner = segmenter.encode_vocabulary
 
     def slow(vocabulary: Any) -> Any:
-        time.sleep(seconds)
+        for _ in range(int(seconds / 0.05)):
+            if cooperative:
+                cancel.check()
+            time.sleep(0.05)
         return inner(vocabulary)
 
     segmenter.encode_vocabulary = slow  # test-only wrapper (instance attribute shadows the method)
     return lambda: segmenter.__dict__.pop("encode_vocabulary", None)
+
+
+def test_reconfigure_cancels_an_encoding_for_the_old_model(node: SegmentNode) -> None:
+    """The abandoned encoding stops at its next batch, and a change for the new model is not "busy"."""
+    restore = _slow_encode(node, 20.0, cooperative=True)
+    replies: list[Any] = []
+    t = threading.Thread(target=lambda: replies.append(_call_set(node, ["stale", "classes"])))
+    try:
+        t.start()
+        time.sleep(0.3)
+        old_job = node.vocab.jobs._jobs["vocabulary"]
+        assert not old_job.done.is_set()
+        assert node.trigger_deactivate() == OK
+        assert node.trigger_cleanup() == OK
+        assert old_job.done.wait(2.0), "the abandoned encoding must stop at its next batch"
+        t.join(5)
+        assert replies and not replies[0].success
+        assert node.trigger_configure() == OK
+        assert node.trigger_activate() == OK
+        resp = _call_set(node, ["floor", "door"])
+        assert resp.success, resp.message
+        assert node.vocab.binding.vocabulary.names == ["floor", "door"]
+        assert _call_set(node, CLASSES).success
+    finally:
+        restore()
 
 
 def _call_set(node: SegmentNode, classes: list[str]) -> Any:
