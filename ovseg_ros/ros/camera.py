@@ -10,6 +10,7 @@ Callbacks here only convert and hand the frame to the mailbox: they never wait f
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -114,11 +115,12 @@ class Camera:
                 CompressedImage, f"{topic}/compressed", on_compressed, qos, callback_group=group,
                 event_callbacks=events))
 
-    def start_points(self, qos: Any, options: PointsOptions) -> None:
+    def start_points(self, qos: Any, options: PointsOptions, publish_lock: threading.Lock) -> None:
         """Subscribe ``depth/image`` + ``depth/camera_info`` and publish ``semantic/points`` (activate)."""
         p = self.spec.input_prefix
         self.points = SemanticPointsOutput(self.node, f"{p}depth/image", f"{p}depth/camera_info",
-                                           f"{self.spec.output_prefix}semantic/points", qos, self.depth_group, options)
+                                           f"{self.spec.output_prefix}semantic/points", qos, self.depth_group, options,
+                                           publish_lock)
         depth, info, cloud = self.points.topics
         self.node.get_logger().info(f"semantic points: {depth} + {info} -> {cloud}")
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
@@ -59,6 +59,8 @@ class _Frame:
     confidence: np.ndarray
     rgb: Optional[np.ndarray]
     unlabeled_id: int
+    #: whether the frame's labels still fit the node's vocabulary (checked again for a late depth image)
+    current: Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -84,13 +86,17 @@ class SemanticPointsOutput:
         qos: Any = None,
         callback_group: Any = None,
         options: Optional[PointsOptions] = None,
+        publish_lock: Optional[threading.Lock] = None,
     ) -> None:
+        """``publish_lock``: the node's lock around publishing a frame's outputs and swapping vocabularies; a
+        cloud completed by a late depth image is published under it, and only if its frame is still current."""
         from .qos import input_qos
 
         self._node = node
         self._opts = options or PointsOptions()
         self._log = node.get_logger()
         self._lock = threading.Lock()
+        self._publish_lock = publish_lock if publish_lock is not None else threading.Lock()
         self._closed = False
         self._camera: Optional[_CameraModel] = None
         self._matcher: ApproximateTimeMatcher[_Frame, tuple[Any, float]] = ApproximateTimeMatcher(
@@ -99,6 +105,7 @@ class SemanticPointsOutput:
         self._refused = 0
         self._info_refused = 0
         self._errors = 0
+        self._stale = 0  # late clouds whose vocabulary was replaced before their depth image came
         self._last_refusal = ""
         self._last_error = ""
         self._frame_warned = False
@@ -150,7 +157,18 @@ class SemanticPointsOutput:
             return
         try:
             resolved = self._matcher.push_depth(stamp_ns(msg.header), (msg, time.monotonic()), time.monotonic())
-            self._emit_all(resolved)
+            if not resolved:
+                return
+            # Frames that waited for this depth image: published like the node's other outputs, under its
+            # publish lock and only while their vocabulary is the current one (else the cloud's labels could
+            # follow a newer LabelInfo).
+            with self._publish_lock:
+                for frame, depth in resolved:
+                    if frame.current():
+                        self._emit(frame, depth)
+                    else:
+                        with self._lock:
+                            self._stale += 1
         except Exception as exc:  # noqa: BLE001
             self._error(f"depth: {type(exc).__name__}: {exc}")
 
@@ -162,9 +180,11 @@ class SemanticPointsOutput:
         confidence: np.ndarray,
         rgb: Optional[np.ndarray] = None,
         unlabeled_id: int = 65535,
+        current: Callable[[], bool] = lambda: True,
     ) -> bool:
         """Queue one processed frame: (H, W) int32 labels (-1 unlabeled), (H, W) float32 confidence, the
-        camera's (H, W, 3) uint8 RGB when the ``rgb`` field is on (else ignored).
+        camera's (H, W, 3) uint8 RGB when the ``rgb`` field is on (else ignored). The caller holds the publish
+        lock; ``current`` tells later (for a depth image still to come) whether the frame may still go out.
 
         Returns True when the frame's cloud was published, or waits (at most ``max_wait`` s) for a depth image
         that may still arrive; False when it was refused or no depth image matched (counted). Never raises.
@@ -172,7 +192,7 @@ class SemanticPointsOutput:
         try:
             if self._closed:
                 return False
-            frame = _Frame(header, labels, confidence, rgb if self._opts.rgb else None, int(unlabeled_id))
+            frame = _Frame(header, labels, confidence, rgb if self._opts.rgb else None, int(unlabeled_id), current)
             resolved = self._matcher.push_frame(stamp_ns(header), frame, time.monotonic())
             results = self._emit_all(resolved)
             for (done, _), ok in zip(resolved, results):
@@ -286,6 +306,7 @@ class SemanticPointsOutput:
                 "camera_info_refused": str(self._info_refused),
                 "depth_last_refusal": self._last_refusal,
                 "points_errors": str(self._errors),
+                "points_stale_vocabulary": str(self._stale),
                 "points_last_error": self._last_error,
             }
         out["camera_info"] = (f"{camera.intrinsics.width}x{camera.intrinsics.height} ({camera.source})"

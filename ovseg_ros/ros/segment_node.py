@@ -246,7 +246,7 @@ class SegmentNode(LifecycleNode):
         for cam in self._cameras:
             cam.subscribe(qos, cfg.use_compressed, cam.callback_group, events)
             if points is not None:
-                cam.start_points(qos, points)
+                cam.start_points(qos, points, self._publish_lock)
         self._pipeline = Pipeline(self, self._cameras, self._frames_ready, lambda: self.vocab.binding,
                                   self._publish_item, self.errors)
         self._pipeline.start()
@@ -361,8 +361,10 @@ class SegmentNode(LifecycleNode):
             cam.publish(outputs)
             if cam.points is not None:  # never raises; counts and logs its own refusals
                 labels = item.result.labels
+                binding = item.binding
                 cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
-                                   unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1])
+                                   unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1],
+                                   current=lambda: self._is_active and binding is self.vocab.binding)
         t2 = time.perf_counter()
         with cam.stats.lock:
             cam.stats.processed += 1
