@@ -13,8 +13,11 @@ this client: mean/p50/p95/max), the node's own stage times (~/info, /diagnostics
     source scripts/env.sh && python benchmarks/bench_node_stream.py --frames 600 --rate 30
     python benchmarks/bench_node_stream.py --segmenter dense_clip --frames 300       # the tiny model
     python benchmarks/bench_node_stream.py --cameras 4 [--separate]
+    python benchmarks/bench_node_stream.py --rate 60 --transport shm   # the ceiling without UDP fragmentation
 
-DDS settings (loopback profile, domain id) come from scripts/env.sh.
+DDS settings (loopback profile, domain id) come from scripts/env.sh. Where frames go is read from the node's own
+counters (/diagnostics): lost on the way in (never reached the node's callback), dropped by the node (stale,
+newest kept), or processed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cameras", type=int, default=1, help="cameras (default 1)")
     p.add_argument("--separate", action="store_true", help="one node per camera instead of one node for all")
     p.add_argument("--no-panoptic", action="store_true", help="publish_panoptic:=false")
+    p.add_argument("--transport", choices=("udp", "shm"), default="udp",
+                   help="DDS transport between this client and the node(s): udp = 127.0.0.1 only "
+                        "(config/fastdds_loopback.xml, the default everywhere here); shm = plus Fast DDS shared "
+                        "memory (config/fastdds_loopback_shm.xml), what processes on one robot use by default")
     p.add_argument("--workdir", type=Path, default=Path("log/bench_node_stream"))
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args()
@@ -79,6 +86,9 @@ def node_params(args: argparse.Namespace, cameras: list[str]) -> dict[str, Any]:
 
 def main() -> int:
     args = parse_args()
+    if args.transport == "shm":  # before rclpy starts; the node processes inherit it
+        root = Path(__file__).resolve().parent.parent
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(root / "config" / "fastdds_loopback_shm.xml")
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from sensor_msgs.msg import Image
@@ -187,6 +197,7 @@ def main() -> int:
             "frames_sent_per_camera": args.frames, "rate_hz": args.rate, "size": f"{args.width}x{args.height}",
             "duration_s": duration, "cameras": len(recs), "nodes": len(nodes),
             "segmenter": f"{args.segmenter}/{args.preset}" + (", no panoptic" if args.no_panoptic else ""),
+            "transport": args.transport,
             "rss_mib_start": rss_start, "rss_mib_end": rss_end, "per_camera": per_camera,
         }
     finally:
@@ -223,7 +234,8 @@ def print_results(r: dict) -> None:
     def lat(d: dict) -> str:
         return f"mean {d['mean']:.1f}  p50 {d['p50']:.1f}  p95 {d['p95']:.1f}  max {d['max']:.1f} ms"
 
-    print(f"segment_node stream benchmark: {r['segmenter']}, {r['cameras']} camera(s) on {r['nodes']} node(s)")
+    print(f"segment_node stream benchmark: {r['segmenter']}, {r['cameras']} camera(s) on {r['nodes']} node(s), "
+          f"DDS transport {r['transport']}")
     print(f"  stream          {r['frames_sent_per_camera']} frames per camera, {r['size']} rgb8 at "
           f"{r['rate_hz']:g} Hz ({r['duration_s']:.1f} s)")
     for c in r["per_camera"]:
