@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import cv2
 import numpy as np
 import pytest
@@ -92,49 +94,51 @@ def assert_same(got: PanopticResult, want: PanopticResult) -> None:
     assert np.allclose([s.score for s in got.segments], [s.score for s in want.segments], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("threads", [1, 0])
-def test_fast_panoptic_equals_reference_on_random_maps(threads: int) -> None:
+@pytest.fixture(params=[1, 0], ids=["cv-1-thread", "cv-threads"])
+def cv_threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The reference labels with OpenCV, single-threaded and in parallel stripes: both must number
+    components as the fast derivation does."""
     old = cv2.getNumThreads()
-    cv2.setNumThreads(threads)  # OpenCV's parallel labelling must number components the same way
+    cv2.setNumThreads(request.param)
     try:
-        rng = np.random.default_rng(10 + threads)
-        for trial in range(150):
-            n_cls = int(rng.integers(1, 12))
-            v = Vocabulary.from_request([f"c{i}" for i in range(n_cls)],
-                                        is_thing=[bool(b) for b in rng.integers(0, 2, n_cls)])
-            h, w = (int(x) for x in rng.integers(1, 70, 2))
-            lab = random_map(rng, n_cls, h, w)
-            conf = rng.random((h, w)).astype(np.float32)
-            min_area = int(rng.choice([0, 0, 2, 5]))
-            conn = int(rng.choice([4, 8]))
-            assert_same(panoptic_from_semantic(lab, conf, v, min_area, conn),
-                        reference_panoptic(lab, conf, v, min_area, conn))
+        yield request.param
     finally:
         cv2.setNumThreads(old)
 
 
-@pytest.mark.parametrize("threads", [1, 0])
-def test_fast_panoptic_equals_reference_on_large_maps(threads: int) -> None:
-    """Frame-sized maps: OpenCV labels these in parallel stripes when threads are allowed, and the run-based
-    labelling must still number components as the reference does."""
-    old = cv2.getNumThreads()
-    cv2.setNumThreads(threads)
-    try:
-        rng = np.random.default_rng(20 + threads)
-        for trial in range(6):
-            n_cls = int(rng.integers(2, 40))
-            v = Vocabulary.from_request([f"c{i}" for i in range(n_cls)],
-                                        is_thing=[bool(b) for b in rng.integers(0, 2, n_cls)])
-            h, w = int(rng.integers(200, 490)), int(rng.integers(200, 650))
-            small = rng.integers(-1, n_cls, (int(rng.integers(4, 80)), int(rng.integers(4, 80)))).astype(np.int32)
-            lab = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
-            noise = rng.random((h, w)) < 0.02  # stray pixels: many one-pixel components
-            lab[noise] = rng.integers(-1, n_cls, int(noise.sum()))
-            conf = rng.random((h, w)).astype(np.float32)
-            conn = int(rng.choice([4, 8]))
-            assert_same(panoptic_from_semantic(lab, conf, v, 0, conn), reference_panoptic(lab, conf, v, 0, conn))
-    finally:
-        cv2.setNumThreads(old)
+def random_vocabulary(rng: np.random.Generator, n_cls: int) -> Vocabulary:
+    return Vocabulary.from_request([f"c{i}" for i in range(n_cls)],
+                                   is_thing=[bool(b) for b in rng.integers(0, 2, n_cls)])
+
+
+def test_fast_panoptic_equals_reference_on_random_maps(cv_threads: int) -> None:
+    rng = np.random.default_rng(10 + cv_threads)
+    for trial in range(150):
+        n_cls = int(rng.integers(1, 12))
+        v = random_vocabulary(rng, n_cls)
+        h, w = (int(x) for x in rng.integers(1, 70, 2))
+        lab = random_map(rng, n_cls, h, w)
+        conf = rng.random((h, w)).astype(np.float32)
+        min_area = int(rng.choice([0, 0, 2, 5]))
+        conn = int(rng.choice([4, 8]))
+        assert_same(panoptic_from_semantic(lab, conf, v, min_area, conn),
+                    reference_panoptic(lab, conf, v, min_area, conn))
+
+
+def test_fast_panoptic_equals_reference_on_large_maps(cv_threads: int) -> None:
+    """Frame-sized blob maps with stray pixels (many one-pixel components)."""
+    rng = np.random.default_rng(20 + cv_threads)
+    for trial in range(6):
+        n_cls = int(rng.integers(2, 40))
+        v = random_vocabulary(rng, n_cls)
+        h, w = int(rng.integers(200, 490)), int(rng.integers(200, 650))
+        small = rng.integers(-1, n_cls, (int(rng.integers(4, 80)), int(rng.integers(4, 80)))).astype(np.int32)
+        lab = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+        noise = rng.random((h, w)) < 0.02
+        lab[noise] = rng.integers(-1, n_cls, int(noise.sum()))
+        conf = rng.random((h, w)).astype(np.float32)
+        conn = int(rng.choice([4, 8]))
+        assert_same(panoptic_from_semantic(lab, conf, v, 0, conn), reference_panoptic(lab, conf, v, 0, conn))
 
 
 def test_fast_panoptic_general_path_large_vocabulary_and_uint8_confidence() -> None:
