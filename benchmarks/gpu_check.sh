@@ -58,19 +58,30 @@ run_step "pytest -m cuda" 240 "$PY" -m pytest tests/core -m cuda -q -p no:cachep
 summary="$(tail -n 1 "$STEP_LOG")"
 row "CUDA-only tests (pytest -m cuda)" "$([[ $STEP_RC -eq 0 ]] && echo ok || echo "FAILED rc=$STEP_RC")" "${STEP_S}s" "$summary"
 
-# 2. Segmenter benchmark, realtime presets, per precision.
+# 2. Segmenter benchmark, realtime presets, per precision; then dense_clip with its ViT blocks compiled.
+bench_rows() {  # label: one row per "segmenter preset size total backbone ratio" line of the step's log
+  while IFS= read -r line; do
+    set -- $line
+    [[ $# -ge 6 && "$3" == *x* && "$4" =~ ^[0-9.]+$ ]] || continue
+    fps=$("$PY" -c "print(f'{1000/float($4):.1f}')")
+    row "  $1 $2 $3 $LABEL" "${4} ms (${fps} fps)" "backbone ${5} ms" "ratio ${6} (goal <= 1.3)"
+  done < "$STEP_LOG"
+}
 for prec in $PRECISIONS; do
   run_step "bench_segmenters $prec" 240 "$PY" benchmarks/bench_segmenters.py $SEGMENTERS --presets realtime \
     --sizes $SIZES --repeats "$REPEATS" --device "$DEVICE" --precision "$prec" --options "$BENCH_OPTIONS"
   row "bench_segmenters $DEVICE $prec ($SIZES)" "$([[ $STEP_RC -eq 0 ]] && echo ok || echo "FAILED rc=$STEP_RC")" \
     "${STEP_S}s" "see table below"
-  while IFS= read -r line; do
-    set -- $line
-    [[ $# -ge 6 && "$3" == *x* && "$4" =~ ^[0-9.]+$ ]] || continue
-    fps=$("$PY" -c "print(f'{1000/float($4):.1f}')")
-    row "  $1 $2 $3 $prec" "${4} ms (${fps} fps)" "backbone ${5} ms" "ratio ${6} (goal <= 1.3)"
-  done < "$STEP_LOG"
+  LABEL="$prec" bench_rows
 done
+prec="${PRECISIONS%% *}"
+COMPILE_OPTIONS="{compile_blocks: true}"; [[ -n "$BENCH_OPTIONS" ]] && COMPILE_OPTIONS="{${BENCH_OPTIONS:1:-1}, compile_blocks: true}"
+run_step "bench_segmenters compiled" 240 "$PY" benchmarks/bench_segmenters.py --segmenters dense_clip \
+  --presets realtime --sizes "${SIZES%% *}" --repeats "$REPEATS" --device "$DEVICE" --precision "$prec" \
+  --options "$COMPILE_OPTIONS"
+row "bench_segmenters dense_clip compile_blocks $prec" "$([[ $STEP_RC -eq 0 ]] && echo ok || echo "FAILED rc=$STEP_RC")" \
+  "${STEP_S}s" "first frame compiles; compare with the $prec row above"
+LABEL="$prec compiled" bench_rows
 
 # 3. Node stream with a real-size ViT-B/16 at 30 and 60 Hz (the lead's --hz flag when present, else --rate).
 HELP="$("$PY" benchmarks/bench_node_stream.py --help 2>&1)"

@@ -124,6 +124,18 @@ def run_blocks(
     return x, saved
 
 
+def compile_blocks(visual: nn.Module) -> None:
+    """Compile every residual block's ``forward`` in place with ``torch.compile`` (``nn.Module.compile``).
+
+    Only calls of a whole block (:func:`run_block`) take the compiled path; the surgery code that reads a
+    block's parts (``attn``, ``ln_1``, ...) and the weights' names are unchanged. The first frame of each new
+    token count compiles (seconds), later ones reuse it. Measured on a 2-core CPU, fp32, ViT-B/16 blocks at
+    561 tokens: 1.18x faster, outputs within 3e-6 (docs/benchmarks.md).
+    """
+    for block in blocks(visual):
+        block.compile()
+
+
 def qkv(block: nn.Module, x: torch.Tensor, normed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head q, k, v (B, heads, N, head_dim) of ``block``'s attention for block input ``x``.
 

@@ -68,6 +68,9 @@ class DenseClipConfig:
     #: Upsample only each pixel's candidate classes (the top-k of its low-resolution neighbours, checked
     #: against a bound, :func:`upsample_max_topk`): cost flat in vocabulary size, labels equal up to ties.
     fast_upsample: bool = False
+    #: ``torch.compile`` the ViT's residual blocks (:func:`clip_vit.compile_blocks`): the first frame of each
+    #: input size compiles (seconds), later ones run fused kernels; outputs equal up to float rounding.
+    compile_blocks: bool = False
 
 
 declare_constraints(
@@ -95,6 +98,8 @@ class DenseClipSegmenter(Segmenter):
         super().__init__(config, clip.device)
         self.clip = clip
         self.text_encoder = text_encoder
+        if config.compile_blocks:
+            clip_vit.compile_blocks(clip.visual)
 
     @classmethod
     def from_config(
