@@ -12,6 +12,7 @@ save and load back through the checkpoint path.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -165,35 +166,71 @@ def check_weights_file(path: str | Path, what: str = "checkpoint") -> str:
 
 _HASHES: dict[tuple, str] = {}
 _HASH_LOCK = threading.Lock()
+#: File in a cache folder that keeps content hashes across restarts (hashing 1.5 GB of weights takes seconds).
+HASH_MEMO_FILE = "weights_sha256.json"
+_HASH_MEMO_ENTRIES = 256
+_HASH_MEMO_MAX_BYTES = 256 * 1024
 
 
-def file_content_hash(path: str | Path) -> str:
-    """SHA-256 of the file's bytes (hex), computed once per distinct file state in this process.
+def file_content_hash(path: str | Path, memo_dir: Optional[str | Path] = None) -> str:
+    """SHA-256 of the file's bytes (hex), computed once per distinct file state.
 
     The memo is keyed by (path, device, inode, size, mtime, ctime): a file replaced in place, even with the
-    same size and a forged mtime, gets a new inode or ctime and is hashed again. The hash, not the stat,
-    is what identifies the weights.
+    same size and a forged mtime, gets a new inode or ctime (which no user can set) and is hashed again.
+    ``memo_dir`` (the node's cache folder) also keeps the memo on disk, so a restart does not hash the same
+    weights again; an unreadable or malformed memo file is ignored and rewritten.
     """
     p = Path(path).resolve()
     st = p.stat()
     sig = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _HASH_LOCK:
         hit = _HASHES.get(sig)
-    if hit is not None:
-        return hit
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    memo = _read_hash_memo(memo_dir) if hit is None and memo_dir else {}
+    hit = hit or memo.get(repr(sig))
+    if hit is None:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        hit = h.hexdigest()
+        if memo_dir:
+            _write_hash_memo(memo_dir, {**memo, repr(sig): hit})
     with _HASH_LOCK:
-        _HASHES[sig] = digest
-    return digest
+        _HASHES[sig] = hit
+    return hit
 
 
-def _weights_key(spec: ModelSpec) -> tuple[str, bool]:
+def _read_hash_memo(memo_dir: str | Path) -> dict[str, str]:
+    """The on-disk memo: {repr(signature): hex digest}, only well-formed entries; {} when absent or bad."""
+    path = Path(memo_dir).expanduser() / HASH_MEMO_FILE
+    try:
+        if path.stat().st_size > _HASH_MEMO_MAX_BYTES:
+            return {}
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64
+            and all(c in "0123456789abcdef" for c in v)}
+
+
+def _write_hash_memo(memo_dir: str | Path, memo: dict[str, str]) -> None:
+    """Keep the newest entries (dicts keep insertion order); a failed write only costs a later re-hash."""
+    from .untrusted import atomic_write
+
+    entries = list(memo.items())[-_HASH_MEMO_ENTRIES:]
+    try:
+        folder = Path(memo_dir).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / HASH_MEMO_FILE, json.dumps(dict(entries)).encode("utf-8"))
+    except OSError as exc:
+        log.debug("weights hash memo not written in %s: %s", memo_dir, exc)
+
+
+def _weights_key(spec: ModelSpec, cache_dir: Optional[str] = None) -> tuple[str, bool]:
     if spec.checkpoint:
-        return f"{spec.name}@sha256:{file_content_hash(spec.checkpoint)[:32]}", True
+        return f"{spec.name}@sha256:{file_content_hash(spec.checkpoint, cache_dir)[:32]}", True
     if spec.pretrained:
         return f"{spec.name}@{spec.pretrained}", True
     return f"{spec.name}@random:{os.getpid()}:{id(spec)}", False
@@ -292,7 +329,7 @@ def load_clip(
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
-    key, has_weights = _weights_key(spec)
+    key, has_weights = _weights_key(spec, cache_dir)
     return ClipModel(
         model=model,
         tokenizer=open_clip.get_tokenizer(spec.name),

@@ -141,3 +141,32 @@ def test_a_cancelled_encoding_stops_between_batches_and_caches_nothing(tiny_vit_
     assert calls["n"] == 2  # stopped before the third batch
     assert enc.stats["encoded_prompts"] == 0 and not list(tmp_path.rglob("*.npy"))
     assert enc.encode_group(["a", "b"]).shape[0] == 2  # outside a scope nothing is checked
+
+
+def test_weights_hash_memo_survives_a_restart_but_not_a_replaced_file(tmp_path: Path, monkeypatch) -> None:
+    from ovseg_ros.core import models
+
+    weights = save_random_checkpoint("ovseg-tiny-vit", tmp_path / "w.pt", seed=0)
+    memo = tmp_path / "cache"
+    first = models.file_content_hash(weights, memo)
+    assert (memo / models.HASH_MEMO_FILE).is_file()
+    models._HASHES.clear()  # a new process
+    real_open = open
+    reads: list[str] = []
+
+    def counting_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(str(file)) == weights.resolve() and mode == "rb":
+            reads.append(str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert models.file_content_hash(weights, memo) == first and reads == []  # from the memo, not hashed
+    models._HASHES.clear()
+    st = weights.stat()
+    shutil.copy(save_random_checkpoint("ovseg-tiny-vit", tmp_path / "other.pt", seed=1), weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same path, size and mtime: ctime still moves
+    assert models.file_content_hash(weights, memo) != first and len(reads) == 1
+    # A malformed memo file is ignored (and rewritten), never trusted.
+    (memo / models.HASH_MEMO_FILE).write_text('{"x": "not a digest", "y": 3}')
+    models._HASHES.clear()
+    assert models.file_content_hash(weights, memo) != first and len(reads) == 2

@@ -145,9 +145,9 @@ class FCCLIPPrediction:
     instances: Optional["InstanceResult"] = None
 
 
-def _file_key(name: str, path: str) -> str:
+def _file_key(name: str, path: str, cache_dir: str = "") -> str:
     # Content hash: a different file at the same path, size and mtime must not reuse cached embeddings.
-    return f"{name}@fcclip:{file_content_hash(path)[:32]}"
+    return f"{name}@fcclip:{file_content_hash(path, cache_dir or None)[:32]}"
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -206,7 +206,7 @@ def load_fcclip(config: FCCLIPConfig, device: str | torch.device = "cpu", cache_
         mapped, _, _ = convert.map_state_dict(authors)
         has_text = any(convert.is_text_tower_key(k) for k in mapped)
         if has_text:  # a complete checkpoint: every CLIP weight comes from the file
-            clip = _bare_clip(cpu_spec, _file_key(cpu_spec.name, config.checkpoint))
+            clip = _bare_clip(cpu_spec, _file_key(cpu_spec.name, config.checkpoint, cache_dir))
         else:  # the usual case: the text tower comes from open_clip's pretrained weights
             try:
                 clip = load_clip(cpu_spec, "cpu", cache_dir or None, offline)
