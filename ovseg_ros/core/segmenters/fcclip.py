@@ -26,7 +26,6 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -43,7 +42,7 @@ from ..segmenter import (
     register_segmenter,
 )
 from ..models import file_content_hash
-from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
+from ..segmenter import SIDE, UNIT, OneOf, Range, declare_constraints
 from ..text import VILD_TEMPLATES, TextEncoder, format_prompts
 from ..vocabulary import UNLABELED, Vocabulary
 
