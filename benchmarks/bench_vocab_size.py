@@ -4,7 +4,7 @@
 Real architectures with random weights (timing does not depend on weight values), one 480x640 frame,
 text encoded once outside the timing (the node does it off the inference path). For dense_clip and
 ITACLIP the realtime presets upsample only candidate classes (``fast_upsample``); the "exact" rows turn
-it off to show what it removes. The ratio column is time(150 classes) / time(8 classes) in one run.
+it off (and ITACLIP's ``prune_names``) to show what it removes. The ratio column is time(150 classes) / time(8 classes) in one run.
 
     source scripts/env.sh && python benchmarks/bench_vocab_size.py --repeats 2
     python benchmarks/bench_vocab_size.py --segmenters car fcclip --repeats 1   # the slow ones
@@ -74,7 +74,8 @@ def main() -> int:
     print(f"{'segmenter':<11} {'path':<7} {f'{small} cls ms':>10} {f'{large} cls ms':>11} {'ratio':>6}")
     for name in args.segmenters:
         own = {f.name for f in dataclasses.fields(get_segmenter_class(name).config_cls)}
-        paths = [("fast", {}), ("exact", {"fast_upsample": False})] if "fast_upsample" in own else [("-", {})]
+        exact = {"fast_upsample": False, **({"prune_names": 0} if "prune_names" in own else {})}
+        paths = [("fast", {}), ("exact", exact)] if "fast_upsample" in own else [("-", {})]
         if name == "itaclip":  # PAMR refines every name's logits: the part of ITACLIP that grows with K
             paths.append(("nopamr", {"pamr_steps": 0}))
         if args.paths:
