@@ -53,8 +53,11 @@ Deliberate differences from the authors' code (none changes the mathematics unle
   the authors' Llama-3 files.
 * The closing runs on the device (same result as ``cv2.MORPH_CLOSE``) and the confidence is read at the
   closed label. ``width_chunk_size`` (memory only) is ``chunk_rows``.
-* Additions for robots: whole-frame mode (``slide_crop: 0``), a subset of augmentations, and
-  ``refine_at: processing`` (PAMR and softmax at the ViT's input size, class probabilities upsampled).
+* Additions for robots: whole-frame mode (``slide_crop: 0``), a subset of augmentations,
+  ``refine_at: processing`` (PAMR and softmax at the ViT's input size, class probabilities upsampled), and
+  with it ``fast_upsample``: rows are refined a few at a time and folded into per-class maxima, each pixel's
+  best class and an online softmax denominator, so only candidate classes are ever turned into probabilities
+  and upsampled (labels equal up to ties), and ``prune_names``.
 """
 
 from __future__ import annotations
