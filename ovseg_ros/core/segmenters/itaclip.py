@@ -390,32 +390,38 @@ class RowReduction:
     #: (h, w) log of the softmax denominator over every row, in units of ``scale * logit``.
     lse: torch.Tensor
     scale: float
-    #: ((2, h, w) the best and second-best class logits, (1, h, w) the best class) per pixel, or None below
+    #: ((3, h, w) the three best class logits, (2, h, w) the two best classes) per pixel, or None below
     #: :data:`FAST_MIN_CLASSES` classes.
     ranking: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class _Ranking:
-    """Each pixel's best class score and class, kept up to date as class maps arrive one by one (in place:
-    a max-with-indices over the stacked maps costs several times more on the CPU)."""
+    """Each pixel's two best classes and their scores, kept up to date in place as class maps arrive one by one
+    (a k-wide sort or max-with-indices over the stacked maps costs several times more on the CPU)."""
 
     def __init__(self, size: tuple[int, ...], device: torch.device) -> None:
-        self.best = torch.full(size, float("-inf"), device=device)
-        self.cls = torch.zeros(size, dtype=torch.long, device=device)
-        self._mask = torch.empty(size, dtype=torch.bool, device=device)
+        self.values = [torch.full(size, float("-inf"), device=device) for _ in range(2)]
+        self.classes = [torch.zeros(size, dtype=torch.long, device=device) for _ in range(2)]
+        self._first = torch.empty(size, dtype=torch.bool, device=device)
+        self._second = torch.empty(size, dtype=torch.bool, device=device)
 
     def add(self, x: torch.Tensor, c: int) -> None:
-        torch.gt(x, self.best, out=self._mask)
-        self.cls.masked_fill_(self._mask, c)
-        torch.maximum(self.best, x, out=self.best)
+        (v0, v1), (i0, i1) = self.values, self.classes
+        torch.gt(x, v0, out=self._first)
+        torch.gt(x, v1, out=self._second)
+        torch.where(self._first, v0, torch.maximum(v1, x), out=v1)  # the old best drops to second
+        torch.where(self._first, i0, i1.masked_fill_(self._second, c), out=i1)
+        torch.maximum(v0, x, out=v0)
+        i0.masked_fill_(self._first, c)
 
     def finish(self, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2, h, w) best and second-best scores, (1, h, w) best class; ``cls`` (k, h, w) is left unchanged."""
-        at = self.cls[None]
-        cls.scatter_(0, at, float("-inf"))  # hide the best, take the max of the rest, put it back
-        second = cls.amax(dim=0)
-        cls.scatter_(0, at, self.best[None])
-        return torch.stack([self.best, second]), at
+        """(3, h, w) the three best scores (the third bounds every other class), (2, h, w) the two best classes.
+        ``cls`` (k, h, w) is left unchanged."""
+        at = torch.stack(self.classes)
+        cls.scatter_(0, at, float("-inf"))  # hide the two best, take the max of the rest, put them back
+        third = cls.amax(dim=0)
+        cls.scatter_(0, at, torch.stack(self.values))
+        return torch.stack([*self.values, third]), at
 
 
 def area_suppression(probs: torch.Tensor, num_classes: int, area_thd: float) -> torch.Tensor:
@@ -782,8 +788,9 @@ class ITACLIPSegmenter(Segmenter):
         size (see ``fast_upsample``), never a (classes x output pixels) map.
 
         Softmax is monotonic within a pixel, so a class's probability is ``exp(scale * best name - lse)``: the
-        max over names is taken on logits and probabilities are formed only where needed: each pixel's best class
-        and runner-up score, the candidates of :func:`upsample_max_candidates`, and the pixels it must recompute. Labels
+        max over names is taken on logits and probabilities are formed only where needed: each pixel's two best
+        classes and the third score, the candidates of :func:`upsample_max_candidates`, and the pixels it must
+        recompute. Labels
         equal the exact path's up to ties, confidences up to rounding."""
         cfg = self.config
         cls, lse, scale = red.cls, red.lse, red.scale
