@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--paths", nargs="*", default=None, help="only these rows (fast, exact, nopamr, -)")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the random weights (same for every row)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     h, w = (int(v) for v in args.size.split("x"))
@@ -81,6 +82,9 @@ def main() -> int:
         if args.paths:
             paths = [p for p in paths if p[0] in args.paths]
         for label, extra in paths:
+            # The weights decide how many rows ITACLIP's prune_names keeps and how many pixels the candidate
+            # upsampling must recompute: one seed for every row, so rows and runs compare.
+            torch.manual_seed(args.seed)
             try:
                 seg = build(name, "realtime", {**TEXT_FAST.get(name, {}), **extra}, device)
             except Exception as exc:  # report and go on
