@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Inference time against vocabulary size (issue 10): realtime presets at 8 and 150 classes.
 
-Real architectures with random weights (timing does not depend on weight values), one 480x640 frame,
-text encoded once outside the timing (the node does it off the inference path). For dense_clip and
-ITACLIP the realtime presets upsample only candidate classes (``fast_upsample``); the "exact" rows turn
-it off (and ITACLIP's ``prune_names``) to show what it removes. The ratio column is time(150 classes) / time(8 classes) in one run.
+Real architectures with random weights (seeded: ITACLIP's kept rows and recomputed pixels depend on them),
+one 480x640 frame, text encoded once outside the timing (the node does it off the inference path). For
+dense_clip and ITACLIP the realtime presets upsample only candidate classes (``fast_upsample``); the "exact" rows
+turn it off (and ITACLIP's ``prune_names``) to show what it removes. The ratio column is time(150 classes) /
+time(8 classes) in one run.
 
     source scripts/env.sh && python benchmarks/bench_vocab_size.py --repeats 2
     python benchmarks/bench_vocab_size.py --segmenters car fcclip --repeats 1   # the slow ones

@@ -55,9 +55,9 @@ Deliberate differences from the authors' code (none changes the mathematics unle
   closed label. ``width_chunk_size`` (memory only) is ``chunk_rows``.
 * Additions for robots: whole-frame mode (``slide_crop: 0``), a subset of augmentations,
   ``refine_at: processing`` (PAMR and softmax at the ViT's input size, class probabilities upsampled), and
-  with it ``fast_upsample``: rows are refined a few at a time and folded into per-class maxima, each pixel's
-  best class and an online softmax denominator, so only candidate classes are ever turned into probabilities
-  and upsampled (labels equal up to ties), and ``prune_names``.
+  with it ``fast_upsample``: rows are refined a few at a time and folded into per-class maxima, each
+  pixel's two best classes and an online softmax denominator, so only candidate classes are ever turned into
+  probabilities and upsampled (labels equal up to ties), and ``prune_names``.
 """
 
 from __future__ import annotations
@@ -195,8 +195,8 @@ class ITACLIPConfig:
     #: Rows per chunk of the softmax/max-over-names step (0 = all at once; memory only).
     chunk_rows: int = 0
     #: With ``refine_at: processing`` and no area suppression: refine the rows a few at a time and keep only
-    #: per-class maxima, each pixel's best class and one softmax denominator (no (rows x pixels) softmax, no
-    #: scatter over names), then upsample only each pixel's candidate classes (:func:`upsample_max_candidates`).
+    #: per-class maxima, each pixel's two best classes and one softmax denominator (no (rows x pixels) softmax,
+    #: no scatter over names), then upsample only each pixel's candidate classes (:func:`upsample_max_candidates`).
     #: Labels equal the exact path's up to ties, confidences up to rounding.
     fast_upsample: bool = False
     #: With one whole-frame pass (``slide_crop: 0``): keep only the text rows among the top ``prune_names``
