@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Inference time against vocabulary size (issue 10): realtime presets at 8 and 150 classes.
 
-Real architectures with random weights (timing does not depend on weight values), one 480x640 frame,
-text encoded once outside the timing (the node does it off the inference path). For dense_clip and
-ITACLIP the realtime presets upsample only candidate classes (``fast_upsample``); the "exact" rows turn
-it off to show what it removes. The ratio column is time(150 classes) / time(8 classes) in one run.
+Real architectures with random weights (seeded: ITACLIP's kept rows and recomputed pixels depend on them),
+one 480x640 frame, text encoded once outside the timing (the node does it off the inference path). For
+dense_clip and ITACLIP the realtime presets upsample only candidate classes (``fast_upsample``); the "exact" rows
+turn it off (and ITACLIP's ``prune_names``) to show what it removes. The ratio column is time(150 classes) /
+time(8 classes) in one run.
 
     source scripts/env.sh && python benchmarks/bench_vocab_size.py --repeats 2
     python benchmarks/bench_vocab_size.py --segmenters car fcclip --repeats 1   # the slow ones
@@ -63,6 +64,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--paths", nargs="*", default=None, help="only these rows (fast, exact, nopamr, -)")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the random weights (same for every row)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     h, w = (int(v) for v in args.size.split("x"))
@@ -74,12 +76,16 @@ def main() -> int:
     print(f"{'segmenter':<11} {'path':<7} {f'{small} cls ms':>10} {f'{large} cls ms':>11} {'ratio':>6}")
     for name in args.segmenters:
         own = {f.name for f in dataclasses.fields(get_segmenter_class(name).config_cls)}
-        paths = [("fast", {}), ("exact", {"fast_upsample": False})] if "fast_upsample" in own else [("-", {})]
+        exact = {"fast_upsample": False, **({"prune_names": 0} if "prune_names" in own else {})}
+        paths = [("fast", {}), ("exact", exact)] if "fast_upsample" in own else [("-", {})]
         if name == "itaclip":  # PAMR refines every name's logits: the part of ITACLIP that grows with K
             paths.append(("nopamr", {"pamr_steps": 0}))
         if args.paths:
             paths = [p for p in paths if p[0] in args.paths]
         for label, extra in paths:
+            # The weights decide how many rows ITACLIP's prune_names keeps and how many pixels the candidate
+            # upsampling must recompute: one seed for every row, so rows and runs compare.
+            torch.manual_seed(args.seed)
             try:
                 seg = build(name, "realtime", {**TEXT_FAST.get(name, {}), **extra}, device)
             except Exception as exc:  # report and go on

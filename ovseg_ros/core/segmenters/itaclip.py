@@ -53,8 +53,11 @@ Deliberate differences from the authors' code (none changes the mathematics unle
   the authors' Llama-3 files.
 * The closing runs on the device (same result as ``cv2.MORPH_CLOSE``) and the confidence is read at the
   closed label. ``width_chunk_size`` (memory only) is ``chunk_rows``.
-* Additions for robots: whole-frame mode (``slide_crop: 0``), a subset of augmentations, and
-  ``refine_at: processing`` (PAMR and softmax at the ViT's input size, class probabilities upsampled).
+* Additions for robots: whole-frame mode (``slide_crop: 0``), a subset of augmentations,
+  ``refine_at: processing`` (PAMR and softmax at the ViT's input size, class probabilities upsampled), and
+  with it ``fast_upsample``: rows are refined a few at a time and folded into per-class maxima, each
+  pixel's two best classes and an online softmax denominator, so only candidate classes are ever turned into
+  probabilities and upsampled (labels equal up to ties), and ``prune_names``.
 """
 
 from __future__ import annotations
@@ -81,11 +84,12 @@ from ..geometry import (
     short_side_size,
     slide_inference,
     sliding_windows,
-    upsample_max_topk,
+    upsample_max,
+    upsample_max_candidates,
 )
 from ..llm_text import LLMConfig, LLMTextClient
 from ..models import ClipModel, ModelSpec, load_clip, resolve_device
-from ..pamr import pamr
+from ..pamr import pamr, pamr_chunks
 from ..segmenter import (
     ImageError,
     Segmenter,
@@ -110,6 +114,9 @@ DATASET_DIR = DATA_DIR / "datasets"
 REFERENCE_LAYERS = (7, 8, 10)
 _FEATURE_AUGS = ("grayscale", "blur")
 _FLIP_AUGS = ("vertical", "horizontal")
+#: With ``fast_upsample``, vocabularies from this size on upsample only each pixel's candidate classes; smaller
+#: ones upsample every class (as cheap, and no ranking to keep).
+FAST_MIN_CLASSES = 16
 #: torchvision's rgb_to_grayscale weights.
 _GRAY = (0.2989, 0.587, 0.114)
 
@@ -187,8 +194,10 @@ class ITACLIPConfig:
     close_kernel: int = 3
     #: Rows per chunk of the softmax/max-over-names step (0 = all at once; memory only).
     chunk_rows: int = 0
-    #: With ``refine_at: processing`` and no area suppression: upsample only each pixel's candidate classes
-    #: (:func:`upsample_max_topk`), so the cost is flat in vocabulary size; labels equal up to ties.
+    #: With ``refine_at: processing`` and no area suppression: refine the rows a few at a time and keep only
+    #: per-class maxima, each pixel's two best classes and one softmax denominator (no (rows x pixels) softmax,
+    #: no scatter over names), then upsample only each pixel's candidate classes (:func:`upsample_max_candidates`).
+    #: Labels equal the exact path's up to ties, confidences up to rounding.
     fast_upsample: bool = False
     #: With one whole-frame pass (``slide_crop: 0``): keep only the text rows among the top ``prune_names``
     #: of some patch (plus one row standing for the others in the softmax) before logits are upsampled and
@@ -368,6 +377,51 @@ def close_labels_torch(labels: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     dilated = F.max_pool2d(x, kernel, stride=1, padding=pad)  # -inf padding: the border is ignored
     closed = -F.max_pool2d(-dilated, kernel, stride=1, padding=pad)
     return closed[0, 0].to(labels.dtype) - 1
+
+
+@dataclass(frozen=True)
+class RowReduction:
+    """What the labels need from the refined rows at the processing size (see ``_reduce_rows``)."""
+
+    #: (K, h, w) per class the max of its names' logits (-inf for a class whose rows were all pruned).
+    cls: torch.Tensor
+    #: (h, w) max over the background words' logits, or None without background words.
+    bg: Optional[torch.Tensor]
+    #: (h, w) log of the softmax denominator over every row, in units of ``scale * logit``.
+    lse: torch.Tensor
+    scale: float
+    #: ((3, h, w) the three best class logits, (2, h, w) the two best classes) per pixel, or None below
+    #: :data:`FAST_MIN_CLASSES` classes.
+    ranking: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+class _Ranking:
+    """Each pixel's two best classes and their scores, kept up to date in place as class maps arrive one by one
+    (a k-wide sort or max-with-indices over the stacked maps costs several times more on the CPU)."""
+
+    def __init__(self, size: tuple[int, ...], device: torch.device) -> None:
+        self.values = [torch.full(size, float("-inf"), device=device) for _ in range(2)]
+        self.classes = [torch.zeros(size, dtype=torch.long, device=device) for _ in range(2)]
+        self._first = torch.empty(size, dtype=torch.bool, device=device)
+        self._second = torch.empty(size, dtype=torch.bool, device=device)
+
+    def add(self, x: torch.Tensor, c: int) -> None:
+        (v0, v1), (i0, i1) = self.values, self.classes
+        torch.gt(x, v0, out=self._first)
+        torch.gt(x, v1, out=self._second)
+        torch.where(self._first, v0, torch.maximum(v1, x), out=v1)  # the old best drops to second
+        torch.where(self._first, i0, i1.masked_fill_(self._second, c), out=i1)
+        torch.maximum(v0, x, out=v0)
+        i0.masked_fill_(self._first, c)
+
+    def finish(self, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, h, w) the three best scores (the third bounds every other class), (2, h, w) the two best classes.
+        ``cls`` (k, h, w) is left unchanged."""
+        at = torch.stack(self.classes)
+        cls.scatter_(0, at, float("-inf"))  # hide the two best, take the max of the rest, put them back
+        third = cls.amax(dim=0)
+        cls.scatter_(0, at, torch.stack(self.values))
+        return torch.stack([*self.values, third]), at
 
 
 def area_suppression(probs: torch.Tensor, num_classes: int, area_thd: float) -> torch.Tensor:
@@ -625,23 +679,27 @@ class ITACLIPSegmenter(Segmenter):
             return slide_inference(x, fn, cfg.slide_crop, cfg.slide_stride, text.shape[0], cfg.batch_windows)
         return fn(x)
 
-    def _pruned_logits(self, x: torch.Tensor, text: torch.Tensor, state: ITACLIPState) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pruned_logits(
+        self, x: torch.Tensor, text: torch.Tensor, state: ITACLIPState, upsample: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch-level logits of every row; rows never among a patch's top ``prune_names`` are folded into one
         log-sum-exp row (it keeps the softmax's denominator, owner = an extra class that is dropped later).
-        Returns the kept rows upsampled to the processing size, and their owners."""
+        Returns the kept rows (upsampled to the processing size unless ``upsample`` is False), and their
+        owners."""
         low = self.crop_logits(x, text, upsample=False)[0]  # (Q, gh, gw)
         owner = state.owner.to(low.device)
         top = low.topk(min(self.config.prune_names, low.shape[0]), dim=0).indices
         kept = torch.zeros(low.shape[0], dtype=torch.bool, device=low.device)
         kept[top.flatten()] = True
+        size = tuple(x.shape[-2:]) if upsample else tuple(low.shape[-2:])
         if int(kept.sum()) >= low.shape[0] - 1:
-            return resize(low[None], tuple(x.shape[-2:])), owner
+            return resize(low[None], size), owner
         scale = self.config.logit_scale
         rest = torch.logsumexp(scale * low[~kept], dim=0, keepdim=True) / scale
         extra = len(state.vocabulary) + (1 if state.num_background else 0)
         rows = torch.cat([low[kept], rest])
         owners = torch.cat([owner[kept], torch.tensor([extra], dtype=owner.dtype, device=owner.device)])
-        return resize(rows[None], tuple(x.shape[-2:])), owners
+        return resize(rows[None], size), owners
 
     def _class_probs(
         self, logits: torch.Tensor, state: ITACLIPState, owner: Optional[torch.Tensor] = None
@@ -685,15 +743,80 @@ class ITACLIPSegmenter(Segmenter):
         labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
         return labels_np, conf_np
 
-    def _labels_fast(self, low: torch.Tensor, size: tuple[int, int], state: ITACLIPState) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`_labels` of ``resize(low, size)`` without upsampling every class (see ``fast_upsample``)."""
+    def _reduce_rows(
+        self, guide: torch.Tensor, rows: torch.Tensor, owner: torch.Tensor, state: ITACLIPState
+    ) -> RowReduction:
+        """Upsample and refine (PAMR) the (1, Q, h, w) rows a few at a time and fold each chunk, while it is
+        still in cache, into what the labels need: per class the max over its names, each pixel's best classes,
+        the background words' max, and the softmax denominator over every row. The Q refined maps are never
+        held together, and nothing after this grows with Q."""
         cfg = self.config
         k = len(state.vocabulary)
-        conf, idx = upsample_max_topk(low[:k], size)
+        scale = float(cfg.logit_scale)
+        size = tuple(guide.shape[-2:])
+        owners = owner.tolist()
+        last = {o: i for i, o in enumerate(owners)}  # a class's value is final after its last row
+        dev = guide.device
+        inf = float("-inf")
+        cls = torch.full((k, *size), inf, device=dev)
+        bg = torch.full(size, inf, device=dev) if state.num_background else None
+        ranking = _Ranking(size, dev) if k >= FAST_MIN_CLASSES else None
+        top = torch.full(size, inf, device=dev)  # running max of scale * logit (online log-sum-exp)
+        acc = torch.zeros(size, device=dev)  # sum of exp(scale * logit - top)
+        for start, part in pamr_chunks(guide, rows, cfg.pamr_steps, cfg.pamr_dilations,
+                                       upsample=lambda m: resize(m, size)):
+            part = part[0]
+            scaled = scale * part
+            new_top = torch.maximum(top, scaled.amax(dim=0))
+            acc = acc * torch.exp(top - new_top) + torch.exp(scaled - new_top).sum(dim=0)
+            top = new_top
+            for i, o in enumerate(owners[start:start + part.shape[0]], start=start):
+                if o < k:
+                    c = cls[o]
+                    torch.maximum(c, part[i - start], out=c)
+                    if ranking is not None and last[o] == i:
+                        ranking.add(c, o)
+                elif o == k and bg is not None:
+                    torch.maximum(bg, part[i - start], out=bg)
+        ranked = ranking.finish(cls) if ranking is not None else None
+        return RowReduction(cls, bg, top + acc.log(), scale, ranked)
+
+    def _labels_fast(
+        self, red: RowReduction, size: tuple[int, int], state: ITACLIPState
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_labels` of ``resize(_class_probs(logits), size)`` from the class logits at the processing
+        size (see ``fast_upsample``), never a (classes x output pixels) map.
+
+        Softmax is monotonic within a pixel, so a class's probability is ``exp(scale * best name - lse)``: the
+        max over names is taken on logits and probabilities are formed only where needed: each pixel's two best
+        classes and the third score, the candidates of :func:`upsample_max_candidates`, and the pixels it must
+        recompute. Labels
+        equal the exact path's up to ties, confidences up to rounding."""
+        cfg = self.config
+        cls, lse, scale = red.cls, red.lse, red.scale
+        h, w = cls.shape[-2:]
+        flat_cls, flat_lse = cls.flatten(), lse.flatten()
+
+        def prob(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.exp(scale * v - lse[a, b])
+
+        def all_probs() -> torch.Tensor:
+            return torch.exp(scale * cls - lse)
+
+        if red.ranking is None:  # a handful of classes: the full upsampling is as cheap
+            conf, idx = upsample_max(all_probs(), size)
+        else:
+            values, classes = red.ranking
+            conf, idx = upsample_max_candidates(
+                torch.exp(scale * values - lse), classes, size,
+                lambda c, pix: torch.exp(scale * flat_cls.take(c * (h * w) + pix) - flat_lse.take(pix)),
+                lambda ys, xs: bilinear_at(cls, size, ys, xs, transform=prob),
+                lambda: upsample_max(all_probs(), size),
+            )
         labels = idx.to(torch.int32)
         top = conf
-        if state.num_background:
-            bg = resize(low[k:k + 1][None].float(), size)[0, 0]
+        if red.bg is not None:
+            bg = resize(torch.exp(scale * red.bg - lse)[None, None], size)[0, 0]
             labels = torch.where(bg > conf, torch.full_like(labels, UNLABELED), labels)
             top = torch.maximum(conf, bg)
         if cfg.prob_thd > 0:
@@ -704,7 +827,7 @@ class ITACLIPSegmenter(Segmenter):
             moved = ((closed != labels) & (closed >= 0)).nonzero(as_tuple=True)
             chosen = conf.clone()
             if moved[0].numel():  # the closed label's own probability, only where closing changed it
-                chosen[moved] = bilinear_at(low[:k], size, moved[0], moved[1], closed[moved].long())
+                chosen[moved] = bilinear_at(cls, size, moved[0], moved[1], closed[moved].long(), transform=prob)
             labels = closed
         conf_out = torch.where(labels >= 0, chosen, top)
         labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
@@ -723,11 +846,21 @@ class ITACLIPSegmenter(Segmenter):
             x = self._prepare(image)
             text = st.text.to(self.device)
         owner = None
+        # Refine and classify in one stream of row chunks: labels need per-class maxima and one denominator.
+        fast = cfg.refine_at == "processing" and cfg.fast_upsample and cfg.area_thd <= 0
         with timer.stage("backbone"):
             if cfg.prune_names > 0 and cfg.slide_crop <= 0:
-                logits, owner = self._pruned_logits(x, text, st)
+                logits, owner = self._pruned_logits(x, text, st, upsample=not fast)
+            elif fast and cfg.slide_crop <= 0:
+                logits = self.crop_logits(x, text, upsample=False)  # patch grid; upsampled chunk by chunk
             else:
                 logits = self._logits(x, text)  # (1, Q, h', w') float32
+        if fast:
+            with timer.stage("refine"):
+                red = self._reduce_rows(x, logits, st.owner if owner is None else owner, st)
+            with timer.stage("classify"):
+                labels, conf = self._labels_fast(red, (h, w), st)
+            return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
         with timer.stage("refine"):
             if cfg.refine_at == "input":
                 logits = resize(logits, (h, w))
@@ -738,12 +871,9 @@ class ITACLIPSegmenter(Segmenter):
                 logits = pamr(guide, logits, cfg.pamr_steps, cfg.pamr_dilations)
         with timer.stage("classify"):
             probs = self._class_probs(logits[0], st, owner)
-            if cfg.refine_at == "processing" and cfg.fast_upsample and cfg.area_thd <= 0:
-                labels, conf = self._labels_fast(probs, (h, w), st)
-            else:
-                if cfg.refine_at == "processing":
-                    probs = resize(probs[None], (h, w))[0]
-                labels, conf = self._labels(probs, st)
+            if cfg.refine_at == "processing":
+                probs = resize(probs[None], (h, w))[0]
+            labels, conf = self._labels(probs, st)
         return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
 
     @torch.inference_mode()
