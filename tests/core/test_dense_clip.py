@@ -142,18 +142,3 @@ def test_segment_batch_equals_frame_by_frame(segmenter, rgb_image) -> None:
         np.testing.assert_allclose(got.confidence, one.confidence, atol=1e-4)
         assert got.vocabulary is state.vocabulary
 
-
-def test_compiled_blocks_give_the_same_result(tiny_model_overrides, rgb_image) -> None:
-    """``compile_blocks`` (torch.compile of the unmodified ViT blocks) changes speed, not results."""
-    vocab = Vocabulary.from_request(["floor", "chair", "person, people", "door"])
-    results = []
-    for compiled in (False, True):
-        seg = build_segmenter("dense_clip", "realtime",
-                              {**tiny_model_overrides, "short_side": 64, "compile_blocks": compiled})
-        seg.set_vocabulary(vocab)
-        results.append(seg.segment(rgb_image))
-    compiled_blocks = clip_vit.blocks(seg.clip.visual)
-    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in compiled_blocks)
-    assert (results[0].labels == results[1].labels).mean() >= 0.999
-    np.testing.assert_allclose(results[0].confidence, results[1].confidence, atol=1e-4)
-    assert list(seg.clip.model.state_dict()) == list(load_clip(seg.config.model).model.state_dict())

@@ -203,6 +203,9 @@ class ITACLIPConfig:
     #: of some patch (plus one row standing for the others in the softmax) before logits are upsampled and
     #: refined, so PAMR's cost stops growing with the vocabulary (0 = off, every row refined).
     prune_names: int = 0
+    #: ``torch.compile`` the ViT's unmodified blocks (:func:`clip_vit.compile_blocks`); results equal up to
+    #: float rounding, the first frame of each input size compiles.
+    compile_blocks: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -468,6 +471,8 @@ class ITACLIPSegmenter(Segmenter):
         self.clip = clip
         self.text_encoder = text_encoder
         self.llm = llm
+        if config.compile_blocks:
+            clip_vit.compile_blocks(clip.visual)
         depth = clip_vit.num_blocks(clip.visual)
         layers = config.intermediate_layers or default_intermediate_layers(depth)
         if any(b >= depth for b in layers):
