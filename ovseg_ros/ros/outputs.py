@@ -34,8 +34,13 @@ def build_outputs(
     overlay_alpha: float,
     publish_panoptic: bool,
     latency_ms: float,
+    panoptic_min_area: int = 0,
 ) -> list[tuple[str, Any]]:
-    """(output name, message) pairs for one segmented frame, in publishing order (info last)."""
+    """(output name, message) pairs for one segmented frame, in publishing order (info last).
+
+    ``panoptic_min_area``: segments derived from the labels smaller than this many pixels get no panoptic
+    segment (their pixels keep id 0); a method's own instances (FC-CLIP) are published as predicted.
+    """
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
     n = len(vocab)
@@ -55,7 +60,8 @@ def build_outputs(
     if publish_panoptic:
         panoptic = result.panoptic
         if panoptic is None:
-            panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab)
+            panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
+                                                          min_area=panoptic_min_area)
         outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, result.labels)))

@@ -37,10 +37,10 @@ MAX_PIXELS_LIMIT = 8192 * 8192
 #: Longest refusal reason returned by :func:`validate`.
 MAX_REASON_CHARS = 1000
 
-LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "max_vocabulary_classes",
-                  "vocabulary_timeout", "max_query_texts"})
-ON_ACTIVATE = frozenset({"image_reliability", "image_queue_depth", "use_compressed", "publish_points", "min_depth", "max_depth",
-                         "points_rgb", "depth_slop"})
+LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "panoptic_min_area",
+                  "max_vocabulary_classes", "vocabulary_timeout", "max_query_texts"})
+ON_ACTIVATE = frozenset({"image_reliability", "image_queue_depth", "use_compressed", "publish_points", "min_depth",
+                         "max_depth", "points_rgb", "depth_slop"})
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("overlay_alpha", 0.5, "float", "Weight of the class colours in ~/overlay.", range=(0.0, 1.0)),
     ParamSpec("publish_panoptic", True, "bool", "Publish ~/panoptic (segments from the labels when the method "
               "predicts no instances)."),
+    ParamSpec("panoptic_min_area", 0, "int", "Segments derived from the labels smaller than this many pixels get no "
+              "panoptic segment (id 0): speckle from label noise is not published as instances.",
+              range=(0, MAX_PIXELS_LIMIT)),
     ParamSpec("diagnostics_period", 1.0, "float", "Seconds between /diagnostics messages.", range=(0.1, 60.0)),
     ParamSpec("autostart", True, "bool", "Configure and activate at startup (false: wait for a lifecycle manager).",
               read_only=True),
@@ -328,6 +331,7 @@ class NodeConfig:
     max_image_pixels: int
     overlay_alpha: float
     publish_panoptic: bool
+    panoptic_min_area: int
     diagnostics_period: float
     autostart: bool
     cameras: tuple[str, ...]

@@ -100,6 +100,39 @@ def test_cameras_never_cross(node: SegmentNode, client: RosClient, topics: dict[
     assert [c.spec.name for c in diag] == ["front", "rear"]
 
 
+def test_panoptic_min_area_drops_speckle_live(node: SegmentNode, client: RosClient, topics: dict[str, str]) -> None:
+    """``panoptic_min_area`` (a live parameter): a 2x2 speckle of class 5 gets no panoptic segment while it is
+    10, and one as soon as it is back to 0; the label image is unchanged either way."""
+    from ovseg_ros.msg import PanopticSegmentation
+
+    panoptic = client.subscribe(f"{topics['base']}/front/panoptic", PanopticSegmentation)
+    pub = client.publisher(f"{topics['ns']}/front/image", Image)
+    frame = painted(0, "front_optical")
+    img = np.frombuffer(bytes(frame.data), np.uint8).reshape(frame.height, frame.width, 3).copy()
+    img[10:12, 4:6] = key_colors(16)[5]
+    frame.data = array.array("B", img.tobytes())
+
+    def classes_for(min_area: int) -> tuple[set[int], np.ndarray]:
+        node.set_parameters([Parameter("panoptic_min_area", value=min_area)])
+        panoptic.clear()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            frame.header.stamp.sec, frame.header.stamp.nanosec = unique_stamp()
+            pub.publish(frame)
+            got = panoptic.wait_for(lambda m: stamp_of(m.header) == stamp_of(frame.header), timeout=0.5)
+            if got is not None:
+                return {s.class_id for s in got.segments}, image_array(got.segment_ids)
+        raise AssertionError("no panoptic output")
+
+    try:
+        classes, ids = classes_for(10)
+        assert 5 not in classes and (ids[10:12, 4:6] == 0).all() and (ids[:, 20:] > 0).all()
+        classes, ids = classes_for(0)
+        assert 5 in classes and (ids[10:12, 4:6] > 0).all()
+    finally:
+        node.set_parameters([Parameter("panoptic_min_area", value=0)])
+
+
 def test_revisions_fit_their_vocabulary_under_churn(node: SegmentNode, client: RosClient,
                                                     topics: dict[str, str]) -> None:
     vocab = client.subscribe(f"{topics['base']}/vocabulary", VocabularyMsg, latched())
