@@ -143,6 +143,7 @@ def _query_actor(s: Soak, rng: random.Random, tid: int) -> None:
 _GOOD_PARAMS: list[Callable[[random.Random], dict]] = [
     lambda r: {"overlay_alpha": round(r.random(), 3)},
     lambda r: {"publish_panoptic": r.random() < 0.5},
+    lambda r: {"panoptic_min_area": r.choice([0, 0, 50, 5000])},
     lambda r: {"max_image_pixels": r.choice([100_000, 1000])},
     lambda r: {"segmenter_options": f"{{cost_ms: {r.choice([0.0, 5.0, 20.0])}}}"},
 ]
@@ -152,6 +153,7 @@ _BAD_PARAMS: list[dict] = [
     {"segmenter_options": "{cost_ms: -1}"},
     {"device": "cpu\n"},
     {"max_image_pixels": 0},
+    {"panoptic_min_area": -1},
 ]
 
 
@@ -217,7 +219,7 @@ def test_random_interleavings_under_a_30hz_stream(node: Target) -> None:
         t.join(CALL_TIMEOUT_S + 5)
     probe.check()
     assert not s.violations, f"seed {SEED}: " + "; ".join(s.violations[:10]) + f"\n{node.tail()}"
-    node.set_params({"max_image_pixels": 100_000, "publish_panoptic": True})
+    node.set_params({"max_image_pixels": 100_000, "publish_panoptic": True, "panoptic_min_area": 0})
     node.bring_active()
     node.assert_healthy()
     assert node.set_vocabulary(INITIAL).success
