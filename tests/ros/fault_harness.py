@@ -543,3 +543,24 @@ class Restartable:
 
     def close(self) -> Optional[int]:
         return None if self.target is None else self.target.close()
+
+
+def shared_node_fixtures(params: Callable[[Any], dict], folder: str, **options: Any) -> tuple[Any, Any]:
+    """The module fixtures ``shared`` (one :class:`Restartable` node per test module, closed at the end) and
+    ``node`` (that node, back to active or restarted for each test). ``params(request)`` gives the node's
+    parameters; ``options`` go to :class:`Restartable`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def shared(request: Any, client: RosClient, namespace: str, tmp_path_factory: Any) -> Any:
+        r = Restartable(client, namespace, dict(params(request)), tmp_path_factory.mktemp(folder), **options)
+        try:
+            yield r
+        finally:
+            r.close()
+
+    @pytest.fixture
+    def node(shared: Restartable) -> Target:
+        return shared.get()
+
+    return shared, node

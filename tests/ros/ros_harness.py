@@ -37,6 +37,19 @@ def ros_unavailable_reason() -> Optional[str]:
     return None
 
 
+def messages_or_skip() -> Any:
+    """``ovseg_ros.ros.messages`` (the message builders), or skip the test when rclpy or the interfaces are
+    missing (unit tests of the builders need no running graph)."""
+    import pytest
+
+    pytest.importorskip("rclpy", reason="rclpy not importable")
+    try:
+        from ovseg_ros.ros import messages
+    except ImportError as exc:
+        pytest.skip(f"ovseg_ros interfaces are not built ({exc})")
+    return messages
+
+
 def require_ros_or_skip() -> None:
     """Skip the calling test module when ROS is unavailable; fail instead under ``OVSEG_REQUIRE_ROS=1``
     (scripts/test.sh sets it: there, a skipped integration suite would hide a broken build)."""

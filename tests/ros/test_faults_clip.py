@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from fault_harness import ColorKeyOracle, Restartable, StateProbe, Target
-from ros_harness import RosClient, image_array, make_image, require_ros_or_skip, stamp_of
+from fault_harness import ColorKeyOracle, StateProbe, Target, shared_node_fixtures
+from ros_harness import image_array, make_image, require_ros_or_skip, stamp_of
 
 require_ros_or_skip()
 
@@ -32,19 +32,8 @@ def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_random_checkpoint("ovseg-tiny-vit", tmp_path_factory.mktemp("weights_b") / "tiny_b.pt", seed=1)
 
 
-@pytest.fixture(scope="module")
-def shared(client: RosClient, namespace: str, fast_params: dict, tmp_path_factory: Any) -> Iterator[Restartable]:
-    r = Restartable(client, namespace, dict(fast_params), tmp_path_factory.mktemp("faults_clip"),
-                    color_key_options=None)
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-@pytest.fixture
-def node(shared: Restartable) -> Target:
-    return shared.get()
+shared, node = shared_node_fixtures(lambda request: request.getfixturevalue("fast_params"), "faults_clip",
+                                    color_key_options=None)
 
 
 def _reconfigure(node: Target, params: dict) -> bool:

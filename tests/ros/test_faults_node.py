@@ -17,40 +17,29 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from fault_harness import (
     INITIAL,
     SCENES,
-    Restartable,
     StateProbe,
     Target,
     color_key_params,
     png_bytes,
     rss_peak_mib,
+    shared_node_fixtures,
     valid_blank_png,
     wait_until,
 )
-from ros_harness import RosClient, require_ros_or_skip
+from ros_harness import require_ros_or_skip
 
 require_ros_or_skip()
 
 from sensor_msgs.msg import CompressedImage  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def shared(client: RosClient, namespace: str, tmp_path_factory: Any) -> Iterator[Restartable]:
-    r = Restartable(client, namespace, color_key_params(), tmp_path_factory.mktemp("faults"))
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-@pytest.fixture
-def node(shared: Restartable) -> Target:
-    return shared.get()
+shared, node = shared_node_fixtures(lambda request: color_key_params(), "faults")
 
 
 def _refused_with_reason(result: Any, what: str) -> None:

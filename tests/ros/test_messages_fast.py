@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ros_harness import messages_or_skip
 
 from ovseg_ros.core.vocabulary import UNLABELED
 
-
-def _messages():
-    pytest.importorskip("rclpy", reason="rclpy not importable")
-    try:
-        from ovseg_ros.ros import messages
-    except ImportError as exc:
-        pytest.skip(f"ovseg_ros interfaces are not built ({exc})")
-    return messages
 
 
 def ref_encode_labels(labels, num_classes):
@@ -36,7 +29,7 @@ def ref_class_areas(labels, num_classes):
 
 @pytest.mark.parametrize("num_classes", [1, 20, 255, 256, 3000])
 def test_labels_and_areas_equal_reference(num_classes: int) -> None:
-    messages = _messages()
+    messages = messages_or_skip()
     rng = np.random.default_rng(num_classes)
     labels = rng.integers(-1, num_classes, (37, 53)).astype(np.int32)
     enc, encoding = messages.encode_labels(labels, num_classes)
@@ -51,7 +44,7 @@ def test_labels_and_areas_equal_reference(num_classes: int) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_confidence_equals_reference_including_halves_and_out_of_range(dtype: type) -> None:
-    messages = _messages()
+    messages = messages_or_skip()
     rng = np.random.default_rng(1)
     conf = rng.uniform(-0.2, 1.2, (41, 67)).astype(dtype)
     conf[0, :] = (np.arange(67) + 0.5) / 255.0  # exact .5 steps: round half to even

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ros_harness import messages_or_skip
 
 from ovseg_ros.core.vocabulary import Vocabulary, load_vocabulary_file
 from ovseg_ros.ros.mailbox import Frame, LatestFrameMailbox
@@ -162,17 +163,8 @@ def test_vocabulary_presets_are_found_and_load() -> None:
 
 
 # --- message builders -------------------------------------------------------------------------------------------
-def _messages():
-    pytest.importorskip("rclpy", reason="rclpy not importable")
-    try:
-        from ovseg_ros.ros import messages
-    except ImportError as exc:
-        pytest.skip(f"ovseg_ros interfaces are not built ({exc})")
-    return messages
-
-
 def test_label_encoding_switches_at_255_classes() -> None:
-    messages = _messages()
+    messages = messages_or_skip()
     assert messages.label_encoding(1) == ("mono8", 255)
     assert messages.label_encoding(255) == ("mono8", 255)
     assert messages.label_encoding(256) == ("mono16", 65535)
@@ -184,7 +176,7 @@ def test_label_encoding_switches_at_255_classes() -> None:
 
 
 def test_confidence_and_class_areas() -> None:
-    messages = _messages()
+    messages = messages_or_skip()
     conf = messages.encode_confidence(np.array([0.0, 0.5, 1.0, 1.2], np.float32))
     assert conf.tolist() == [0, 128, 255, 255]
     ids, areas = messages.class_areas(np.array([[-1, 2, 2], [0, 2, -1]], np.int32), 4)
@@ -192,7 +184,7 @@ def test_confidence_and_class_areas() -> None:
 
 
 def test_vocabulary_message() -> None:
-    messages = _messages()
+    messages = messages_or_skip()
     vocab = Vocabulary.from_request(["floor", "person, people"], ["the ground", ""], [False, True], revision=7)
     msg = messages.vocabulary_msg(vocab, stamp=messages.VocabularyMsg().header.stamp, segmenter="dense_clip",
                                   model="m@x", prompts=[["a photo of a floor."], ["p1", "p2"]])
@@ -203,7 +195,7 @@ def test_vocabulary_message() -> None:
 
 
 def test_label_info_message_leaves_unlabeled_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    messages = _messages()
+    messages = messages_or_skip()
 
     class VisionClass:
         def __init__(self, class_id: int, class_name: str) -> None:
