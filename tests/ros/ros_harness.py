@@ -7,11 +7,12 @@ All waits have timeouts so a broken node fails a test instead of hanging the sui
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -48,6 +49,31 @@ def messages_or_skip() -> Any:
     except ImportError as exc:
         pytest.skip(f"ovseg_ros interfaces are not built ({exc})")
     return messages
+
+
+@contextlib.contextmanager
+def active_inprocess_node(namespace: str, params: dict, threads: int = 4) -> Iterator[Any]:
+    """A ``SegmentNode`` in this process with ``params``, spun by a multi-threaded executor in a thread,
+    configured and activated; shut down and destroyed on exit."""
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from ovseg_ros.ros.segment_node import SegmentNode
+
+    n = SegmentNode(namespace=namespace, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    ex = MultiThreadedExecutor(num_threads=threads)
+    ex.add_node(n)
+    thread = threading.Thread(target=ex.spin, daemon=True)
+    thread.start()
+    try:
+        assert n.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert n.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        yield n
+    finally:
+        ex.shutdown(timeout_sec=2.0)
+        n.destroy_node()
+        thread.join(timeout=5.0)
 
 
 def require_ros_or_skip() -> None:

@@ -4,19 +4,24 @@ runtime parameter validation. In-process so a test-only wrapper can slow the seg
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Iterator
 
 import cv2
 import numpy as np
 import pytest
-from ros_harness import RosClient, make_image, publish_until, require_ros_or_skip, same_header, stamp_of
+from ros_harness import (
+    RosClient,
+    active_inprocess_node,
+    make_image,
+    publish_until,
+    require_ros_or_skip,
+    same_header,
+    stamp_of,
+)
 
 require_ros_or_skip()
 
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
@@ -29,20 +34,8 @@ STREAM_HZ = 30.0
 
 @pytest.fixture(scope="module")
 def node(ros_session: None, fast_params: dict, namespace: str) -> Iterator[SegmentNode]:
-    params = {**fast_params, "use_compressed": True}
-    n = SegmentNode(namespace=namespace, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    ex = MultiThreadedExecutor(num_threads=4)
-    ex.add_node(n)
-    thread = threading.Thread(target=ex.spin, daemon=True)
-    thread.start()
-    try:
-        assert n.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        assert n.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    with active_inprocess_node(namespace, {**fast_params, "use_compressed": True}) as n:
         yield n
-    finally:
-        ex.shutdown(timeout_sec=2.0)
-        n.destroy_node()
-        thread.join(timeout=5.0)
 
 
 @pytest.fixture()

@@ -18,11 +18,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from ros_harness import RosClient, image_array, latched, require_ros_or_skip, stamp_of, unique_stamp
+from ros_harness import (
+    RosClient,
+    active_inprocess_node,
+    image_array,
+    latched,
+    require_ros_or_skip,
+    stamp_of,
+    unique_stamp,
+)
 
 require_ros_or_skip()
 
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -56,18 +63,8 @@ def painted(class_id: int, frame_id: str, width: int = 40, height: int = 30) -> 
 def node(ros_session: None, namespace: str) -> Iterator[SegmentNode]:
     params = {"segmenter": "color_key", "cache_dir": "", "vocabulary": CLASSES, "cameras": ["front", "rear"],
               "diagnostics_period": 0.5, "vocabulary_timeout": 5.0}
-    n = SegmentNode(namespace=namespace, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    ex = MultiThreadedExecutor(num_threads=6)
-    ex.add_node(n)
-    thread = threading.Thread(target=ex.spin, daemon=True)
-    thread.start()
-    try:
-        assert n.trigger_configure() == OK
-        assert n.trigger_activate() == OK
+    with active_inprocess_node(namespace, params, threads=6) as n:
         yield n
-    finally:
-        ex.shutdown(timeout_sec=2.0)
-        n.destroy_node()
 
 
 def _stream(client: RosClient, topics: dict[str, str], seconds: float, per_camera: dict[str, int]) -> None:
