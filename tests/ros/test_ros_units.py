@@ -112,7 +112,9 @@ def test_default_params_file_matches_the_specs() -> None:
                                                                  "must be an integer"),
      ("segmenter_options", "a: [", "not valid YAML"), ("device", "cpu\n", "device must be"),
      ("device", 3, "device must be"), ("overlay_alpha", float("nan"), "finite"), ("overlay_alpha", "x", "type"),
-     ("vocabulary", ["a", ""], "the name is empty"), ("preset", "", None)],
+     ("vocabulary", ["a", ""], "the name is empty"), ("preset", "", None),
+     ("image_queue_depth", 0, "must be in"), ("image_queue_depth", 11, "must be in"), ("image_queue_depth", 1, None),
+     ("panoptic_min_area", -1, "must be in"), ("panoptic_min_area", 50, None), ("panoptic_min_area", 2.5, "type")],
 )
 def test_validate(name: str, value: object, expected: str | None) -> None:
     reason = validate(name, value, {"segmenter": "dense_clip"})
