@@ -29,11 +29,14 @@ PY="$VENV/bin/python"
 touch "$VENV/COLCON_IGNORE"
 
 # 2. requirements ------------------------------------------------------------------------------
+# Optional features (ONNX Runtime deployment, bags, tracking metrics, ...) each have their own
+# requirements-<feature>.txt; CI installs and tests all of them, a robot installs the ones it uses.
+mapfile -t req_files < <(ls requirements.txt requirements-*.txt | sort)
 req_stamp="$VENV/.ovseg_requirements.sha256"
-req_hash="$(hash_of requirements.txt requirements-ros.txt)"
+req_hash="$(hash_of "${req_files[@]}")"
 if [[ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]]; then
-  log "pip install -r requirements.txt -r requirements-ros.txt"
-  "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-ros.txt
+  log "pip install ${req_files[*]/#/-r }"
+  "$PY" -m pip install --disable-pip-version-check -q "${req_files[@]/#/-r}"
   echo "$req_hash" >"$req_stamp"
 else
   log "requirements unchanged"
