@@ -102,8 +102,10 @@ def _spin(executor: MultiThreadedExecutor, stop: threading.Event, node: SegmentN
                 break  # the executor was shut down
             except ExternalShutdownException:
                 break
-            except InvalidHandle as exc:
-                node.errors.record("executor", f"entity destroyed while waited on (recovered): {reason(exc)}")
+            except InvalidHandle:
+                # An ordinary transition destroyed an entity the executor was about to wait on: recovered with no
+                # effect, so counted (diagnostics "executor_recovered") but not an error that turns status WARN.
+                node.errors.record_recovered("executor: entity destroyed while waited on")
             except Exception as exc:  # noqa: BLE001
                 failures += 1
                 node.errors.record("executor", f"{type(exc).__name__}: {reason(exc)}")

@@ -7,13 +7,16 @@ state), swapped as a single reference:
   was replaced while it encoded) is dropped at swap time and the caller is told so: embeddings of an old model
   never reach a frame.
 * Revisions are handed out at swap time under one lock, so two different vocabularies never share a revision.
-* The latched ``~/vocabulary`` (and ``~/label_info``) of the new revision is published *before* the swap, under
-  the node's publish lock: no frame of a new revision precedes its vocabulary, and frames computed with the old
-  state are dropped, never published after it.
+* The binding lives in the node's :class:`~ovseg_ros.ros.gate.OutputGate`. A swap is a compare-and-swap there:
+  the latched ``~/vocabulary`` (and ``~/label_info``) of the new revision is published and the binding replaced
+  in one step under the gate's lock, only if the model generation it was encoded for is still current, and its
+  embeddings are placed on the model's *current* device (a model move in between is not undone, and does not
+  undo the swap). No frame of a new revision precedes its vocabulary; frames of the old state are dropped.
 
 Encoding runs on a background thread, one job at a time. A second change while one runs is answered "busy" at
 once; the calling executor thread only waits, bounded by ``vocabulary_timeout``, and a transition or shutdown
-releases it at once. The same runner serves ``~/query``.
+releases it at once. A request past the timeout cancels its job (it stops at its next batch and no longer
+counts as running), so the next request is served, not answered "busy". The same runner serves ``~/query``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..core.cancel import cancellable
 from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
+from .gate import OutputGate
 from .guard import reason
 
 
@@ -46,6 +50,22 @@ class Binding:
     @property
     def vocabulary(self) -> Vocabulary:
         return self.state.vocabulary
+
+
+@dataclass(frozen=True)
+class VocabularyHooks:
+    """What the vocabulary service needs from its node, given when it is built."""
+
+    #: publish the latched ``~/vocabulary`` and ``~/label_info`` of a binding (called under the gate's lock)
+    announce: Callable[[Binding, Any], None] = lambda binding, stamp: None
+    #: the newest camera frame while the node is active, else None (query without an image)
+    latest_frame: Callable[[], Any] = lambda: None
+    #: sensor_msgs/Image -> RGB array (a query's own image); raises ConversionError
+    convert: Callable[[Any], np.ndarray] = lambda msg: _no_converter(msg)
+    #: why a vocabulary cannot be used by the node's outputs (e.g. too many classes for mono8), or None
+    check_vocabulary: Callable[[Vocabulary], Optional[str]] = lambda vocabulary: None
+    #: the node's clock as a builtin_interfaces/Time
+    now: Callable[[], Any] = lambda: None
 
 
 class _Job:
@@ -97,32 +117,39 @@ class JobRunner:
                 job.cancel.set()
 
     def wait(self, job: _Job, timeout: float) -> str:
-        """"" when the job finished, else why the caller stopped waiting."""
+        """"" when the job finished, else why the caller stopped waiting. A job waited for in vain is cancelled:
+        its result would never be used, so it must not make the next request "busy"."""
         deadline = time.monotonic() + timeout
-        while not job.done.wait(0.05):
+        while not job.done.wait(min(0.05, max(timeout, 0.001))):
             if self.release.is_set():
+                job.cancel.set()
                 return "the node is changing state (reconfigure, cleanup or shutdown)"
             if time.monotonic() > deadline:
-                return f"not finished within {timeout:.0f} s (vocabulary_timeout)"
+                job.cancel.set()
+                return f"not finished within {timeout:g} s (vocabulary_timeout); it was cancelled"
         return ""
 
 
 class VocabularyService:
     """Owns the current :class:`Binding`; answers set/get vocabulary and query."""
 
-    def __init__(self, node: Any, publish_lock: threading.Lock) -> None:
+    def __init__(self, node: Any, gate: OutputGate, hooks: VocabularyHooks) -> None:
         self.node = node
-        self.publish_lock = publish_lock
-        self._lock = threading.Lock()  # generation, revision and binding changes
+        self.gate = gate
+        self.hooks = hooks
+        self._lock = threading.Lock()  # generation and revision counters; taken before the gate's lock
         self.generation = 0
         self.revision = 0  # last revision handed out; grows across configure cycles
-        self.binding: Optional[Binding] = None
-        self.stamp: Any = None
         self.jobs = JobRunner()
-        self.latest_frame: Callable[[], Any] = lambda: None
-        self.convert: Callable[[Any], np.ndarray] = _no_converter  # the node sets its image conversion
-        self.publish_latched: Callable[[Binding, Any], None] = lambda binding, stamp: None
-        self.check_vocabulary: Callable[[Vocabulary], Optional[str]] = lambda v: None
+
+    @property
+    def binding(self) -> Optional[Binding]:
+        """The current binding (held by the gate)."""
+        return self.gate.binding
+
+    @property
+    def stamp(self) -> Any:
+        return self.gate.stamp
 
     # --- model lifetime (transitions) ----------------------------------------------------------------
     def install(self, segmenter: Any, state: Any, segmenter_name: str, model_identity: str) -> Binding:
@@ -133,14 +160,14 @@ class VocabularyService:
             self.revision += 1
             state = _with_revision(state, self.revision)
             binding = Binding(self.generation, segmenter, state, segmenter_name, model_identity)
-            self._swap(binding)
+            self.gate.install(binding, self.hooks.now(), self.hooks.announce)
         return binding
 
-    def rebind(self, state: Any) -> None:
-        """Same generation and revision, another state object (the model moved to another device)."""
-        with self._lock:
-            if self.binding is not None:
-                self.binding = dataclasses.replace(self.binding, state=state)
+    def move(self, device: Any) -> bool:
+        """Move the model and its vocabulary state to ``device`` through the gate (compare-and-swap: a
+        vocabulary swapped in during the move is moved too, never reverted). True when done."""
+        return self.gate.move(device, _move_segmenter, _move_state,
+                              lambda binding, state: dataclasses.replace(binding, state=state))
 
     def drop(self) -> None:
         """No model any more (cleanup, shutdown): running jobs are cancelled, waiting callers released, late
@@ -148,16 +175,7 @@ class VocabularyService:
         self.jobs.cancel_all()
         with self._lock:
             self.generation += 1
-            self.binding = None
-
-    def _swap(self, binding: Binding) -> None:
-        """Publish the latched vocabulary of ``binding``, then make it current (caller holds ``_lock``)."""
-        stamp = self.node.get_clock().now().to_msg()
-        with self.publish_lock:
-            try:
-                self.publish_latched(binding, stamp)
-            finally:
-                self.binding, self.stamp = binding, stamp
+            self.gate.install(None, None, self.hooks.announce)
 
     # --- services ------------------------------------------------------------------------------------
     def srv_set_vocabulary(self, req: Any, resp: Any) -> Any:
@@ -177,7 +195,7 @@ class VocabularyService:
             resp.message = (f"{len(vocab)} classes requested; at most {max_classes} (max_vocabulary_classes) "
                             "are encoded per request")
             return self._refused(resp)
-        why = self.check_vocabulary(vocab)
+        why = self.hooks.check_vocabulary(vocab)
         if why:
             resp.message = why
             return self._refused(resp)
@@ -197,16 +215,19 @@ class VocabularyService:
             resp.message = f"could not encode the vocabulary: {text}" if encoding_failed else text
             return self._refused(resp)
         with self._lock:
-            current = self.binding
-            if current is None or current.generation != generation:
+            revision = self.revision + 1
+
+            def make(current: Binding) -> Binding:
+                # The embeddings go where the model is now (a move may have run while they were encoded).
+                state = _move_state(_with_revision(job.result, revision), _device_of(current.segmenter))
+                return dataclasses.replace(current, state=state)
+
+            if self.gate.swap(binding, make, self.hooks.now(), self.hooks.announce) is None:
                 resp.message = ("vocabulary not applied: the model was reconfigured while it was encoded (its "
                                 "embeddings belong to the old model); send the request again")
                 resp.revision = self.revision
                 return self._refused(resp)
-            self.revision += 1
-            state = _with_revision(job.result, self.revision)
-            self._swap(dataclasses.replace(current, state=state))
-            revision = self.revision
+            self.revision = revision
         n = len(vocab)
         preview = ", ".join(vocab.names[:8]) + (", ..." if n > 8 else "")
         encoding, _ = messages.label_encoding(n)
@@ -256,15 +277,15 @@ class VocabularyService:
             resp.message = reason(exc)
             return resp
         if req.image.width == 0 and req.image.height == 0:
-            frame = self.latest_frame()
+            frame = self.hooks.latest_frame()
             if frame is None:
-                resp.message = ("no frame has been received yet and the request has no image: publish a frame "
-                                "first or fill the request's image")
+                resp.message = ("no camera frame to query: the node is inactive or has received none since it "
+                                "was activated, and the request has no image; fill the request's image")
                 return resp
             header, image = frame.header, frame.image
         else:
             try:
-                header, image = req.image.header, self.convert(req.image)
+                header, image = req.image.header, self.hooks.convert(req.image)
             except ConversionError as exc:
                 resp.message = f"request image refused: {reason(exc)}"
                 return resp
@@ -282,6 +303,9 @@ class VocabularyService:
             resp.message = text if isinstance(job.error, VocabularyError) else f"query failed: {text}"
             return resp
         result = job.result
+        if self.gate.binding is None or self.gate.binding.generation != binding.generation:
+            resp.message = "query abandoned: the model was replaced while it ran; send the request again"
+            return resp
         resp.header = header
         resp.masks = [numpy_to_image(np.where(m, 255, 0).astype(np.uint8), "mono8", header) for m in result.masks]
         resp.scores = [float(s) for s in result.scores]
@@ -292,6 +316,23 @@ class VocabularyService:
 
 def _no_converter(msg: Any) -> np.ndarray:
     raise ConversionError("request images cannot be converted here (no converter set)")
+
+
+def _device_of(segmenter: Any) -> Any:
+    return getattr(segmenter, "device", None)
+
+
+def _move_segmenter(segmenter: Any, device: Any) -> None:
+    """Move the model unless it is there already (compared as strings: "cuda" vs "cuda:0" do move)."""
+    if str(_device_of(segmenter)) != str(device):
+        segmenter.to(device)
+
+
+def _move_state(state: Any, device: Any) -> Any:
+    """``state`` with its tensors on ``device`` (``state`` itself when nothing moves or no device is known)."""
+    if device is None or not hasattr(state, "to"):
+        return state
+    return state.to(device)
 
 
 def _with_revision(state: Any, revision: int) -> Any:
