@@ -70,6 +70,10 @@ FAILURE = TransitionCallbackReturn.FAILURE
 ERROR = TransitionCallbackReturn.ERROR
 #: How long deactivate/cleanup wait for an inference in flight before reporting it (outputs stop at once).
 STOP_TIMEOUT_S = 10.0
+#: How long shutdown (transition, signal, destroy) waits for the pipeline threads: an inference in flight is
+#: abandoned (its result can no longer be published, the gate is closed) rather than waited for, so the process
+#: exits within process.SHUTDOWN_BOUND_S of a signal whatever the model's speed.
+SHUTDOWN_WAIT_S = 0.25
 
 
 class SegmentNode(LifecycleNode):
@@ -292,7 +296,7 @@ class SegmentNode(LifecycleNode):
         return SUCCESS
 
     def _shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release_all()
+        self._release_all(SHUTDOWN_WAIT_S)
         return SUCCESS
 
     def _error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -315,18 +319,18 @@ class SegmentNode(LifecycleNode):
             raise VocabularyError("no vocabulary: set vocabulary, vocabulary_file or vocabulary_preset")
         return load_vocabulary_file(path)
 
-    def _stop_processing(self) -> None:
+    def _stop_processing(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Outputs stop at once; inputs and threads after. Safe to call in any state, any number of times."""
         self.gate.close()
         for cam in self._cameras:
             cam.unsubscribe()
-        if self._pipeline is not None and not self._pipeline.stop(STOP_TIMEOUT_S):
+        if self._pipeline is not None and not self._pipeline.stop(timeout):
             # Nothing of it can be published any more; activate refuses to start a second one meanwhile.
             self.get_logger().warning(
-                f"an inference is still running after {STOP_TIMEOUT_S:.0f} s; its result will be dropped")
+                f"an inference is still running after {timeout:g} s; its result will be dropped")
 
-    def _release_all(self) -> None:
-        self._stop_processing()
+    def _release_all(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        self._stop_processing(timeout)
         self.vocab.drop()
         for cam in self._cameras:
             cam.destroy_outputs()
@@ -391,13 +395,13 @@ class SegmentNode(LifecycleNode):
     def stop_outputs(self) -> None:
         """First step of shutdown: nothing is published from now on, waiting service calls return."""
         self.gate.close()
-        self.vocab.jobs.release.set()
+        self.vocab.jobs.cancel_all()
         if self._pipeline is not None:
-            self._pipeline.stop(0.5)
+            self._pipeline.stop(SHUTDOWN_WAIT_S)
 
     def destroy_node(self) -> None:
         self.stop_outputs()
-        self._release_all()
+        self._release_all(SHUTDOWN_WAIT_S)
         super().destroy_node()
 
 

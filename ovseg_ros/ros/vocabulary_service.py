@@ -279,8 +279,11 @@ class VocabularyService:
         if req.image.width == 0 and req.image.height == 0:
             frame = self.hooks.latest_frame()
             if frame is None:
-                resp.message = ("no camera frame to query: the node is inactive or has received none since it "
-                                "was activated, and the request has no image; fill the request's image")
+                resp.message = (
+                    "no frame has been received yet and the request has no image: publish a frame first or fill "
+                    "the request's image" if self.gate.active else
+                    "the node is inactive (camera frames from before the deactivate are not used) and the "
+                    "request has no image: activate the node or fill the request's image")
                 return resp
             header, image = frame.header, frame.image
         else:
