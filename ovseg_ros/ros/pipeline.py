@@ -44,9 +44,10 @@ class Item:
 def segment_frames(binding: Binding, images: list[Any]) -> list[SegmentationResult]:
     """Segment ``images`` with one model call when the segmenter batches, else one call each."""
     batch = getattr(binding.segmenter, "segment_batch", None)
-    if batch is not None and len(images) > 1:
-        return list(batch(images, binding.state))
-    return [binding.segmenter.segment(image, binding.state) for image in images]
+    with binding.model_lock:  # the model's image path is entered by one thread at a time (compile_blocks)
+        if batch is not None and len(images) > 1:
+            return list(batch(images, binding.state))
+        return [binding.segmenter.segment(image, binding.state) for image in images]
 
 
 class Pipeline:

@@ -46,6 +46,10 @@ class Binding:
     state: Any  # the segmenter's VocabularyState (its vocabulary carries the revision)
     segmenter_name: str
     model_identity: str
+    #: One thread at a time runs the model's image path (pipeline inference, ~/query): torch.compile'd blocks
+    #: (``compile_blocks``) must not be entered, or compiled for a new shape, by two threads at once. Shared by
+    #: every binding of one model generation (``dataclasses.replace`` keeps it).
+    model_lock: Any = dataclasses.field(default_factory=threading.Lock, compare=False)
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -293,7 +297,7 @@ class VocabularyService:
                 resp.message = f"request image refused: {reason(exc)}"
                 return resp
         job, busy = self.jobs.start("query", f"a query of {len(texts)} texts",
-                                    lambda: binding.segmenter.query(image, texts))
+                                    lambda: _locked(binding.model_lock, lambda: binding.segmenter.query(image, texts)))
         if job is None:
             resp.message = busy
             return resp
@@ -319,6 +323,11 @@ class VocabularyService:
 
 def _no_converter(msg: Any) -> np.ndarray:
     raise ConversionError("request images cannot be converted here (no converter set)")
+
+
+def _locked(lock: Any, fn: Callable[[], Any]) -> Any:
+    with lock:
+        return fn()
 
 
 def _device_of(segmenter: Any) -> Any:

@@ -413,3 +413,70 @@ def test_a_recovered_invalid_handle_is_counted_not_an_error() -> None:
     n, last, age = fake.errors.snapshot()
     assert (n, last, age) == (0, "", None), "a recovered InvalidHandle must not colour /diagnostics for 30 s"
     assert sum(fake.errors.recovered.values()) == 1
+
+
+# --- a reliable reader that stops reading -------------------------------------------------------------------
+@pytest.mark.parametrize("reader", ["keep_last", "keep_all"])
+def test_a_frozen_reliable_reader_does_not_block_publishing(reader: str) -> None:
+    """The gate publishes under its lock, so a publish must never wait for a reader. With the output QoS
+    (KEEP_LAST 2) a reader process frozen by SIGSTOP (no reads, no acknowledgements) costs no wait: 6 MB clouds
+    keep reaching a healthy reader, and no publish call waits anywhere near a blocking time.
+    (Numbers: benchmarks/bench_slow_subscriber.py, docs/benchmarks.md.)"""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_slow_subscriber import measure
+
+    r = measure(reader, frames=30, width=640, height=480, hz=10.0)
+    assert r["healthy_received"] >= 27, r
+    assert r["max_ms"] < 500.0, r
+
+
+# --- the model's image path is entered by one thread at a time (compile_blocks) ----------------------------------
+def test_inference_and_query_never_enter_the_model_at_once(node: SegmentNode) -> None:
+    """torch.compile'd blocks (compile_blocks) must not be entered by two threads at once: the pipeline's
+    inference and a ~/query job take the model in turn."""
+    seg = node.segmenter
+    inside: dict[int, int] = {}  # thread -> nesting depth (the default query calls segment)
+    most, lock = [0], threading.Lock()
+
+    def tracked(inner: Any) -> Any:
+        def run(*args: Any) -> Any:
+            me = threading.get_ident()
+            with lock:
+                inside[me] = inside.get(me, 0) + 1
+                most[0] = max(most[0], len(inside))
+            try:
+                time.sleep(0.1)
+                return inner(*args)
+            finally:
+                with lock:
+                    inside[me] -= 1
+                    if not inside[me]:
+                        del inside[me]
+        return run
+
+    seg.segment, seg.query = tracked(seg.segment), tracked(seg.query)
+    img = Image()
+    img.height, img.width, img.encoding, img.step = 8, 8, "rgb8", 24
+    img.data = bytes(8 * 8 * 3)
+    stop = threading.Event()
+
+    def camera() -> None:
+        while not stop.is_set():
+            node.cameras[0]._on_image(img)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=camera)
+    t.start()
+    try:
+        time.sleep(0.3)
+        for _ in range(4):
+            assert node.vocab.srv_query(_query_request(8), Query.Response()).success
+    finally:
+        stop.set()
+        t.join()
+        seg.__dict__.pop("segment", None)
+        seg.__dict__.pop("query", None)
+    assert most[0] == 1, "inference and a query ran the model at the same time"
