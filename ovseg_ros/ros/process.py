@@ -5,8 +5,8 @@ thread then stops outputs, the executor, the node and ROS, in that order, each s
 without the interpreter's slow teardown. The whole sequence takes at most :data:`SHUTDOWN_BOUND_S` after the
 signal, whatever runs: an inference in flight (a slow model, seconds per frame) is abandoned, not waited for -
 the gate is closed first, so its result can never be published. That is shorter than launch's escalation
-(SIGINT -> SIGTERM after ``sigterm_timeout``, 5 s by default; SIGTERM -> SIGKILL 5 s later). A dead executor exits non-zero so that launch's ``respawn`` restarts
-the node.
+(SIGINT -> SIGTERM after ``sigterm_timeout``, 5 s by default; SIGTERM -> SIGKILL 5 s later). A dead executor
+exits non-zero so that launch's ``respawn`` restarts the node.
 """
 
 from __future__ import annotations
