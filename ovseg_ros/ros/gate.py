@@ -22,7 +22,8 @@ Every publisher goes through it:
 Publishing inside the lock is what makes the order exact (a frame of revision N never follows LabelInfo N+1).
 The price is that a publish that blocks holds the lock: with the output QoS (KEEP_LAST, depth 2) a writer never
 waits for a reader to acknowledge - DDS replaces the oldest unacknowledged sample - so a subscriber that stops
-reading costs no wait (measured in tests/ros/test_gate_node.py, documented in docs/ros-conventions.md).
+reading costs no wait (tests/ros/test_gate.py; figures from benchmarks/bench_slow_subscriber.py in
+docs/benchmarks.md, "A reliable reader that stops reading").
 """
 
 from __future__ import annotations
