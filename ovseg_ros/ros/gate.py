@@ -10,8 +10,9 @@ three things under one lock:
 
 Every publisher goes through it:
 
-* :meth:`emit` - per-frame outputs, clouds from every path (the frame's own, a late depth image, a timed-out
-  pending frame) and query answers: ``fn`` runs only while ``binding`` is current and the node active;
+* :meth:`emit` - per-frame outputs and clouds from every path (the frame's own, a late depth image, a timed-out
+  pending frame): ``fn`` runs only while ``binding`` is current and the node active;
+* :meth:`same_model` - query answers: given only if the model that computed them is still the current one;
 * :meth:`swap` - a vocabulary change: the latched ``~/vocabulary``/``~/label_info`` of the new binding go out
   and the binding is replaced in one step, and only if the binding it was computed from is still current
   (compare-and-swap: a swap never overwrites a move or another swap);
@@ -59,6 +60,12 @@ class OutputGate:
     def current(self, binding: Any) -> bool:
         """Whether outputs of ``binding`` may go out now (a hint; :meth:`emit` decides under the lock)."""
         return self._active and binding is self._binding
+
+    def same_model(self, binding: Any) -> bool:
+        """Whether ``binding``'s model generation is still the current one (a query answer does not depend on
+        the vocabulary, only on the model; it is a service reply, so it is given while inactive too)."""
+        with self._lock:
+            return self._binding is not None and self._binding.generation == binding.generation
 
     def locked(self) -> bool:
         """Whether the gate's lock is held (tests check that publishing happens under it)."""

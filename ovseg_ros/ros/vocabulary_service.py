@@ -310,7 +310,7 @@ class VocabularyService:
             resp.message = text if isinstance(job.error, VocabularyError) else f"query failed: {text}"
             return resp
         result = job.result
-        if self.gate.binding is None or self.gate.binding.generation != binding.generation:
+        if not self.gate.same_model(binding):
             resp.message = "query abandoned: the model was replaced while it ran; send the request again"
             return resp
         resp.header = header
