@@ -186,6 +186,7 @@ class Camera:
     # --- inputs (activate .. deactivate) -------------------------------------------------------------
     def subscribe(self, qos: Any, use_compressed: bool, group: Any, events: Any) -> None:
         self.mailbox.reopen()
+        self.latest = None  # a callback that ran during the last deactivate may have left a frame here
         topic = f"{self.spec.input_prefix}image"
         on_image = guarded(self.node, self.errors, f"image callback ({topic})", self._on_image)
         self.subs.append(self.node.create_subscription(
