@@ -60,7 +60,7 @@ from .params import (
     validate,
     validate_all,
 )
-from .pipeline import Item, Pipeline
+from .pipeline import Pipeline
 from .points import PointsOptions
 from .qos import input_qos, latched_qos
 from .vocabulary_service import Binding, VocabularyHooks, VocabularyService
