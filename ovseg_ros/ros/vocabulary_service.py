@@ -82,12 +82,20 @@ class _Job:
         self.error: Optional[BaseException] = None
 
 
+#: Cancelled jobs of one kind that may still be stopping while a new one runs. Cooperative work (the text
+#: encoders check between batches) stops within a batch; work that cannot be interrupted (one inference of a
+#: query) runs to its end, so without a bound, requests that keep timing out would pile up threads on the CPU.
+MAX_STOPPING = 1
+
+
 class JobRunner:
-    """At most one background job per kind; callers wait with a bound and can be released."""
+    """At most one live background job per kind (plus MAX_STOPPING cancelled ones still stopping); callers wait
+    with a bound and can be released."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        self._stopping: dict[str, list[_Job]] = {}
         self.release = threading.Event()  # set by transitions/shutdown: waiting callers return at once
 
     def start(self, kind: str, detail: str, fn: Callable[[], Any]) -> tuple[Optional[_Job], str]:
@@ -98,6 +106,14 @@ class JobRunner:
             if running is not None and not running.done.is_set() and not running.cancel.is_set():
                 age = time.monotonic() - running.started
                 return None, f"busy: {running.detail} has been running for {age:.1f} s; try again when it is done"
+            stopping = [j for j in self._stopping.get(kind, []) if not j.done.is_set() and j is not running]
+            if running is not None and not running.done.is_set():
+                stopping.append(running)
+            self._stopping[kind] = stopping
+            if len(stopping) > MAX_STOPPING:
+                age = time.monotonic() - min(j.started for j in stopping)
+                return None, (f"busy: {len(stopping)} cancelled requests are still stopping (the oldest started "
+                              f"{age:.1f} s ago); try again shortly")
             job = _Job(kind, detail)
             self._jobs[kind] = job
 

@@ -260,3 +260,29 @@ def test_the_parameter_table_is_the_single_source_of_when_a_parameter_takes_effe
     assert not LIVE & ON_ACTIVATE
     for p in PARAMS:
         assert "takes effect" in descriptor(p).description, p.name
+
+
+def test_cancelled_jobs_do_not_block_but_cannot_pile_up() -> None:
+    """A timed-out (cancelled) job no longer makes the next request busy; but work that ignores cancellation
+    cannot pile up threads: beside the live job at most MAX_STOPPING cancelled ones may still run."""
+    pytest.importorskip("rclpy")
+    from ovseg_ros.ros.vocabulary_service import MAX_STOPPING, JobRunner
+
+    runner, gate = JobRunner(), threading.Event()
+    first, why = runner.start("query", "q1", lambda: gate.wait(10))
+    assert first is not None and why == ""
+    second, why = runner.start("query", "q2", lambda: gate.wait(10))
+    assert second is None and why.startswith("busy: q1")
+    assert "within 0.1 s" in runner.wait(first, 0.1) and first.cancel.is_set()
+    jobs = [first]
+    for i in range(MAX_STOPPING):
+        job, why = runner.start("query", f"q{i + 2}", lambda: gate.wait(10))
+        assert job is not None, why
+        assert runner.wait(job, 0.05)
+        jobs.append(job)
+    job, why = runner.start("query", "one too many", lambda: gate.wait(10))
+    assert job is None and "still stopping" in why
+    gate.set()
+    assert all(j.done.wait(5) for j in jobs)
+    job, why = runner.start("query", "after", lambda: 1)
+    assert job is not None and runner.wait(job, 5) == "" and job.result == 1
