@@ -16,7 +16,9 @@ state), swapped as a single reference:
 Encoding runs on a background thread, one job at a time. A second change while one runs is answered "busy" at
 once; the calling executor thread only waits, bounded by ``vocabulary_timeout``, and a transition or shutdown
 releases it at once. A request past the timeout cancels its job (it stops at its next batch and no longer
-counts as running), so the next request is served, not answered "busy". The same runner serves ``~/query``.
+counts as running), so the next request is served, not answered "busy"; at most ``MAX_STOPPING`` cancelled
+jobs may still be stopping beside a live one (work that ignores cancellation cannot pile up threads). The same
+runner serves ``~/query``.
 """
 
 from __future__ import annotations
