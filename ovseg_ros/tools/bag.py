@@ -271,7 +271,7 @@ def part_path(work: Path, chunk: int, partial: bool = False) -> Path:
     return work / (f"chunk-{chunk:06d}.partial.part" if partial else f"chunk-{chunk:06d}.part")
 
 
-def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress) -> Counts:
+def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, counts: Counts) -> None:
     """Segment this process's chunks and write their parts. Raises BagError when the input breaks off
     (finished chunks stay; the chunk in progress is written as a partial part, redone by a rerun)."""
     from ..ros.conversions import ConversionError
@@ -286,7 +286,6 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress) 
     topic_ids: dict[str, int] = {}
     seen = {c.name: 0 for c in plan.cameras}
     chunks: dict[int, Chunk] = {}
-    counts = Counts()
 
     def topic_id(name: str) -> int:
         if name not in topic_ids:
@@ -370,7 +369,6 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress) 
         raise
     clouds(node.flush())
     finish(1 << 62)
-    return counts
 
 
 def _stamp(fn: Any, raw: bytes) -> int:
@@ -526,10 +524,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = Progress(total, enabled=ctx.is_main and not args.no_progress)
     broken: Optional[BagError] = None
     t_run = time.monotonic()
+    counts = Counts()
     try:
-        counts = run_shard(node, reader, plan, ctx, progress)
+        run_shard(node, reader, plan, ctx, progress, counts)
     except BagError as exc:
-        broken, counts = exc, Counts()
+        broken = exc
     except KeyboardInterrupt:
         progress.close()
         print(f"ovseg-bag: interrupted; finished parts are kept in {plan.work}: run the same command to continue",

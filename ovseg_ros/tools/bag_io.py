@@ -97,7 +97,8 @@ def open_reader(path: Path) -> Any:
         reader = Reader(path)
         reader.open()
     except Exception as exc:  # noqa: BLE001  (rosbags raises several types for broken files)
-        raise BagError(f"{path}: cannot open the bag (corrupt or truncated?): {type(exc).__name__}: {exc}") from exc
+        hint = " (a recording cut off before its end: `mcap recover` rebuilds the file)" if "magic" in str(exc) else ""
+        raise BagError(f"{path}: cannot open the bag (corrupt or truncated?): {type(exc).__name__}: {exc}{hint}") from exc
     return reader
 
 
