@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from .bag_io import (
     BagError,
+    Canonical,
     Record,
     Topic,
     input_identity,
@@ -271,7 +272,8 @@ def part_path(work: Path, chunk: int, partial: bool = False) -> Path:
     return work / (f"chunk-{chunk:06d}.partial.part" if partial else f"chunk-{chunk:06d}.part")
 
 
-def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, counts: Counts) -> None:
+def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, counts: Counts,
+              canonical: Canonical) -> None:
     """Segment this process's chunks and write their parts. Raises BagError when the input breaks off
     (finished chunks stay; the chunk in progress is written as a partial part, redone by a rerun)."""
     from ..ros.conversions import ConversionError
@@ -282,8 +284,11 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
     by_info = {c.camera_info: c for c in plan.cameras if c.camera_info}
     wanted = set(by_image) | set(by_depth) | set(by_info)
     conns = [c for c in reader.connections if c.topic in wanted]
+    from ..ros.outputs import OUTPUT_TOPICS
+
     topics: list[tuple[str, str]] = []
     topic_ids: dict[str, int] = {}
+    msgtypes = {node.topic(c.name, n): OUTPUT_TOPICS[n][1] for c in plan.cameras for n in OUTPUT_TOPICS}
     seen = {c.name: 0 for c in plan.cameras}
     chunks: dict[int, Chunk] = {}
 
@@ -305,7 +310,7 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
                 continue  # another process's frame
             ch.waiting -= 1
             if data is not None:
-                ch.records.append(Record(log_time, index, POINTS_INDEX, topic_id(topic), data))
+                ch.records.append(Record(log_time, index, POINTS_INDEX, topic_id(topic), canonical(data, msgtypes[topic])))
 
     def finish(upto: int, partial: bool = False) -> None:
         """Write the parts of own chunks below ``upto`` that no longer wait for depth (all when partial)."""
@@ -356,7 +361,8 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
                 log.error("frame %d on %s: segmentation failed: %s: %s", index, topic, type(exc).__name__, exc)
             if result is not None:
                 for out_index, out_topic, data in node.frame_outputs(cam.name, header, image, result, inference_ms):
-                    ch.records.append(Record(log_time, index, out_index, topic_id(out_topic), data))
+                    ch.records.append(Record(log_time, index, out_index, topic_id(out_topic),
+                                             canonical(data, msgtypes[out_topic])))
                 counts.segmented += 1
             if cam.depth:
                 ch.waiting += 1
@@ -398,8 +404,9 @@ def merge(reader: Any, plan: Plan, out: Path, storage: str, node: Any, copy: str
     """Merge the parts (and copied input messages) into one bag at ``out``, latched outputs first."""
     parts = sorted(plan.work.glob("chunk-*.part"))
     first = max(plan.start or 0, int(reader.start_time))
-    latched = node.latched(first)
     topics = [Topic(t, m, latched=l) for t, m, l in node.output_topics(node.has_label_info)]
+    canonical, types = Canonical(typestore), {t.name: t.msgtype for t in topics}
+    latched = [(t, canonical(data, types[t])) for t, data in node.latched(first)]
     index = {t.name: i for i, t in enumerate(topics)}
     streams: list[Iterator[tuple[tuple, int, int, bytes]]] = [
         iter([((first, 0, 0, i), first, index[t], data) for i, (t, data) in enumerate(latched)])]
@@ -526,7 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_run = time.monotonic()
     counts = Counts()
     try:
-        run_shard(node, reader, plan, ctx, progress, counts)
+        run_shard(node, reader, plan, ctx, progress, counts, Canonical(typestore))
     except BagError as exc:
         broken = exc
     except KeyboardInterrupt:

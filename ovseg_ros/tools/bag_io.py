@@ -73,6 +73,21 @@ def make_typestore(with_vision_msgs: bool = True) -> Any:
     return store
 
 
+class Canonical:
+    """CDR with zeroed padding: the same message always gives the same bytes.
+
+    rmw's serializer (``rclpy.serialization``) leaves the alignment padding between fields uninitialised, so
+    the same message can serialize to different bytes; rosbags re-serializes it with zero padding (a pure
+    function of the message's content), which makes bags reproducible and comparable byte for byte.
+    """
+
+    def __init__(self, typestore: Any) -> None:
+        self._store = typestore
+
+    def __call__(self, raw: bytes, msgtype: str) -> bytes:
+        return bytes(self._store.serialize_cdr(self._store.deserialize_cdr(raw, msgtype), msgtype))
+
+
 def qos(latched: bool) -> Any:
     """The offered QoS recorded with an output topic: the node's output_qos / latched_qos (qos.py)."""
     from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
