@@ -571,8 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 shutil.rmtree(plan.work, ignore_errors=True)
     elif broken is not None:
         rc = 1
-    dist.barrier(ctx)
-    dist.finish(ctx)
+    dist.finish(ctx)  # no barrier: the other processes need not wait (and time out) while rank 0 merges
     return rc
 
 

@@ -54,9 +54,10 @@ def _bytes(data: bytes) -> array.array:
 
 
 def write_rgbd_bag(path: Path, storage: str, frames: int = 8, compressed: bool = False, depth: bool = True,
-                   w: int = 32, h: int = 24) -> Recording:
-    """A bag of ``frames`` colour frames at 10 Hz (raw or JPEG-less PNG compressed), depth 16UC1 2 ms after each
-    colour frame, a camera_info at the start, and an unrelated String topic."""
+                   w: int = 32, h: int = 24, both: bool = False) -> Recording:
+    """A bag of ``frames`` colour frames at 10 Hz (raw, or PNG compressed; ``both``: raw on COLOR and the same
+    frames compressed on COMPRESSED, as two cameras), depth 16UC1 2 ms after each colour frame, a camera_info
+    at the start, and an unrelated String topic."""
     import cv2
     from rclpy.serialization import serialize_message
     from rosbags.rosbag2 import StoragePlugin, Writer
@@ -71,6 +72,8 @@ def write_rgbd_bag(path: Path, storage: str, frames: int = 8, compressed: bool =
         color_topic = COMPRESSED if compressed else COLOR
         color_type = "sensor_msgs/msg/CompressedImage" if compressed else "sensor_msgs/msg/Image"
         c_color = writer.add_connection(color_topic, color_type, typestore=store)
+        c_second = (writer.add_connection(COMPRESSED, "sensor_msgs/msg/CompressedImage", typestore=store)
+                    if both else None)
         c_depth = writer.add_connection(DEPTH, "sensor_msgs/msg/Image", typestore=store) if depth else None
         c_info = writer.add_connection(INFO, "sensor_msgs/msg/CameraInfo", typestore=store) if depth else None
         c_other = writer.add_connection(OTHER, "std_msgs/msg/String", typestore=store)
@@ -87,18 +90,19 @@ def write_rgbd_bag(path: Path, storage: str, frames: int = 8, compressed: bool =
             stamp = T0 + i * PERIOD
             log_time = stamp + 3_000_000  # recorded 3 ms after capture
             rgb = frame_image(i, w, h)
-            if compressed:
-                msg = CompressedImage()
-                msg.format = "rgb8; png compressed bgr8"
-                ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-                assert ok
-                msg.data = _bytes(png.tobytes())
-            else:
-                msg = Image()
-                msg.width, msg.height, msg.encoding, msg.step = w, h, "rgb8", 3 * w
-                msg.data = _bytes(rgb.tobytes())
-            _header(msg, stamp, "cam_color_optical")
-            writer.write(c_color, log_time, serialize_message(msg))
+            png_msg = CompressedImage()
+            png_msg.format = "rgb8; png compressed bgr8"
+            ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            assert ok
+            png_msg.data = _bytes(png.tobytes())
+            _header(png_msg, stamp, "cam_color_optical")
+            raw_msg = Image()
+            raw_msg.width, raw_msg.height, raw_msg.encoding, raw_msg.step = w, h, "rgb8", 3 * w
+            raw_msg.data = _bytes(rgb.tobytes())
+            _header(raw_msg, stamp, "cam_color_optical")
+            writer.write(c_color, log_time, serialize_message(png_msg if compressed else raw_msg))
+            if c_second is not None:
+                writer.write(c_second, log_time, serialize_message(png_msg))
             stamps.append(stamp)
             logs.append(log_time)
             if depth:

@@ -78,9 +78,17 @@ def test_every_frame_once_with_input_stamps(tmp_path: Path, storage: str, compre
         conns = [c for c in reader.connections if c.topic == "/segment_node/info"]
         infos = [reader.deserialize(raw, c.msgtype) for c, _, raw in reader.messages(connections=conns)]
     assert [list(m.class_ids) for m in infos][0] and all(m.segmenter == "color_key" for m in infos)
-    if shutil.which("ros2") is not None:
-        done = subprocess.run(["ros2", "bag", "info", str(out)], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0 and "/segment_node/semantic/labels" in done.stdout, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("ros2") is None, reason="the ROS 2 CLI (ros2 bag) is not installed")
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_ros2_bag_info_reads_the_output(tmp_path: Path, storage: str) -> None:
+    rec = write_rgbd_bag(tmp_path / "in", storage, frames=3)
+    out = tmp_path / "out"
+    assert bag_main([str(rec.path), "-o", str(out), *SEG, *RGBD, "--storage", storage]) == 0
+    done = subprocess.run(["ros2", "bag", "info", str(out)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "/segment_node/semantic/labels" in done.stdout and "/segment_node/semantic/points" in done.stdout
 
 
 def test_outputs_equal_the_live_node_byte_for_byte(tmp_path: Path, client, namespace: str, capsys) -> None:
@@ -143,6 +151,21 @@ def test_outputs_equal_the_live_node_byte_for_byte(tmp_path: Path, client, names
     offline_vocab.header.stamp = vocab_msg.header.stamp
     assert (canonical(serialize_message(offline_vocab), "ovseg_ros/msg/Vocabulary")
             == canonical(serialize_message(vocab_msg), "ovseg_ros/msg/Vocabulary"))
+
+
+def test_two_cameras_publish_under_their_names(tmp_path: Path, capsys) -> None:
+    """--image front=... --image back=...: outputs under ~/front/ and ~/back/, as the node's cameras parameter;
+    the same frames raw and PNG-compressed give the same labels."""
+    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=5, both=True, depth=False)
+    out = tmp_path / "out"
+    assert bag_main([str(rec.path), "-o", str(out), *SEG, "--image", f"front={COLOR}", "--image",
+                     f"back={COMPRESSED}", "--node-name", "robot/seg"]) == 0, capsys.readouterr().err
+    bag = read_bag(out)
+    front, back = bag["/robot/seg/front/semantic/labels"], bag["/robot/seg/back/semantic/labels"]
+    assert len(front) == len(back) == 5 and "/robot/seg/vocabulary" in bag
+    assert [deserialize_message(r, Image).data.tobytes() for _, r in front] == \
+        [deserialize_message(r, Image).data.tobytes() for _, r in back]
+    assert "10 frames segmented" in capsys.readouterr().err
 
 
 def test_time_window_and_every_nth_frame(tmp_path: Path, capsys) -> None:
