@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 from .bag_io import (
     BagError,
     Canonical,
+    PartWriter,
     Record,
     Topic,
     input_identity,
@@ -43,7 +44,6 @@ from .bag_io import (
     open_reader,
     read_part,
     write_bag,
-    write_part,
 )
 
 log = logging.getLogger("ovseg_bag")
@@ -255,7 +255,7 @@ class Plan:
 
 @dataclass
 class Chunk:
-    records: list[Record] = field(default_factory=list)
+    part: PartWriter
     waiting: int = 0  # own frames whose cloud is not decided yet
 
 
@@ -310,15 +310,14 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
                 continue  # another process's frame
             ch.waiting -= 1
             if data is not None:
-                ch.records.append(Record(log_time, index, POINTS_INDEX, topic_id(topic), canonical(data, msgtypes[topic])))
+                ch.part.add(Record(log_time, index, POINTS_INDEX, topic_id(topic), canonical(data, msgtypes[topic])))
 
     def finish(upto: int, partial: bool = False) -> None:
         """Write the parts of own chunks below ``upto`` that no longer wait for depth (all when partial)."""
         for k in sorted(chunks):
             ch = chunks[k]
             if k < upto and (ch.waiting <= 0 or partial):
-                ch.records.sort(key=lambda r: r.key)
-                write_part(part_path(plan.work, k, partial), topics, ch.records)
+                ch.part.close(topics, part_path(plan.work, k, partial))
                 del chunks[k]
 
     messages = _guarded(reader, conns, plan)
@@ -347,7 +346,9 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
                 clouds(node.push_frame(cam.name, index, log_time, _stamp(cdr_stamp_ns, raw)))
                 progress.update()
                 continue
-            ch = chunks.setdefault(chunk, Chunk())
+            if chunk not in chunks:
+                chunks[chunk] = Chunk(PartWriter(part_path(plan.work, chunk)))
+            ch = chunks[chunk]
             result = header = image = None
             try:
                 header, image = node.decode(cam.name, raw)
@@ -361,8 +362,8 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
                 log.error("frame %d on %s: segmentation failed: %s: %s", index, topic, type(exc).__name__, exc)
             if result is not None:
                 for out_index, out_topic, data in node.frame_outputs(cam.name, header, image, result, inference_ms):
-                    ch.records.append(Record(log_time, index, out_index, topic_id(out_topic),
-                                             canonical(data, msgtypes[out_topic])))
+                    ch.part.add(Record(log_time, index, out_index, topic_id(out_topic),
+                                       canonical(data, msgtypes[out_topic])))
                 counts.segmented += 1
             if cam.depth:
                 ch.waiting += 1
@@ -372,6 +373,10 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
         finish(counts.frames // plan.chunk)  # chunks a later frame was seen after are complete
         clouds(node.flush())
         finish(1 << 62, partial=True)  # the rest: kept in the output, redone by a rerun
+        raise
+    except BaseException:  # interrupted: unfinished chunks are redone by a rerun
+        for ch in chunks.values():
+            ch.part.discard()
         raise
     clouds(node.flush())
     finish(1 << 62)
@@ -470,7 +475,7 @@ def prepare_work(plan: Plan, identity: dict[str, Any], overwrite: bool, ctx: Any
         plan.work.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             path.write_text(json.dumps(want, indent=1, default=str))
-        for stale in list(plan.work.glob("*.partial.part")) + list(plan.work.glob("*.tmp")):
+        for stale in [*plan.work.glob("*.partial.part"), *plan.work.glob("*.tmp"), *plan.work.glob("*.spool")]:
             stale.unlink()  # chunks a broken-off run left unfinished: redone
     from ..eval import distributed as dist
 

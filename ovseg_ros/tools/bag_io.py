@@ -139,6 +139,42 @@ class Record:
         return (self.log_time, 2, self.frame, self.index)
 
 
+class PartWriter:
+    """One part, written as its records come (a chunk's clouds may come after later frames' outputs) to an
+    unsorted spool file, then rewritten in record order and renamed into place by :meth:`close`: memory holds
+    the index, not the messages, and a part that exists is complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._spool_path = path.with_name(path.name + ".spool")
+        self._spool = open(self._spool_path, "w+b")
+        self._index: list[tuple[tuple[int, int, int, int], int, int, int, int, int]] = []
+
+    def add(self, record: Record) -> None:
+        offset = self._spool.tell()
+        self._spool.write(record.data)
+        self._index.append((record.key, offset, len(record.data), record.frame, record.index, record.topic))
+
+    def close(self, topics: list[tuple[str, str]], path: Optional[Path] = None) -> None:
+        """Write the part (to ``path``, default the one given at creation) atomically."""
+        self._spool.flush()
+        self._index.sort(key=lambda item: item[0])
+
+        def records() -> Iterator[Record]:
+            for key, offset, size, frame, index, topic in self._index:
+                self._spool.seek(offset)
+                yield Record(key[0], frame, index, topic, self._spool.read(size))
+
+        try:
+            write_part(path or self.path, topics, records())
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self._spool.close()
+        self._spool_path.unlink(missing_ok=True)
+
+
 def write_part(path: Path, topics: list[tuple[str, str]], records: Iterable[Record]) -> None:
     """Write a part atomically (temporary file, fsync, rename): a part that exists is complete."""
     tmp = path.with_name(path.name + ".tmp")

@@ -198,6 +198,33 @@ def test_interrupted_run_resumes_to_the_same_bag(tmp_path: Path, capsys) -> None
     assert "another input or other settings" in capsys.readouterr().err
 
 
+def test_ctrl_c_keeps_finished_chunks_and_the_rerun_continues(tmp_path: Path, capsys, monkeypatch) -> None:
+    from ovseg_ros.ros import offline
+
+    rec = write_rgbd_bag(tmp_path / "in", "sqlite3", frames=7)
+    common = [str(rec.path), *SEG, *RGBD, "--chunk", "2", "--no-timings"]
+    assert bag_main(common + ["-o", str(tmp_path / "full")]) == 0
+    segment = offline.OfflineNode.segment
+    calls = []
+
+    def interrupted(self, image):  # Ctrl-C while segmenting the 6th frame (chunk 2)
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return segment(self, image)
+
+    monkeypatch.setattr(offline.OfflineNode, "segment", interrupted)
+    out = tmp_path / "out"
+    assert bag_main(common + ["-o", str(out)]) == 130
+    assert "run the same command to continue" in capsys.readouterr().err
+    work = Path(f"{out}.partial")
+    assert sorted(p.name for p in work.iterdir()) == ["chunk-000000.part", "chunk-000001.part", "manifest.json"]
+    monkeypatch.setattr(offline.OfflineNode, "segment", segment)
+    assert bag_main(common + ["-o", str(out)]) == 0
+    assert "(3 now" in capsys.readouterr().err  # frames 4, 5, 6 only
+    assert read_order(out) == read_order(tmp_path / "full")
+
+
 def test_corrupt_or_truncated_input(tmp_path: Path, capsys) -> None:
     """A damaged recording: a clear error, and what was segmented before the damage is written and kept."""
     rec = write_rgbd_bag(tmp_path / "in", "sqlite3", frames=40, w=160, h=120, depth=False)
