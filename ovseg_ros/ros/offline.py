@@ -277,7 +277,8 @@ class _CameraPoints:
         self._camera: Any = None
         # No wall-clock wait offline: a frame waits until a depth image at or after its stamp (or the end).
         self._matcher: ApproximateTimeMatcher[_Pending, Image] = ApproximateTimeMatcher(
-            int(options.slop * 1e9), DEPTH_CAPACITY, PENDING_CAPACITY, max_wait_s=math.inf)
+            int(options.slop * 1e9), depth_capacity=DEPTH_CAPACITY, pending_capacity=PENDING_CAPACITY,
+            max_wait_s=math.inf)
         self.refused = 0
         self.published = 0
 
