@@ -51,6 +51,8 @@ log = logging.getLogger("ovseg_bag")
 IMAGE_TYPES = {"sensor_msgs/msg/Image": False, "sensor_msgs/msg/CompressedImage": True}
 OPTIONAL_OUTPUTS = ("color", "overlay")
 MANIFEST_VERSION = 1
+#: Depth images logged up to this long before the time window are still paired (the node would hold them).
+DEPTH_LEAD_NS = 1_000_000_000
 
 
 # --- arguments ----------------------------------------------------------------------------------------------
@@ -320,15 +322,22 @@ def run_shard(node: Any, reader: Any, plan: Plan, ctx: Any, progress: Progress, 
                 ch.part.close(topics, part_path(plan.work, k, partial))
                 del chunks[k]
 
-    messages = _guarded(reader, conns, plan)
+    # A node running before the window would hold the last camera_info (often published once, latched) and
+    # recent depth images: with a depth topic, reading starts at the recording's start; frames and depth
+    # images from long before the window are skipped.
+    start = plan.start
+    read_from = None if by_info and start is not None else start
+    depth_from = (start or 0) - DEPTH_LEAD_NS
+    messages = _guarded(reader, conns, plan, read_from)
     try:
         for conn, log_time, raw in messages:
             topic = conn.topic
             if topic in by_depth:
-                clouds(node.push_depth(by_depth[topic].name, raw))
+                if log_time >= depth_from:
+                    clouds(node.push_depth(by_depth[topic].name, raw))
             elif topic in by_info:
                 node.push_camera_info(by_info[topic].name, raw)
-            if topic not in by_image:
+            if topic not in by_image or (start is not None and log_time < start):
                 finish(counts.frames // plan.chunk)
                 continue
             cam = by_image[topic]
@@ -389,12 +398,14 @@ def _stamp(fn: Any, raw: bytes) -> int:
         return 0
 
 
-def _guarded(reader: Any, conns: list[Any], plan: Plan) -> Iterator[tuple[Any, int, bytes]]:
-    """The reader's messages; a failure to read turns into BagError saying where the recording broke off."""
-    last = plan.start or 0
+def _guarded(reader: Any, conns: list[Any], plan: Plan, start: Any = "window") -> Iterator[tuple[Any, int, bytes]]:
+    """The reader's messages (from ``start``, default the window's); a failure to read turns into BagError
+    saying where the recording broke off."""
+    start = plan.start if start == "window" else start
+    last = start or 0
     n = 0
     try:
-        for conn, log_time, raw in reader.messages(connections=conns, start=plan.start, stop=plan.stop):
+        for conn, log_time, raw in reader.messages(connections=conns, start=start, stop=plan.stop):
             last = log_time
             n += 1
             yield conn, log_time, raw
