@@ -182,6 +182,10 @@ class OfflineNode:
     def has_label_info(self) -> bool:
         return self._label_info_cls is not None
 
+    def drop_label_info(self) -> None:
+        """Write no ``~/label_info`` (vision_msgs importable, but its .msg definitions are not installed)."""
+        self._label_info_cls = None
+
     # --- latched ---------------------------------------------------------------------------------------------
     def latched(self, stamp_ns_: int) -> list[tuple[str, bytes]]:
         """``~/vocabulary`` (and ``~/label_info`` when vision_msgs is installed), stamped ``stamp_ns_``."""

@@ -43,6 +43,7 @@ from .bag_io import (
     make_typestore,
     open_reader,
     read_part,
+    vision_msgs_dir,
     write_bag,
 )
 
@@ -534,6 +535,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         binding = offline.configure(cfg, device)
         node = offline.OfflineNode(cfg, binding, args.node_name, cameras, set(args.outputs),
                                    timings=not args.no_timings, log=log)
+        if node.has_label_info and vision_msgs_dir() is None:
+            node.drop_label_info()  # the bag needs LabelInfo's definition; a vision_msgs without share/ has none
+            log.warning("vision_msgs is importable but its msg/ definitions are not installed: no ~/label_info")
         typestore = make_typestore(with_vision_msgs=node.has_label_info)
     except (BagError, ModelLoadError, VocabularyError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         print(f"ovseg-bag: {exc}", file=sys.stderr)

@@ -258,7 +258,7 @@ def write_bag(path: Path, storage: str, topics: list[Topic], messages: Iterable[
                                                    offered_qos_profiles=list(t.offered_qos)))
             else:
                 conns.append(writer.add_connection(t.name, t.msgtype, typestore=typestore,
-                                                   offered_qos_profiles=[qos(t.latched)]))
+                                                   offered_qos_profiles=list(t.offered_qos) or [qos(t.latched)]))
         for log_time, topic, data in messages:
             writer.write(conns[topic], log_time, data)
             counts[topics[topic].name] = counts.get(topics[topic].name, 0) + 1

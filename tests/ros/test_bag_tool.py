@@ -266,6 +266,17 @@ def test_refusals(tmp_path: Path, capsys) -> None:
     assert "exists" in capsys.readouterr().err
 
 
+def test_progress_lines_without_a_terminal(capsys) -> None:
+    from ovseg_ros.tools.bag import Progress
+
+    progress = Progress(total=4, enabled=True, interval=0.0)  # pytest's stderr is not a terminal: plain lines
+    progress.update()
+    progress.update()
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("ovseg-bag: 2/~4 frames,") and "frames/s, ETA " in lines[1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
