@@ -49,7 +49,7 @@ from .conversions import make_cv_bridge
 from .diagnostics import NodeView, node_diagnostics
 from .gate import OutputGate
 from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_transition, reason
-from .outputs import Palette
+from .outputs import Palette, label_info_message, vocabulary_message
 from .params import (
     LIVE,
     ON_ACTIVATE,
@@ -360,10 +360,9 @@ class SegmentNode(LifecycleNode):
     # --- latched outputs (called under the gate's lock) ----------------------------------------------------
     def _publish_latched(self, binding: Binding, stamp: Any) -> None:
         """~/vocabulary and ~/label_info of ``binding`` (the gate calls this under its lock, before the swap)."""
-        self._vocab_pub.publish(self.vocab.vocabulary_msg(binding, stamp))
+        self._vocab_pub.publish(vocabulary_message(binding, stamp))
         if self._label_info_pub is not None:
-            self._label_info_pub.publish(messages.label_info_msg(
-                self._label_info_cls, binding.vocabulary, stamp, _threshold(binding.segmenter)))
+            self._label_info_pub.publish(label_info_message(self._label_info_cls, binding, stamp))
 
     # --- diagnostics (reads counters only) ---------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -425,14 +424,6 @@ def _qos_advice(node: LifecycleNode, reliability: str) -> Any:
 
     return SubscriptionEventCallbacks(
         incompatible_qos=guarded(node, getattr(node, "errors", ErrorLog()), "QoS event", incompatible))
-
-
-def _threshold(segmenter: Any) -> float:
-    """The probability below which the segmenter leaves a pixel unlabeled (LabelInfo.threshold)."""
-    try:
-        return float(segmenter.label_threshold())
-    except Exception:  # noqa: BLE001  (a segmenter without the method: no threshold)
-        return 0.0
 
 
 def _empty_cuda_cache() -> None:

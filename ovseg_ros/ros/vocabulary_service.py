@@ -36,6 +36,7 @@ from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
 from .gate import OutputGate
+from .outputs import vocabulary_message
 from .guard import reason
 
 
@@ -271,13 +272,7 @@ class VocabularyService:
         return resp
 
     def vocabulary_msg(self, binding: Binding, stamp: Any) -> Any:
-        prompts = None
-        try:
-            prompts = binding.segmenter.describe_prompts(binding.state)
-        except Exception:  # noqa: BLE001  (optional introspection; names are the fallback)
-            prompts = None
-        return messages.vocabulary_msg(binding.vocabulary, stamp, binding.segmenter_name, binding.model_identity,
-                                       prompts)
+        return vocabulary_message(binding, stamp)
 
     def srv_query(self, req: Any, resp: Any) -> Any:
         resp.success = False

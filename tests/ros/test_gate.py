@@ -384,7 +384,7 @@ def test_every_segmenter_states_its_threshold_one_way() -> None:
 
     from ovseg_ros.core.segmenter import get_segmenter_class, list_segmenters
     from ovseg_ros.core.segmenters.itaclip import ITACLIPConfig, ITACLIPSegmenter
-    from ovseg_ros.ros.segment_node import _threshold
+    from ovseg_ros.ros.outputs import label_threshold as _threshold
 
     seg = ITACLIPSegmenter.__new__(ITACLIPSegmenter)
     seg.config = ITACLIPConfig(prob_thd=0.25)
