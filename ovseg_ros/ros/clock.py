@@ -8,9 +8,10 @@
 * **Latency** is reported against the image stamp's clock (:func:`latency_ms`): ROS time now minus the stamp,
   in that clock's seconds - *simulated* seconds under ``use_sim_time`` (at 0.5x real time a frame that took
   100 ms of wall time shows 50 ms). When that difference means nothing - the stamp is zero, the ROS clock has
-  not started (sim time before the first ``/clock``), or it is negative or over an hour (stamps of another
+  not started (sim time before the first ``/clock``), or it is below -1 s or over an hour (stamps of another
   clock: a bag played without ``--clock``, a camera on another machine) - it is the wall time since the image
-  arrived instead, and ``/diagnostics`` says which (``latency_clock``: ``stamp`` or ``receipt``).
+  arrived instead, and ``/diagnostics`` says which (``latency_clock``: ``stamp`` or ``receipt``). A stamp
+  less than 1 s ahead of the node's clock counts as latency 0 (``/clock`` moves in steps).
 * **A jump of the ROS clock** backwards, or a switch between system and simulated time (``use_sim_time``
   takes effect at once in rclpy), clears every per-stream state that is ordered by stamps (the depth
   matcher, latency history) through :class:`ClockWatch`, and is counted in ``/diagnostics``
@@ -26,6 +27,9 @@ from typing import Any, Callable, Optional
 
 #: A ROS-time latency beyond this is taken as stamps of another clock (see the module docstring).
 PLAUSIBLE_LATENCY_S = 3600.0
+#: A stamp ahead of ROS time by at most this reads as latency 0: under sim time the node's clock moves in
+#: /clock steps (100 Hz from a simulator, less from a bag) and a camera stamped between two steps is "ahead".
+AHEAD_TOLERANCE_S = 1.0
 
 
 def steady_clock() -> Any:
@@ -40,8 +44,8 @@ def latency_ms(now_ns: int, stamp_ns: int, received: float, now_mono: Optional[f
     meaningful, else the monotonic time since the image was ``received`` (see the module docstring)."""
     if stamp_ns > 0 and now_ns > 0:
         dt = (now_ns - stamp_ns) / 1e9
-        if 0.0 <= dt <= PLAUSIBLE_LATENCY_S:
-            return dt * 1e3, "stamp"
+        if -AHEAD_TOLERANCE_S <= dt <= PLAUSIBLE_LATENCY_S:
+            return max(0.0, dt) * 1e3, "stamp"
     now_mono = time.monotonic() if now_mono is None else now_mono
     return max(0.0, now_mono - received) * 1e3, "receipt"
 

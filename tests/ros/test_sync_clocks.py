@@ -156,3 +156,18 @@ def test_plain_gap_is_named_with_the_nearest_distance() -> None:
     m2 = ApproximateTimeMatcher(slop_ns=10 * MS, max_wait_s=0.0)
     assert m2.push_frame(0, "f", now=0.0) == [("f", None)]
     assert m2.stats().last_unmatched_cause == "no depth image received"
+
+
+def test_latency_against_the_stamp_clock() -> None:
+    """ROS time minus stamp when meaningful, else time since receipt - never negative or absurd."""
+    import pytest
+
+    pytest.importorskip("rclpy")
+    from ovseg_ros.ros.clock import latency_ms
+
+    assert latency_ms(10 * S + 50 * MS, 10 * S, received=5.0, now_mono=5.2) == (pytest.approx(50.0), "stamp")
+    assert latency_ms(10 * S, 10 * S + 5 * MS, 5.0, 5.2) == (0.0, "stamp")  # between two /clock steps
+    assert latency_ms(0, 10 * S, 5.0, 5.2) == (pytest.approx(200.0), "receipt")  # no /clock yet
+    assert latency_ms(10 * S, 0, 5.0, 5.2) == (pytest.approx(200.0), "receipt")  # unstamped image
+    assert latency_ms(10 * S, 100 * S, 5.0, 5.2)[1] == "receipt"  # stamps of another clock (ahead)
+    assert latency_ms(1_700_000_000 * S, 10 * S, 5.0, 5.2)[1] == "receipt"  # a bag's stamps, no --clock

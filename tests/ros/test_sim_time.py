@@ -1,0 +1,249 @@
+"""segment_node under ``use_sim_time`` (issue 20 item 1): the test publishes ``/clock`` itself - none yet,
+paused, 0.5x real time, a loop back to the start - against the installed node in its own process (DDS on
+loopback). Model-free ``color_key`` segmenter with the semantic cloud on, so the depth matcher is exercised.
+
+What must hold: ``/diagnostics`` keeps coming while ``/clock`` is absent or paused (steady timer); latency is
+never negative or absurd (before the first ``/clock`` it is the time since receipt, then simulated seconds
+against the stamp); a jump back clears the depth matching (clouds keep coming) and is counted.
+"""
+
+from __future__ import annotations
+
+import array
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytest
+from ros_harness import NodeProcess, RosClient, require_ros_or_skip
+
+require_ros_or_skip()
+
+from builtin_interfaces.msg import Time  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rosgraph_msgs.msg import Clock  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+
+from ovseg_ros.msg import SegmentationInfo  # noqa: E402
+
+W, H = 32, 24
+NS = 1_000_000_000
+SENSOR = QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+
+
+def _time(ns: int) -> Time:
+    return Time(sec=ns // NS, nanosec=ns % NS)
+
+
+def _colour(ns: int) -> Image:
+    msg = Image()
+    msg.header.stamp, msg.header.frame_id = _time(ns), "cam"
+    msg.width, msg.height, msg.encoding, msg.step = W, H, "rgb8", W * 3
+    img = np.zeros((H, W, 3), np.uint8)
+    img[:, : W // 2] = (0, 0, 255)
+    img[:, W // 2:] = (0, 255, 0)
+    msg.data = array.array("B", img.tobytes())
+    return msg
+
+
+def _depth(ns: int) -> Image:
+    msg = Image()
+    msg.header.stamp, msg.header.frame_id = _time(ns), "cam"
+    msg.width, msg.height, msg.encoding, msg.step = W, H, "16UC1", W * 2
+    msg.data = array.array("B", np.full((H, W), 2000, np.uint16).tobytes())
+    return msg
+
+
+def _info(ns: int) -> CameraInfo:
+    msg = CameraInfo()
+    msg.header.stamp, msg.header.frame_id = _time(ns), "cam"
+    msg.width, msg.height = W, H
+    msg.k = [30.0, 0.0, W / 2, 0.0, 30.0, H / 2, 0.0, 0.0, 1.0]
+    return msg
+
+
+class SimClock:
+    """Publishes /clock at 100 Hz from a thread: ``rate`` simulated seconds per wall second (0: paused, the
+    same time again and again)."""
+
+    def __init__(self, client: RosClient) -> None:
+        self.pub = client.publisher("/clock", Clock, QoSProfile(depth=10))
+        self._lock = threading.Lock()
+        self._ns, self._rate, self._wall = 0, 0.0, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def set(self, ns: int, rate: float) -> None:
+        with self._lock:
+            self._ns, self._rate, self._wall = ns, rate, time.monotonic()
+        self.pub.publish(Clock(clock=_time(ns)))
+
+    def now(self) -> int:
+        with self._lock:
+            return self._ns + int((time.monotonic() - self._wall) * self._rate * NS)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.pub.publish(Clock(clock=_time(self.now())))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+
+
+@pytest.fixture(scope="module")
+def node(client: RosClient, namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    params = {
+        "segmenter": "color_key",
+        "segmenter_options": "{colors: ['#0000ff', '#00ff00'], max_distance: 40.0}",
+        "vocabulary": ["floor", "wall"],
+        "device": "cpu",
+        "cache_dir": "",
+        "publish_points": True,
+        "depth_slop": 0.02,
+        "diagnostics_period": 0.3,
+        "use_sim_time": True,
+    }
+    proc = NodeProcess(namespace, params, tmp_path_factory.mktemp("sim_node"))
+    try:
+        assert proc.wait_for_log("active:", timeout=90), proc.output()[-3000:]
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _values(diag: DiagnosticArray, fqn: str) -> Optional[dict[str, str]]:
+    for status in diag.status:
+        if status.name.startswith(fqn + ":") and status.name.endswith("segmentation"):
+            return {kv.key: kv.value for kv in status.values}
+    return None
+
+
+def _diagnostics_during(client: RosClient, fqn: str, seconds: float) -> list[dict[str, str]]:
+    col = client.subscribe("/diagnostics", DiagnosticArray)
+    try:
+        time.sleep(seconds)
+        return [v for v in (_values(m, fqn) for m in col.snapshot()) if v is not None]
+    finally:
+        client.unsubscribe(col)
+
+
+class Stream:
+    """Colour + depth + camera_info publishers of the node's camera, and collectors of its outputs."""
+
+    def __init__(self, client: RosClient, node: NodeProcess, namespace: str) -> None:
+        self.colour = client.publisher(f"{namespace}/image", Image, SENSOR)
+        self.depth = client.publisher(f"{namespace}/depth/image", Image, SENSOR)
+        self.info = client.publisher(f"{namespace}/depth/camera_info", CameraInfo, SENSOR)
+        self.infos = client.subscribe(f"{node.fqn}/info", SegmentationInfo, SENSOR)
+        self.clouds = client.subscribe(f"{node.fqn}/semantic/points", PointCloud2, SENSOR)
+
+    def frame(self, ns: int) -> None:
+        self.info.publish(_info(ns))
+        self.depth.publish(_depth(ns))
+        time.sleep(0.005)
+        self.colour.publish(_colour(ns))
+
+    def run(self, clock: Optional[SimClock], n: int, period_s: float, stamp0: int = 0) -> list[int]:
+        stamps = []
+        for i in range(n):
+            ns = clock.now() if clock is not None else stamp0 + int(i * period_s * NS)
+            self.frame(ns)
+            stamps.append(ns)
+            time.sleep(period_s)
+        time.sleep(0.5)
+        return stamps
+
+    def cloud_stamps(self) -> set[int]:
+        return {m.header.stamp.sec * NS + m.header.stamp.nanosec for m in self.clouds.snapshot()}
+
+    def latencies(self, stamps: list[int]) -> list[float]:
+        want = set(stamps)
+        return [m.latency_ms for m in self.infos.snapshot()
+                if m.header.stamp.sec * NS + m.header.stamp.nanosec in want]
+
+
+@pytest.fixture(scope="module")
+def clock(client: RosClient) -> Iterator[SimClock]:
+    """Created at its first use (test 2): test 1 runs before any /clock exists."""
+    c = SimClock(client)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def stream(client: RosClient, node: NodeProcess, namespace: str) -> Stream:
+    return Stream(client, node, namespace)
+
+
+def test_1_before_the_first_clock(node: NodeProcess, client: RosClient, stream: Stream) -> None:
+    """No /clock yet (ROS time 0): diagnostics still come, latency is the time since receipt (not -1e5 s)."""
+    diags = _diagnostics_during(client, node.fqn, 1.5)
+    assert len(diags) >= 3, "no /diagnostics without /clock: the timer must not run on ROS time"
+    assert "no /clock received yet" in diags[-1]["time_source"]
+    stamps = stream.run(None, 15, 0.1, stamp0=100 * NS)
+    lat = stream.latencies(stamps)
+    assert lat, node.output()[-2000:]
+    assert all(0.0 <= v < 5000.0 for v in lat), lat
+    diags = _diagnostics_during(client, node.fqn, 0.8)
+    assert diags[-1]["latency_clock"] == "receipt"
+
+
+def test_2_paused_clock(node: NodeProcess, client: RosClient, clock: SimClock) -> None:
+    """/clock stuck at one time (a paused bag or simulator): /diagnostics keeps its period."""
+    clock.set(200 * NS, 0.0)
+    time.sleep(0.5)
+    diags = _diagnostics_during(client, node.fqn, 2.0)
+    assert len(diags) >= 4, "diagnostics stopped with the paused clock"
+    assert diags[-1]["time_source"] == "sim (/clock)" and diags[-1]["ros_time_s"] == "200.000"
+
+
+def test_3_half_real_time(node: NodeProcess, client: RosClient, stream: Stream, clock: SimClock) -> None:
+    """0.5x real time: frames stamped with simulated time get their cloud; latency is in simulated
+    seconds against the stamp (non-negative, and below the wall time it took)."""
+    clock.set(300 * NS, 0.5)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    stamps = stream.run(clock, 30, 0.1)
+    wall_ms = (time.monotonic() - t0) * 1e3
+    clouds = stream.cloud_stamps() & set(stamps)
+    assert len(clouds) >= 0.8 * len(stamps), (len(clouds), node.output()[-2000:])
+    lat = stream.latencies(stamps)
+    assert len(lat) >= 0.8 * len(stamps)
+    assert all(0.0 <= v < wall_ms for v in lat), lat
+    diags = _diagnostics_during(client, node.fqn, 0.8)
+    assert diags[-1]["latency_clock"] == "stamp"
+
+
+def test_4_loop_back_to_the_start(node: NodeProcess, client: RosClient, stream: Stream,
+                                  clock: SimClock) -> None:
+    """Simulated time runs 400 s -> 402 s, then /clock and the stamps jump back to 400 s (``ros2 bag play
+    -l``): the jump is counted and every frame of the second loop still gets its cloud."""
+    before = _diagnostics_during(client, node.fqn, 0.7)[-1]
+    clock.set(400 * NS, 1.0)
+    first = stream.run(clock, 20, 0.1)
+    clock.set(400 * NS, 1.0)  # back to the start
+    second = stream.run(clock, 20, 0.1)
+    assert second[0] < first[-1]
+    after = _diagnostics_during(client, node.fqn, 0.8)[-1]
+    assert int(after["time_jumps"]) > int(before["time_jumps"])
+    assert "jumped back" in after["time_last_jump"]
+    clouds = stream.cloud_stamps()
+    got = [s in clouds for s in second]
+    assert sum(got) >= 0.9 * len(second), (got, after.get("points_last_unmatched_cause"))
+
+
+def test_5_stamps_loop_without_a_clock_jump(node: NodeProcess, client: RosClient, stream: Stream,
+                                            clock: SimClock) -> None:
+    """A bag looping while /clock is paused (or played without --clock): stamps go backwards with no
+    jump of the node's clock; the depth matcher notices by itself and keeps pairing."""
+    clock.set(500 * NS, 0.0)
+    stream.run(None, 40, 0.05, stamp0=600 * NS)  # 600 s .. 602 s
+    second = stream.run(None, 20, 0.05, stamp0=600 * NS + 7)  # the same again, 7 ns later
+    after = _diagnostics_during(client, node.fqn, 0.8)[-1]
+    assert int(after["stamps_backwards_depth"]) + int(after["stamps_backwards_colour"]) >= 1
+    clouds = stream.cloud_stamps()
+    assert sum(s in clouds for s in second) >= 0.9 * len(second), after.get("points_last_unmatched_cause")
