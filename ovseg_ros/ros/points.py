@@ -315,7 +315,7 @@ class SemanticPointsOutput:
                 "points_stale_vocabulary": str(self._stale),
                 "points_last_error": self._last_error,
                 "depth_buffered": str(st.buffered),
-                "depth_buffered_mb": f"{st.buffered_bytes / 2**20:.1f}",
+                "depth_buffered_mb": f"{st.buffered_bytes / 2**20:.3f}",
                 "depth_evicted_by_bound": str(st.depth_evicted),
                 "depth_stamp_offset_s": f"{st.depth_offset_s:+.3f}" if st.depth_offset_s is not None else "",
                 "stamps_backwards_depth": str(st.depth_rewinds),
