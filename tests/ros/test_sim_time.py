@@ -247,3 +247,26 @@ def test_5_stamps_loop_without_a_clock_jump(node: NodeProcess, client: RosClient
     assert int(after["stamps_backwards_depth"]) + int(after["stamps_backwards_colour"]) >= 1
     clouds = stream.cloud_stamps()
     assert sum(s in clouds for s in second) >= 0.9 * len(second), after.get("points_last_unmatched_cause")
+
+
+def test_6_use_sim_time_switches_at_once(node: NodeProcess, client: RosClient, clock: SimClock) -> None:
+    """``use_sim_time`` takes effect at once in rclpy: the node says so (not "at the next configure"), and a
+    switch between system and simulated time is a clock change that resets the matching (counted)."""
+    from rcl_interfaces.msg import Parameter as ParameterMsg
+    from rcl_interfaces.msg import ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    clock.set(700 * NS, 1.0)
+    before = int(_diagnostics_during(client, node.fqn, 0.7)[-1]["time_jumps"])
+    for value in (False, True):
+        req = SetParameters.Request(parameters=[ParameterMsg(name="use_sim_time", value=ParameterValue(
+            type=ParameterType.PARAMETER_BOOL, bool_value=value))])
+        assert client.call(SetParameters, f"{node.fqn}/set_parameters", req, 20.0).results[0].successful
+        time.sleep(0.5)
+        diag = _diagnostics_during(client, node.fqn, 0.7)[-1]
+        assert diag["time_source"] == ("sim (/clock)" if value else "system"), diag["time_source"]
+    out = node.output()
+    assert "use_sim_time set to False: takes effect now" in out and "use_sim_time set to True" in out
+    assert "['use_sim_time'] take effect at the next" not in out
+    after = _diagnostics_during(client, node.fqn, 0.7)[-1]
+    assert int(after["time_jumps"]) >= before + 2 and "ROS time activated" in after["time_last_jump"]
