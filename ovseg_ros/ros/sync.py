@@ -145,8 +145,8 @@ class ApproximateTimeMatcher(Generic[F, D]):
                 out += self._rewind(stamp_ns, frames=True)
             if not self._far_ahead(stamp_ns):
                 self._cursor = stamp_ns if self._cursor is None else max(self._cursor, stamp_ns)
-                if received is not None:
-                    self._frame_lag.append(stamp_ns - int(received * NS))
+            if received is not None:
+                self._frame_lag.append(stamp_ns - int(received * NS))
             if self._decided(stamp_ns):
                 out.append(self._take(stamp_ns, frame))
                 return out

@@ -144,7 +144,18 @@ def test_depth_stamps_behind_colour_are_named() -> None:
     m = ApproximateTimeMatcher(slop_ns=10 * MS, max_wait_s=0.5)
     run_stream(m, 120, depth_lead_s=-2.0)
     st = m.stats()
-    assert st.unmatched > 0 and "behind colour" in st.last_unmatched_cause
+    assert st.unmatched > 0 and "2.00 s behind colour" in st.last_unmatched_cause
+    # the same when the depth stream was already running (no frame ever saw an empty buffer)
+    m = ApproximateTimeMatcher(slop_ns=10 * MS, max_wait_s=0.5)
+    for i in range(30):
+        m.push_depth(i * PERIOD, i, now=2.0 + i * PERIOD / S)
+    got = {}
+    for i in range(60, 120):  # frame i received at wall i*PERIOD, stamped i*PERIOD: depth stamps ~1 s behind
+        wall = i * PERIOD / S
+        got.update(m.push_depth((i - 60) * PERIOD + 30 * PERIOD, "d", now=wall + 0.01))
+        got.update(m.push_frame(i * PERIOD, i, now=wall + 0.3, received=wall))
+    got.update(m.poll(now=100.0))
+    assert m.stats().unmatched > 0 and "behind colour" in m.stats().last_unmatched_cause
 
 
 def test_plain_gap_is_named_with_the_nearest_distance() -> None:
