@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..core.untrusted import UntrustedInputError, load_yaml, short_repr
 from ..core.vocabulary import MAX_QUERY_TEXTS, find_vocabulary_preset, list_vocabulary_presets  # noqa: F401
+from .guard import sanitize
 from .qos import RELIABILITIES
 
 #: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
@@ -251,8 +252,11 @@ def validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
     """
     try:
         reason = _validate(name, value, values)
-        # Bounded: a reason goes into a parameter-set reply and the logs.
-        return reason if reason is None or len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+        if reason is None:
+            return None
+        # Escaped and bounded: a reason goes into a parameter-set reply and the logs.
+        reason = sanitize(reason)
+        return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
     except Exception as exc:  # noqa: BLE001  (any input must end in a reason, never in a traceback)
         return f"{name}: value {short_repr(value)} could not be checked ({type(exc).__name__}: {short_repr(str(exc))})"
 

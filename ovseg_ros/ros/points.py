@@ -27,6 +27,7 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 
 from ..core import depth as dp
+from .guard import sanitize
 from .qos import output_qos
 from .sync import DEFAULT_MAX_BYTES, ApproximateTimeMatcher
 
@@ -281,6 +282,7 @@ class SemanticPointsOutput:
 
     # --- bookkeeping -----------------------------------------------------------------------------------
     def _refuse(self, reason: str, info: bool = False) -> None:
+        reason = sanitize(reason)  # encodings, frame ids: untrusted text
         with self._lock:
             if info:
                 self._info_refused += 1
@@ -290,6 +292,7 @@ class SemanticPointsOutput:
         self._log.warning(f"semantic points: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
 
     def _error(self, reason: str) -> None:
+        reason = sanitize(reason)
         with self._lock:
             self._errors += 1
             self._last_error = reason

@@ -42,7 +42,16 @@ from .camera import Camera, camera_specs, convert_image
 from .clock import ClockWatch, latency_ms, steady_clock
 from .conversions import make_cv_bridge
 from .diagnostics import camera_values, cuda_memory, make_status, status_level
-from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_transition, reason
+from .guard import (
+    LOG_THROTTLE_S,
+    ErrorLog,
+    guarded,
+    guarded_service,
+    guarded_transition,
+    reason,
+    sanitize,
+    sanitize_python_logging,
+)
 from .outputs import Palette, build_outputs
 from .params import (
     LIVE,
@@ -72,6 +81,7 @@ class SegmentNode(LifecycleNode):
 
     def __init__(self, node_name: str = "segment_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        sanitize_python_logging()  # the core's own log lines quote outside text too
         self.errors = ErrorLog()
         self._param_errors = declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -289,7 +299,7 @@ class SegmentNode(LifecycleNode):
         return SUCCESS
 
     def _fail(self, why: str, transition: str = "configure") -> TransitionCallbackReturn:
-        self._last_transition_error = f"{transition} failed: {why}"
+        self._last_transition_error = sanitize(f"{transition} failed: {why}")
         self.get_logger().error(self._last_transition_error)
         return FAILURE
 

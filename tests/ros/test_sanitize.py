@@ -115,3 +115,22 @@ def test_node_output_has_no_control_bytes(node: NodeProcess, client: RosClient, 
     assert b"refused" in log, log[-2000:]
     for byte in (b"\x1b", b"\x07", "\u202e".encode()):
         assert byte not in log, log[max(0, log.find(byte) - 300): log.find(byte) + 100]
+
+
+def test_python_logging_of_the_core_is_escaped(ros_session: None) -> None:
+    """The core logs through Python's ``logging`` (LLM endpoint errors quote the server's text): the node
+    installs the same escaping there."""
+    import logging
+
+    from ovseg_ros.ros.segment_node import SegmentNode
+
+    node = SegmentNode("sanitize_logging")
+    try:
+        assert any(type(f).__name__ == "_SanitizingFilter" for f in logging.lastResort.filters)
+        record = logging.LogRecord("ovseg_ros.core.llm_text", logging.WARNING, __file__, 1,
+                                   "LLM endpoint failed (%s)", (ANSI,), None)
+        for f in logging.lastResort.filters:
+            f.filter(record)
+        assert "\x1b" not in record.getMessage() and "\\x1b[2J" in record.getMessage()
+    finally:
+        node.destroy_node()
