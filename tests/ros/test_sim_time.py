@@ -136,7 +136,12 @@ def _diagnostics_during(client: RosClient, fqn: str, seconds: float) -> list[dic
         assert col.wait_for(lambda m: _values(m, fqn) is not None, timeout=30.0), "no /diagnostics at all"
     start = len(col.snapshot())
     time.sleep(seconds)
-    return [v for v in (_values(m, fqn) for m in col.snapshot()[start:]) if v is not None]
+    deadline = time.monotonic() + 10.0  # at least one (a loaded machine), still bounded
+    while True:
+        got = [v for v in (_values(m, fqn) for m in col.snapshot()[start:]) if v is not None]
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
 
 
 class Stream:
