@@ -1,6 +1,8 @@
 """Time in segment_node under ``use_sim_time``: which clock each thing reads, and what a clock jump resets.
 
-* **Stamps and outputs** keep the input's header: nothing the node publishes is restamped.
+* **Stamps and outputs** keep the input's header: nothing the node publishes per frame is restamped. The
+  latched ``~/vocabulary``/``~/label_info`` and ``/diagnostics`` are stamped with ROS time when published
+  (0 before the first ``/clock``); consumers order vocabularies by revision, not by that stamp.
 * **Periodic work** (the ``/diagnostics`` timer) runs on the *steady* clock: it keeps reporting while
   ``/clock`` is paused or not yet published (a ROS-time timer would stop with it).
 * **Waiting and rates** (mailboxes, ``max_wait`` of the depth matcher, fps, error ages) use the monotonic
