@@ -283,3 +283,27 @@ def test_6_use_sim_time_switches_at_once(node: NodeProcess, client: RosClient, c
     assert "['use_sim_time'] take effect at the next" not in out
     after = _diagnostics_during(client, node.fqn, 0.7)[-1]
     assert int(after["time_jumps"]) >= before + 2 and "ROS time activated" in after["time_last_jump"]
+
+
+def test_7_depth_stamped_ahead_of_colour(node: NodeProcess, client: RosClient, stream: Stream) -> None:
+    """Depth images stamped 2 s ahead of the colour frames of the same moment (40 images at 20 Hz): every
+    frame still gets the depth image with its stamp (the old 32-image buffer evicted each one before its
+    frame came: no cloud at all), and /diagnostics measures the offset."""
+    base, period, lead = 900 * NS, 50_000_000, 40
+    for i in range(lead):  # the depth stream started 2 s earlier
+        stream.info.publish(_info(base + i * period))
+        stream.depth.publish(_depth(base + i * period))
+        time.sleep(period / NS)
+    stamps = []
+    for i in range(40):
+        stream.info.publish(_info(base + (i + lead) * period))
+        stream.depth.publish(_depth(base + (i + lead) * period))
+        time.sleep(0.005)
+        stream.colour.publish(_colour(base + i * period))
+        stamps.append(base + i * period)
+        time.sleep(period / NS)
+    time.sleep(0.5)
+    clouds = stream.cloud_stamps()
+    diag = _diagnostics_during(client, node.fqn, 0.7)[-1]
+    assert sum(s in clouds for s in stamps) >= 0.75 * len(stamps), diag.get("points_last_unmatched_cause")
+    assert abs(float(diag["depth_stamp_offset_s"]) - 2.0) < 0.3, diag["depth_stamp_offset_s"]
