@@ -366,6 +366,8 @@ class SegmentNode(LifecycleNode):
         binding = self.vocab.binding
         if binding is None or device is None:
             return
+        if str(getattr(binding.segmenter, "device", "cpu")) == str(device):
+            return  # nothing to move (a swap places its state on the model's device); no gc pass per transition
         if not self.vocab.move(device):
             raise RuntimeError(f"could not move the model to {device}: the vocabulary kept changing under the move")
         gc.collect()
