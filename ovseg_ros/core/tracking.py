@@ -34,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from .segmenter import PanopticResult
 
 #: Reset reasons (keys of :attr:`InstanceTracker.resets`).
-RESET_REASONS = ("context", "deactivate", "time_jump_back", "image_size", "parameters")
+RESET_REASONS = ("vocabulary", "deactivate", "time_jump_back", "image_size", "parameters")
 #: Pixels sampled per frame for the overlaps (stride chosen per image size).
 SAMPLE_PIXELS = 20_000
 
@@ -206,7 +206,7 @@ class InstanceTracker:
         """Track ids (uint32, one per ``panoptic.segments`` entry; 0 for stuff) of this frame.
 
         ``stamp_ns``: the frame's stamp (ROS time). ``context``: anything identifying what produced the
-        segments (vocabulary revision, model); a change resets the tracks. ``centroids``: optional (S, 3) 3D
+        segments (vocabulary revision, model); a change resets the tracks (counted as "vocabulary"). ``centroids``: optional (S, 3) 3D
         centroid per segment in metres (NaN rows where unknown).
         """
         ids_map = panoptic.segment_ids
@@ -218,7 +218,7 @@ class InstanceTracker:
         stamp_ns = int(stamp_ns)
         if self._last_ns is not None:
             if context != self._context:
-                self.reset("context")
+                self.reset("vocabulary")
             elif ids_map.shape != self._shape:
                 self.reset("image_size")
             elif stamp_ns < self._last_ns:

@@ -133,14 +133,16 @@ def label_info_msg(label_info_cls: type, vocabulary: Vocabulary, stamp: Any, thr
     return msg
 
 
-def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any) -> PanopticSegmentation:
-    """A core PanopticResult -> PanopticSegmentation (32SC1 id image + segment list)."""
+def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any,
+                 track_ids: Optional[Sequence[int]] = None) -> PanopticSegmentation:
+    """A core PanopticResult -> PanopticSegmentation (32SC1 id image + segment list); ``track_ids``: one per
+    segment (0 = untracked), or None (all 0)."""
     msg = PanopticSegmentation()
     msg.header = header
     msg.vocabulary_revision = int(vocabulary.revision)
     msg.segment_ids = numpy_to_image(panoptic.segment_ids.astype(np.int32, copy=False), "32SC1", header)
     segments = []
-    for s in panoptic.segments:
+    for k, s in enumerate(panoptic.segments):
         seg = PanopticSegment()
         seg.id = int(s.id)
         seg.class_id = int(s.class_id)
@@ -150,6 +152,7 @@ def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any) -> Panoptic
         seg.area = int(s.area)
         x, y, w, h = (int(v) for v in s.bbox)
         seg.bbox = RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h, do_rectify=False)
+        seg.track_id = int(track_ids[k]) if track_ids is not None else 0
         segments.append(seg)
     msg.segments = segments
     return msg

@@ -45,6 +45,7 @@ from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_t
 from .outputs import Palette, build_outputs
 from .params import (
     LIVE,
+    video_options,
     ON_ACTIVATE,
     NodeConfig,
     current_values,
@@ -298,6 +299,7 @@ class SegmentNode(LifecycleNode):
             self._is_active = False
         for cam in self._cameras:
             cam.unsubscribe()
+            cam.video.reset("deactivate")  # tracks and filter start again at the next activate
         if self._pipeline is not None and not self._pipeline.stop(STOP_TIMEOUT_S):
             # Nothing of it can be published any more; activate refuses to start a second one meanwhile.
             self.get_logger().warning(
@@ -346,10 +348,11 @@ class SegmentNode(LifecycleNode):
             return
         t0 = time.perf_counter()
         latency_ms = self._latency_ms(item.frame)
+        cam.video.configure(*video_options(self))
         outputs = build_outputs(
             item, cam.wants, self._palette, float(self.get_parameter("overlay_alpha").value),
             bool(self.get_parameter("publish_panoptic").value), latency_ms,
-            int(self.get_parameter("panoptic_min_area").value),
+            int(self.get_parameter("panoptic_min_area").value), cam.video, self._stamp_ns(item.frame),
         )
         t1 = time.perf_counter()
         with self._publish_lock:
@@ -372,6 +375,11 @@ class SegmentNode(LifecycleNode):
             cam.stats.latencies_ms.append(latency_ms)
             cam.stats.stage_ms["postprocess"].append((t1 - t0) * 1e3)
             cam.stats.stage_ms["publish"].append((t2 - t1) * 1e3)
+
+    def _stamp_ns(self, frame: Any) -> int:
+        """The frame's stamp (ROS time); the node's clock for an unset stamp."""
+        stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
+        return stamp_ns if stamp_ns else self.get_clock().now().nanoseconds
 
     def _latency_ms(self, frame: Any) -> float:
         stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
@@ -410,6 +418,7 @@ class SegmentNode(LifecycleNode):
                 total_rates[k] = total_rates.get(k, 0.0) + v
             level, message = status_level(configured, active, self._last_transition_error, rates,
                                           kv["last_refusal_reason"], error_age, last_error)
+            kv.update(cam.video.diagnostics())
             points = cam.points
             if points is not None:
                 kv.update(points.diagnostics())
