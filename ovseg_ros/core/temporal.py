@@ -103,38 +103,69 @@ class LabelFilter:
             self._context = context
             self._age = np.zeros(labels.shape, np.uint8)
         else:
-            diff = cv2.absdiff(image, self._image)
-            if diff.ndim == 3:
-                diff = diff.max(axis=2)
-            changed = (diff > self.config.image_threshold).view(np.uint8)
-            if self.config.dilate:
-                k = 2 * self.config.dilate + 1
-                changed = cv2.dilate(changed, np.ones((k, k), np.uint8))
-            np.minimum(self._age + 1, MAX_FRAMES, out=self._age)
-            self._age[changed.view(bool)] = 0
+            self._age = _aged(self._age, _changed(image, self._image, self.config.image_threshold, self.config.dilate))
         self._image, self._last_ns = image.copy(), stamp_ns
-        conf = confidence.astype(np.float32) / 255.0 if confidence.dtype == np.uint8 else confidence.astype(np.float32)
         n = self.config.frames
-        self._labels = [labels] + self._labels[: n - 1]
-        self._conf = [np.maximum(conf, 1e-3)] + self._conf[: n - 1]  # a zero-confidence label still votes a little
-        self._published_conf = [confidence] + self._published_conf[: n - 1]
-        # weight of each kept frame's label: the confidences of the counted frames that agree with it
+        history, confs, published = self._labels, self._conf, self._published_conf
+        self._labels = [labels] + history[: n - 1]
+        self._published_conf = [confidence] + published[: n - 1]
+        self._conf = [None] + confs[: n - 1]  # as votes, filled lazily (only pixels in dispute need them)
         age = self._age
-        best_w = np.zeros(labels.shape, np.float32)
-        out_labels, out_conf = labels, confidence
-        for k in range(len(self._labels)):  # newest first: a tie keeps the newer label
-            if k and not (age >= k).any():
-                break
-            w = np.zeros(labels.shape, np.float32)
-            for j in range(len(self._labels)):
-                counted = self._labels[j] == self._labels[k]
+        # Pixels in dispute: some counted older vote differs from this frame's label. Elsewhere the vote is
+        # unanimous and the output is this frame's label; the full vote runs on the disputed pixels only.
+        dispute = np.zeros(labels.shape, bool)
+        for j in range(1, len(self._labels)):
+            dispute |= (self._labels[j] != labels) & (age >= j)
+        idx = np.flatnonzero(dispute)
+        if idx.size == 0:
+            return labels, confidence
+        votes_l = [lab.reshape(-1)[idx] for lab in self._labels]
+        votes_c = [_as_vote(c.reshape(-1)[idx]) for c in self._published_conf]
+        a = age.reshape(-1)[idx]
+        best_w = np.full(idx.size, -1.0, np.float32)
+        pick = np.zeros(idx.size, np.int64)
+        for k in range(len(votes_l)):  # newest first: a tie keeps the newer label
+            w = np.zeros(idx.size, np.float32)
+            for j in range(len(votes_l)):
+                counted = votes_l[j] == votes_l[k]
                 if j:
-                    counted &= age >= j
-                w += np.where(counted, self._conf[j], 0.0)
+                    counted &= a >= j
+                w += np.where(counted, votes_c[j], 0.0)
             if k:
-                w[age < k] = 0.0
-                better = w > best_w
-                out_labels = np.where(better, self._labels[k], out_labels)
-                out_conf = np.where(better, self._published_conf[k], out_conf)
+                w[a < k] = -1.0
+            better = w > best_w
+            pick[better] = k
             best_w = np.maximum(best_w, w)
-        return out_labels, out_conf
+        out_l, out_c = labels.copy(), confidence.copy()
+        stack_l = np.stack(votes_l)
+        stack_c = np.stack([c.reshape(-1)[idx] for c in self._published_conf])
+        cols = np.arange(idx.size)
+        out_l.reshape(-1)[idx] = stack_l[pick, cols]
+        out_c.reshape(-1)[idx] = stack_c[pick, cols]
+        return out_l, out_c
+
+
+def _as_vote(conf: np.ndarray) -> np.ndarray:
+    """Confidences as vote weights: float in (0, 1] (uint8 wire values scaled; a zero still votes a little)."""
+    c = conf.astype(np.float32) / 255.0 if conf.dtype == np.uint8 else conf.astype(np.float32)
+    return np.maximum(c, 1e-3)
+
+
+def _changed(image: np.ndarray, previous: np.ndarray, threshold: int, dilate: int) -> np.ndarray:
+    """uint8 mask (255 = changed) of the pixels whose largest channel difference exceeds ``threshold``, grown."""
+    diff = cv2.absdiff(image, previous)
+    if diff.ndim == 3:
+        planes = cv2.split(diff)
+        diff = planes[0]
+        for plane in planes[1:]:
+            diff = cv2.max(diff, plane)
+    _, mask = cv2.threshold(diff, threshold, 255, cv2.THRESH_BINARY)
+    if dilate:
+        mask = cv2.dilate(mask, np.ones((2 * dilate + 1, 2 * dilate + 1), np.uint8))
+    return mask
+
+
+def _aged(age: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """Frames since the last change per pixel: +1 (capped at :data:`MAX_FRAMES`), 0 where ``changed``."""
+    older = cv2.min(cv2.add(age, 1), MAX_FRAMES)
+    return cv2.bitwise_and(older, cv2.bitwise_not(changed))

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
 
+import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -45,8 +46,8 @@ class _Track:
     class_id: int
     last_ns: int
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1 (full resolution, inclusive)
-    center: np.ndarray  # (2,) x, y (full resolution)
-    velocity: Optional[np.ndarray] = None  # (2,) px per second
+    center: tuple[float, float]  # x, y (full resolution)
+    velocity: Optional[tuple[float, float]] = None  # px per second
     centroid: Optional[np.ndarray] = None  # (3,) metres, None when unknown
     small: Optional[np.ndarray] = None  # the sampled index map of the frame it was last seen in
     index: int = -1  # its segment index in that map
@@ -152,6 +153,9 @@ def _assign(score: np.ndarray, min_score: float) -> list[tuple[int, int]]:
     """Optimal one-to-one pairs (row, col) maximising ``score``; pairs below ``min_score`` are dropped."""
     if score.size == 0:
         return []
+    ok = score >= min_score
+    if (ok.sum(axis=0) <= 1).all() and (ok.sum(axis=1) <= 1).all():  # unambiguous (the usual case): no solver
+        return [(int(r), int(c)) for r, c in zip(*np.nonzero(ok))]
     rows, cols = linear_sum_assignment(score, maximize=True)
     return [(int(r), int(c)) for r, c in zip(rows, cols) if score[r, c] >= min_score]
 
@@ -235,16 +239,21 @@ class InstanceTracker:
 
         out = np.zeros(len(segments), np.uint32)
         thing = [k for k, s in enumerate(segments) if s.is_thing]
+        meta = np.array([(s.id, s.class_id, *s.bbox) for s in segments if s.is_thing], np.int64).reshape(-1, 6)
         h, w = ids_map.shape
         stride = sample_stride(h, w)
-        small_ids = ids_map[::stride, ::stride]
+        small_ids = np.ascontiguousarray(ids_map[::stride, ::stride])
         # this frame's thing segments as 0..n-1 in the sample; -1 elsewhere
         n = len(thing)
-        seg_ids = np.array([segments[k].id for k in thing], np.int64)
-        max_id = int(max((s.id for s in segments), default=0))
-        if 0 <= int(small_ids.min(initial=0)) and max_id < 4 * small_ids.size + 65536:
-            lut = np.full(max(max_id, int(small_ids.max(initial=0))) + 2, -1, np.int32)
-            lut[seg_ids] = np.arange(n, dtype=np.int32)
+        seg_ids = meta[:, 0]
+        if small_ids.dtype == np.int32:
+            lo, hi = (int(v) for v in cv2.minMaxLoc(small_ids)[:2])
+        else:
+            lo, hi = int(small_ids.min(initial=0)), int(small_ids.max(initial=0))
+        max_id = max(hi, int(seg_ids.max(initial=0)))
+        if lo >= 0 and int(seg_ids.min(initial=0)) >= 0 and max_id < 4 * small_ids.size + 65536:
+            lut = np.full(max_id + 2, -1, np.int16 if n < 32767 else np.int32)
+            lut[seg_ids] = np.arange(n)
             cur = lut[small_ids]
         else:  # sparse or negative ids: a sorted search
             cur = np.full(small_ids.shape, -1, np.int32)
@@ -253,18 +262,16 @@ class InstanceTracker:
                 pos = np.clip(np.searchsorted(seg_ids[order], small_ids), 0, n - 1)
                 hit = seg_ids[order][pos] == small_ids
                 cur[hit] = order[pos[hit]]
-        cur = np.ascontiguousarray(cur, dtype=np.int16 if n < 32767 else np.int32)
+            cur = cur.astype(np.int16 if n < 32767 else np.int32)
         flat = cur.ravel()
-        area = np.bincount(flat.astype(np.int64) + 1, minlength=n + 1)[1:].astype(np.float64)
-        cls = np.array([segments[k].class_id for k in thing], np.int64)
-        boxes = np.array([(segments[k].bbox[0], segments[k].bbox[1], segments[k].bbox[0] + segments[k].bbox[2] - 1,
-                           segments[k].bbox[1] + segments[k].bbox[3] - 1) for k in thing], np.float64).reshape(-1, 4)
+        shifted = flat.astype(np.int64) + 1
+        area = np.bincount(shifted, minlength=n + 1)[1:].astype(np.float64)
+        cls = meta[:, 1]
+        boxes = np.concatenate([meta[:, 2:4], meta[:, 2:4] + meta[:, 4:6] - 1], axis=1).astype(np.float64)
         # centres from the sample (mask centroid; the box centre for segments too small to be sampled)
-        ws = cur.shape[1]
-        idx = np.flatnonzero(flat >= 0)
-        fl = flat[idx].astype(np.int64)
-        cx = np.bincount(fl, weights=(idx % ws).astype(np.float64), minlength=n) * stride
-        cy = np.bincount(fl, weights=(idx // ws).astype(np.float64), minlength=n) * stride
+        gx, gy = self._grid(cur.shape, stride)
+        cx = np.bincount(shifted, weights=gx, minlength=n + 1)[1:]
+        cy = np.bincount(shifted, weights=gy, minlength=n + 1)[1:]
         centers = np.where(area[:, None] > 0, np.stack([cx, cy], 1) / np.maximum(area, 1)[:, None],
                            (boxes[:, :2] + boxes[:, 2:]) / 2.0) if n else np.zeros((0, 2))
         cent3 = centroids[thing] if centroids is not None else None
@@ -274,7 +281,7 @@ class InstanceTracker:
         prev = self._prev
         if n and prev and self._prev_small is not None and self._prev_small.shape == cur.shape:
             m = len(prev)
-            pairs = (self._prev_small.ravel().astype(np.int64) + 1) * (n + 1) + flat + 1
+            pairs = (self._prev_small.ravel().astype(np.int64) + 1) * (n + 1) + shifted
             inter = np.bincount(pairs, minlength=(m + 1) * (n + 1)).reshape(m + 1, n + 1)
             prev_area = inter[1:].sum(axis=1).astype(np.float64)
             inter = inter[1:, 1:].astype(np.float64)
@@ -323,19 +330,22 @@ class InstanceTracker:
                 gone[r].velocity = None  # it turned round out of view
         # Update matched tracks, start new ones.
         cur_tracks: list[_Track] = []
-        for j in range(n):
+        box_list, center_list, cls_list = boxes.tolist(), centers.tolist(), cls.tolist()
+        finite3 = np.isfinite(cent3).all(axis=1) if cent3 is not None else None
+        for j in range(n):  # plain Python floats: this loop runs for every segment of every frame
             t = match.get(j)
-            c3 = cent3[j] if cent3 is not None and np.isfinite(cent3[j]).all() else None
-            bbox = tuple(float(v) for v in boxes[j])
+            c3 = cent3[j] if finite3 is not None and finite3[j] else None
+            cx_j, cy_j = center_list[j]
             if t is None:
-                t = _Track(self._new_id(), int(cls[j]), stamp_ns, bbox, centers[j].copy(), centroid=c3)  # type: ignore[arg-type]
+                t = _Track(self._new_id(), cls_list[j], stamp_ns, tuple(box_list[j]), (cx_j, cy_j), centroid=c3)
                 self._tracks.append(t)
             else:
                 dt = (stamp_ns - t.last_ns) / 1e9
                 if dt > 0:
-                    v = (centers[j] - t.center) / dt
-                    t.velocity = v if t.velocity is None else 0.5 * t.velocity + 0.5 * v
-                t.last_ns, t.bbox, t.center, t.hits = stamp_ns, bbox, centers[j].copy(), t.hits + 1  # type: ignore[assignment]
+                    vx, vy = (cx_j - t.center[0]) / dt, (cy_j - t.center[1]) / dt
+                    t.velocity = (vx, vy) if t.velocity is None else (0.5 * (t.velocity[0] + vx),
+                                                                        0.5 * (t.velocity[1] + vy))
+                t.last_ns, t.bbox, t.center, t.hits = stamp_ns, tuple(box_list[j]), (cx_j, cy_j), t.hits + 1
                 if c3 is not None:
                     t.centroid = c3
             t.small, t.index = cur, j
@@ -343,6 +353,15 @@ class InstanceTracker:
             out[thing[j]] = t.id
         self._prev, self._prev_small = cur_tracks, cur
         return out
+
+    def _grid(self, shape: tuple[int, int], stride: int) -> tuple[np.ndarray, np.ndarray]:
+        """Full-resolution x and y of every sampled pixel (cached per sample shape)."""
+        key = (shape, stride)
+        if getattr(self, "_grid_key", None) != key:
+            ys, xs = np.mgrid[0: shape[0], 0: shape[1]]
+            self._grid_key, self._grid_xy = key, ((xs * stride).ravel().astype(np.float64),
+                                                  (ys * stride).ravel().astype(np.float64))
+        return self._grid_xy
 
     def _gate(self, iou: np.ndarray, tracks: list, cls: np.ndarray, cent3: Optional[np.ndarray], stamp_ns: int) -> None:
         """Zero the pairs of different classes, and (with centroids) of 3D positions too far apart."""
@@ -364,7 +383,7 @@ class InstanceTracker:
                        cols: np.ndarray, boxes: np.ndarray, stamp_ns: int) -> np.ndarray:
         """IoU of track ``t``'s last mask, moved by its velocity to ``stamp_ns``, with segments ``cols``."""
         dt = max((stamp_ns - t.last_ns) / 1e9, 0.0)
-        shift = t.velocity * dt if t.velocity is not None else np.zeros(2)
+        shift = (t.velocity[0] * dt, t.velocity[1] * dt) if t.velocity is not None else (0.0, 0.0)
         x0, y0, x1, y1 = t.bbox
         pbox = np.array([[x0 + shift[0], y0 + shift[1], x1 + shift[0], y1 + shift[1]]])
         box_iou = _box_iou(pbox, boxes[cols])[0]
