@@ -238,3 +238,20 @@ def test_noise_free_sequences_meet_the_targets() -> None:
     for scene in (SceneConfig(frames=90, seed=0), SceneConfig(frames=90, seed=1, pan=0.3, drop=0.15)):
         m = evaluate_synthetic(scene)
         assert m["IDF1"] >= 0.95 and m["IDSW_per_100"] <= 1.0, (scene, m)
+
+
+def test_predicted_instances_with_sparse_ids_are_tracked() -> None:
+    """A method's own instances (FC-CLIP) may carry any ids, also overlapping objects of one class: the tracker
+    takes the segments as given (no connected components)."""
+    def predicted(x: int, ids: tuple[int, int]) -> PanopticResult:
+        m = np.zeros((60, 80), np.int32)
+        m[10:30, x: x + 15] = ids[0]
+        m[10:30, x + 15: x + 30] = ids[1]  # two touching chairs: one component, two instances
+        segs = [Segment(ids[0], 1, True, 0.9, 300, (x, 10, 15, 20)), Segment(ids[1], 1, True, 0.9, 300, (x + 15, 10, 15, 20))]
+        return PanopticResult(m, segs)
+
+    tr = InstanceTracker()
+    first = tr.update(predicted(5, (7, 5_000_000)), 0)
+    for k in range(1, 6):  # ids change every frame, as a per-frame model's do
+        got = tr.update(predicted(5 + 2 * k, (100 + k, 9 + k)), k * 33 * MS)
+        assert got.tolist() == first.tolist()
