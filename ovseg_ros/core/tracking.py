@@ -210,8 +210,8 @@ class InstanceTracker:
         """Track ids (uint32, one per ``panoptic.segments`` entry; 0 for stuff) of this frame.
 
         ``stamp_ns``: the frame's stamp (ROS time). ``context``: anything identifying what produced the
-        segments (vocabulary revision, model); a change resets the tracks (counted as "vocabulary"). ``centroids``: optional (S, 3) 3D
-        centroid per segment in metres (NaN rows where unknown).
+        segments (vocabulary revision, model); a change resets the tracks (counted as "vocabulary").
+        ``centroids``: optional (S, 3) 3D centroid per segment in metres (NaN rows where unknown).
         """
         ids_map = panoptic.segment_ids
         if ids_map.ndim != 2:

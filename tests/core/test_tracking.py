@@ -247,7 +247,8 @@ def test_predicted_instances_with_sparse_ids_are_tracked() -> None:
         m = np.zeros((60, 80), np.int32)
         m[10:30, x: x + 15] = ids[0]
         m[10:30, x + 15: x + 30] = ids[1]  # two touching chairs: one component, two instances
-        segs = [Segment(ids[0], 1, True, 0.9, 300, (x, 10, 15, 20)), Segment(ids[1], 1, True, 0.9, 300, (x + 15, 10, 15, 20))]
+        segs = [Segment(ids[0], 1, True, 0.9, 300, (x, 10, 15, 20)),
+                Segment(ids[1], 1, True, 0.9, 300, (x + 15, 10, 15, 20))]
         return PanopticResult(m, segs)
 
     tr = InstanceTracker()
