@@ -120,22 +120,24 @@ class LabelFilter:
         if idx.size == 0:
             return labels, confidence
         votes_l = [lab.reshape(-1)[idx] for lab in self._labels]
-        votes_c = [_as_vote(c.reshape(-1)[idx]) for c in self._published_conf]
         a = age.reshape(-1)[idx]
-        best_w = np.full(idx.size, -1.0, np.float32)
+        # each frame's vote weight, 0 where it is not counted (older than the pixel's last change)
+        weight = [_as_vote(c.reshape(-1)[idx]) for c in self._published_conf]
+        for j in range(1, len(weight)):
+            weight[j] *= a >= j
+        # a label's support: the weights of every frame that voted for it (pairwise equalities computed once)
+        support = [w.copy() for w in weight]
+        for j in range(len(votes_l)):
+            for k in range(j + 1, len(votes_l)):
+                same = votes_l[j] == votes_l[k]
+                support[j] += weight[k] * same
+                support[k] += weight[j] * same
+        best_w = support[0]
         pick = np.zeros(idx.size, np.int64)
-        for k in range(len(votes_l)):  # newest first: a tie keeps the newer label
-            w = np.zeros(idx.size, np.float32)
-            for j in range(len(votes_l)):
-                counted = votes_l[j] == votes_l[k]
-                if j:
-                    counted &= a >= j
-                w += np.where(counted, votes_c[j], 0.0)
-            if k:
-                w[a < k] = -1.0
-            better = w > best_w
+        for k in range(1, len(votes_l)):  # newest first: a tie keeps the newer label
+            better = (support[k] > best_w) & (a >= k)
             pick[better] = k
-            best_w = np.maximum(best_w, w)
+            best_w = np.where(better, support[k], best_w)
         out_l, out_c = labels.copy(), confidence.copy()
         stack_l = np.stack(votes_l)
         stack_c = np.stack([c.reshape(-1)[idx] for c in self._published_conf])

@@ -230,9 +230,10 @@ class InstanceTracker:
         self._context, self._shape = context, ids_map.shape
         self.stats.frames += 1
         max_age_ns = int(self.config.max_age_s * 1e9)
-        # A track seen once (tentative: often speckle or half of a split) is kept only while matched at once.
+        # Tracks of the previous frame always stay candidates (max_age bounds the time *unmatched*); a track seen
+        # once (tentative: often speckle or half of a split) only while matched at once.
         self._tracks = [t for t in self._tracks
-                        if stamp_ns - t.last_ns <= max_age_ns and (t.hits > 1 or t.last_ns == self._last_ns)]
+                        if t.last_ns == self._last_ns or (t.hits > 1 and stamp_ns - t.last_ns <= max_age_ns)]
         alive = {id(t) for t in self._tracks}
         self._prev = [t if id(t) in alive else None for t in self._prev]  # type: ignore[misc]
         self._last_ns = stamp_ns

@@ -63,6 +63,14 @@ def test_short_miss_keeps_the_id_long_one_does_not_in_stamp_time() -> None:
     assert tr.update(frame(obj), 1_000 * MS)[1] != first[1]  # 0.6 s > max_age (stamp time, not wall time)
 
 
+def test_max_age_zero_still_associates_consecutive_frames() -> None:
+    tr = InstanceTracker(TrackerConfig(max_age_s=0.0))
+    ids = {int(tr.update(frame([(1, 20 + k, 20, 12, 12)]), k * 33 * MS)[1]) for k in range(5)}
+    assert len(ids) == 1
+    tr.update(frame([]), 200 * MS)
+    assert int(tr.update(frame([(1, 25, 20, 12, 12)]), 233 * MS)[1]) not in ids  # one frame unmatched: gone
+
+
 def test_split_for_one_frame_keeps_the_old_id() -> None:
     tr = InstanceTracker()
     whole = [(1, 20, 20, 20, 12)]
