@@ -79,14 +79,18 @@ def wire_labels(labels: np.ndarray, vocabulary: Vocabulary) -> tuple[np.ndarray,
         table = np.full(256, 255, np.uint8)
         table[:n] = ids
         return cv2.LUT(codes, table), encoding, unlabeled
-    dtype = np.uint8 if encoding == "mono8" else np.uint16
-    lut = np.full(n + 1, unlabeled, dtype)
-    lut[1:] = ids
-    pos = labels.astype(np.int64)
+    lut = np.empty(n + 1, np.uint8 if encoding == "mono8" else np.uint16)
+    lut[:n] = ids
+    lut[n] = unlabeled  # position -1 indexes the last entry
+    if labels.dtype in (np.int32, np.int16) and labels.ndim == 2 and labels.size:
+        lo, hi, _, _ = cv2.minMaxLoc(labels)
+        if lo >= -1 and hi < n:  # the core's contract: one gather
+            return lut.take(labels), encoding, unlabeled
+    pos = labels.astype(np.int64)  # anything else: unknown values become unlabeled
     if labels.dtype in (np.uint8, np.uint16):  # already in a wire dtype: its max value is "unlabeled"
         pos[labels == np.iinfo(labels.dtype).max] = -1
     pos[(pos < -1) | (pos >= n)] = -1
-    return lut[pos + 1], encoding, unlabeled
+    return lut.take(pos), encoding, unlabeled
 
 
 def encode_confidence(confidence: np.ndarray) -> np.ndarray:

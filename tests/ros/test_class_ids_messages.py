@@ -41,6 +41,14 @@ def test_wire_labels_map_positions_to_ids(n: int, ids: list[int], encoding: str)
         np.testing.assert_array_equal(messages.wire_labels(codes, vocab(n, ids))[0], out)
 
 
+def test_values_outside_the_vocabulary_become_unlabeled() -> None:
+    messages = messages_or_skip()
+    labels = np.array([[-1, 0, 1, 2, 3, 999, -5]], np.int32)
+    for ids, unlabeled in (([7, 0, 254], 255), ([7, 0, 300], 65535)):
+        out, _, _ = messages.wire_labels(labels, vocab(3, ids))
+        assert out.tolist() == [[unlabeled, ids[0], ids[1], ids[2], unlabeled, unlabeled, unlabeled]]
+
+
 def test_identity_ids_are_the_old_encoding() -> None:
     messages = messages_or_skip()
     labels = np.array([[-1, 0], [1, 2]], np.int32)
