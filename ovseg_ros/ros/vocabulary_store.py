@@ -35,8 +35,9 @@ from ..core.vocabulary import ClassSpec, Vocabulary, VocabularyError
 FORMAT = "ovseg_ros/runtime_vocabulary/1"
 #: A runtime vocabulary is at most max_vocabulary_classes (<= 65534) classes of bounded texts.
 MAX_FILE_BYTES = 64 << 20
-#: Revisions are uint32 in the messages.
-MAX_REVISION = 2**32 - 1
+#: Revisions are uint32 in the messages; a saved counter beyond half that range is refused as corrupt (a node
+#: that really counted so far would still have 2**31 changes left before the messages overflow).
+MAX_REVISION = 2**31 - 1
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ def test_another_node_name_or_namespace_has_its_own_file(tmp_path: Path) -> None
     (b'{"format": "something else", "revision": 3}', 3),
     (b"[" * 100000, 0),  # nesting bomb
     (b'{"format": "ovseg_ros/runtime_vocabulary/1", "node": "/robot/segment_node", "revision": -1}', 0),
+    (b'{"format": "ovseg_ros/runtime_vocabulary/1", "node": "/robot/segment_node", "revision": 4294967295}', 0),
 ])
 def test_a_corrupt_file_is_ignored_with_a_warning(tmp_path: Path, content: bytes, revision: int) -> None:
     store = VocabularyStore(tmp_path, "/robot/segment_node")
