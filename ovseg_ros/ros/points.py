@@ -74,6 +74,67 @@ def stamp_ns(header: Any) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
+def camera_model(msg: CameraInfo) -> _CameraModel:
+    """The projection of a depth camera_info; raises DepthError for an unusable one."""
+    intr = dp.intrinsics_from_camera_info(msg.k, msg.p, msg.width, msg.height, msg.d)
+    return _CameraModel(intr, dp.intrinsics_source(msg.p, msg.d), msg.header.frame_id)
+
+
+class CloudBuilder:
+    """Builds the semantic ``PointCloud2`` of one frame; shared by the node and ``ovseg-bag`` (one implementation).
+
+    The message buffer is reused frame to frame: a message is valid until the next ``build`` (the node
+    publishes it, ovseg-bag serializes it, before building the next one).
+    """
+
+    def __init__(self, options: PointsOptions, warn: Callable[[str], None] = lambda text: None) -> None:
+        self._opts = options
+        self._warn = warn
+        self._frame_warned = False
+        self._data = array.array("B")
+        self._data_f32: Optional[np.ndarray] = None
+
+    def build(self, header: Any, labels: np.ndarray, confidence: np.ndarray, rgb: Optional[np.ndarray],
+              unlabeled_id: int, depth_msg: Image, camera: Optional[_CameraModel], info_topic: str) -> PointCloud2:
+        """The cloud of a frame (``rgb`` None: no colour field); raises DepthError for unusable inputs."""
+        if camera is None:
+            raise dp.DepthError(f"no valid camera_info received on {info_topic}: cannot project depth")
+        h, w = labels.shape
+        if confidence.shape != (h, w):
+            raise dp.DepthError(f"confidence {confidence.shape} and labels {(h, w)} differ")
+        dh, dw = int(depth_msg.height), int(depth_msg.width)
+        dp.check_aspect((dh, dw), (h, w), f"depth {depth_msg.encoding}")
+        intr = camera.intrinsics
+        dp.check_aspect((intr.height, intr.width), (h, w), "camera_info")
+        if depth_msg.header.frame_id != header.frame_id and not self._frame_warned:
+            self._frame_warned = True
+            self._warn(
+                f"depth frame {depth_msg.header.frame_id!r} differs from the colour frame "
+                f"{header.frame_id!r}: the cloud uses the colour frame; the depth must be registered to it")
+        metres = dp.depth_msg_to_metres(depth_msg, self._opts.max_pixels)
+        metres = dp.resample_nearest(metres, h, w)
+        if rgb is not None and rgb.shape[:2] != (h, w):
+            rgb = dp.resample_nearest(rgb, h, w)
+        layout = dp.cloud_layout(rgb is not None)
+        size = h * w * layout.point_step
+        if len(self._data) != size:
+            self._data_f32 = None  # release the exported view before resizing
+            self._data = array.array("B", bytes(size))
+            self._data_f32 = np.frombuffer(self._data, dtype=np.float32)
+        dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth, labels,
+                          confidence.astype(np.float32, copy=False), unlabeled_id, rgb, out=self._data_f32)
+        msg = PointCloud2()
+        msg.header = header
+        msg.height, msg.width = h, w
+        msg.fields = [PointField(name=n, offset=o, datatype=t, count=c) for n, o, t, c in layout.fields]
+        msg.is_bigendian = dp.is_bigendian()
+        msg.point_step = layout.point_step
+        msg.row_step = layout.point_step * w
+        msg.is_dense = False
+        msg.data = self._data  # by reference: the setter keeps an array('B') as is
+        return msg
+
+
 class SemanticPointsOutput:
     """Depth + camera_info subscriptions, the time matcher and the ``PointCloud2`` publisher of one camera."""
 
@@ -108,15 +169,13 @@ class SemanticPointsOutput:
         self._stale = 0  # late clouds whose vocabulary was replaced before their depth image came
         self._last_refusal = ""
         self._last_error = ""
-        self._frame_warned = False
         self._health_mark = (0, 0, 0)  # (matched, unmatched, published) at the last health() call
         self._ms: deque = deque(maxlen=100)
-        # The message buffer, reused frame to frame (publish copies it into the middleware synchronously); the
-        # emit lock serialises building + publishing (frames are emitted from the publishing thread and from
-        # the depth callback).
+        # The builder reuses its message buffer frame to frame (publish copies it into the middleware
+        # synchronously); the emit lock serialises building + publishing (frames are emitted from the publishing
+        # thread and from the depth callback).
         self._emit_lock = threading.Lock()
-        self._data = array.array("B")
-        self._data_f32: Optional[np.ndarray] = None
+        self._builder = CloudBuilder(self._opts, lambda text: self._log.warning(text))
         qos = qos if qos is not None else input_qos()
         self._depth_topic, self._info_topic = depth_topic, camera_info_topic
         self._pub = node.create_publisher(PointCloud2, points_topic, output_qos())
@@ -137,10 +196,9 @@ class SemanticPointsOutput:
     # --- callbacks ---------------------------------------------------------------------------------------
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
-            intr = dp.intrinsics_from_camera_info(msg.k, msg.p, msg.width, msg.height, msg.d)
-            source = dp.intrinsics_source(msg.p, msg.d)
+            camera = camera_model(msg)
             with self._lock:
-                self._camera = _CameraModel(intr, source, msg.header.frame_id)
+                self._camera = camera
         except dp.DepthError as exc:
             self._refuse(f"camera_info refused: {exc}", info=True)
         except Exception as exc:  # noqa: BLE001  (a malformed message must not take the node down)
@@ -234,44 +292,8 @@ class SemanticPointsOutput:
     def _cloud(self, frame: _Frame, depth_msg: Image) -> PointCloud2:
         with self._lock:
             camera = self._camera
-        if camera is None:
-            raise dp.DepthError(f"no valid camera_info received on {self._info_topic}: cannot project depth")
-        h, w = frame.labels.shape
-        if frame.confidence.shape != (h, w):
-            raise dp.DepthError(f"confidence {frame.confidence.shape} and labels {(h, w)} differ")
-        dh, dw = int(depth_msg.height), int(depth_msg.width)
-        dp.check_aspect((dh, dw), (h, w), f"depth {depth_msg.encoding}")
-        intr = camera.intrinsics
-        dp.check_aspect((intr.height, intr.width), (h, w), "camera_info")
-        if depth_msg.header.frame_id != frame.header.frame_id and not self._frame_warned:
-            self._frame_warned = True
-            self._log.warning(
-                f"depth frame {depth_msg.header.frame_id!r} differs from the colour frame "
-                f"{frame.header.frame_id!r}: the cloud uses the colour frame; the depth must be registered to it")
-        metres = dp.depth_msg_to_metres(depth_msg, self._opts.max_pixels)
-        metres = dp.resample_nearest(metres, h, w)
-        rgb = frame.rgb
-        if rgb is not None and rgb.shape[:2] != (h, w):
-            rgb = dp.resample_nearest(rgb, h, w)
-        layout = dp.cloud_layout(rgb is not None)
-        size = h * w * layout.point_step
-        if len(self._data) != size:
-            self._data_f32 = None  # release the exported view before resizing
-            self._data = array.array("B", bytes(size))
-            self._data_f32 = np.frombuffer(self._data, dtype=np.float32)
-        dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth, frame.labels,
-                          frame.confidence.astype(np.float32, copy=False), frame.unlabeled_id, rgb,
-                          out=self._data_f32)
-        msg = PointCloud2()
-        msg.header = frame.header
-        msg.height, msg.width = h, w
-        msg.fields = [PointField(name=n, offset=o, datatype=t, count=c) for n, o, t, c in layout.fields]
-        msg.is_bigendian = dp.is_bigendian()
-        msg.point_step = layout.point_step
-        msg.row_step = layout.point_step * w
-        msg.is_dense = False
-        msg.data = self._data  # by reference: the setter keeps an array('B') as is
-        return msg
+        return self._builder.build(frame.header, frame.labels, frame.confidence, frame.rgb, frame.unlabeled_id,
+                                   depth_msg, camera, self._info_topic)
 
     # --- bookkeeping -----------------------------------------------------------------------------------
     def _refuse(self, reason: str, info: bool = False) -> None:
