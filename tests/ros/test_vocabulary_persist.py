@@ -74,3 +74,60 @@ def test_a_reconfigure_continues_ids_and_revisions_and_restores_the_vocabulary(n
     again = change(node, ["floor", "wall", "person"])
     assert again.success and list(again.class_ids) == [0, 1, 2]
 
+
+
+def test_mask_cloud_panoptic_and_info_of_a_frame_carry_the_same_stable_ids(node: SegmentNode) -> None:
+    """Every output of one frame goes through the same id look-up (the cloud's labels equal the mask)."""
+    import time
+
+    import numpy as np
+    from std_msgs.msg import Header
+
+    from ovseg_ros.core.segmenters.color_key import key_colors
+    from ovseg_ros.ros.mailbox import Frame
+    from ovseg_ros.ros.pipeline import Item
+
+    resp = change(node, ["wall", "person", "tree"])  # wall 1, person 2, tree 3: ids are not positions
+    assert resp.success and list(resp.class_ids) == [1, 2, 3]
+    node.set_parameters([Parameter("publish_panoptic", value=True)])
+    published: dict[str, Any] = {}
+    cloud: dict[str, Any] = {}
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def publish(self, msg: Any) -> None:
+            published[self.name] = msg
+
+        def get_subscription_count(self) -> int:
+            return 0
+
+    class Points:
+        def publish(self, header: Any, labels: Any, confidence: Any, image: Any, unlabeled_id: int = 0,
+                    **_: Any) -> None:
+            cloud.update(labels=np.asarray(labels), unlabeled=unlabeled_id)
+
+        def destroy(self) -> None:
+            pass
+
+    cam = node.cameras[0]
+    cam.pubs = {k: Recorder(k) for k in cam.pubs}
+    cam.points = Points()
+    with node._publish_lock:
+        node._is_active = True  # publish without subscribing to a camera
+    image = np.zeros((8, 12, 3), np.uint8)
+    for k in range(3):
+        image[:, 4 * k:4 * k + 4] = key_colors(3)[k]
+    binding = node.vocab.binding
+    result = node.segmenter.segment(image, binding.state)
+    h = Header()
+    h.stamp.sec, h.frame_id = 7, "cam"
+    node._publish_item(Item(cam, Frame(h, image, time.monotonic()), result, binding, 0, 1.0))
+    mask = np.frombuffer(bytes(published["labels"].data), np.uint8).reshape(8, 12)
+    assert mask[0, ::4].tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(cloud["labels"], mask)
+    assert cloud["unlabeled"] == 255
+    assert sorted(published["info"].class_ids) == [1, 2, 3]
+    assert sorted(s.class_id for s in published["panoptic"].segments) == [1, 2, 3]
+    assert {s.class_id: s.class_name for s in published["panoptic"].segments} == {1: "wall", 2: "person", 3: "tree"}
