@@ -233,8 +233,8 @@ class SegmentNode(LifecycleNode):
             self._diag_period = cfg.diagnostics_period
             self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
         self.get_logger().info(
-            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocab_state.vocabulary)} classes, "
-            f"{len(self._cameras)} camera(s)"
+            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, "
+            f"{len(vocab_state.vocabulary)} classes, {len(self._cameras)} camera(s)"
         )
         self._last_transition_error = ""
         return SUCCESS

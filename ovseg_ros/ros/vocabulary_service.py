@@ -339,11 +339,9 @@ class VocabularyService:
         return resp
 
 
-def _with_revision(state: Any, revision: int) -> Any:
-    """``state`` with revision ``revision`` and no assigned ids (positions): a first vocabulary (ovseg-bag)."""
-    return dataclasses.replace(state, vocabulary=state.vocabulary.with_revision(revision))
-
-
 def _no_converter(msg: Any) -> np.ndarray:
     raise ConversionError("request images cannot be converted here (no converter set)")
 
+
+def _with_revision(state: Any, revision: int) -> Any:
+    return dataclasses.replace(state, vocabulary=state.vocabulary.with_revision(revision))

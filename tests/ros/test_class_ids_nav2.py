@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
