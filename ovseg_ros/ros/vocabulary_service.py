@@ -159,7 +159,8 @@ class VocabularyService:
                 state, table = self._with_ids(state, revision)
             self.revision = revision
             binding = Binding(self.generation, segmenter, state, segmenter_name, model_identity)
-            self._swap(binding, table)
+            self._commit_ids(binding.vocabulary, table)
+            self._swap(binding)
         return binding
 
     def rebind(self, state: Any) -> None:
@@ -186,16 +187,20 @@ class VocabularyService:
         vocab = vocab.with_revision(revision).with_ids(assignment.table.ids)
         return dataclasses.replace(state, vocabulary=vocab), assignment.table
 
-    def _swap(self, binding: Binding, table: ClassIdTable) -> None:
-        """Save, publish the latched vocabulary of ``binding``, then make it current (caller holds ``_lock``)."""
+    def _commit_ids(self, vocabulary: Vocabulary, table: ClassIdTable) -> None:
+        """Make ``table`` the current ids and save revision ``vocabulary.revision`` (caller holds ``_lock``). Call
+        it before the revision is published: a crash can then never have published an unsaved revision."""
         self.id_table = table
-        if self.store is not None:  # before publishing: a crash cannot have published an unsaved revision
+        if self.store is not None:
             try:
-                self.store.save(binding.vocabulary, table, self.configured_key)
+                self.store.save(vocabulary, table, self.configured_key)
             except OSError as exc:
                 self.node.get_logger().warning(
-                    f"could not persist vocabulary revision {binding.vocabulary.revision} to {self.store.path}: "
+                    f"could not persist vocabulary revision {vocabulary.revision} to {self.store.path}: "
                     f"{exc.strerror or type(exc).__name__}; it is in use but will not survive a restart")
+
+    def _swap(self, binding: Binding) -> None:
+        """Publish the latched vocabulary of ``binding``, then make it current (caller holds ``_lock``)."""
         stamp = self.node.get_clock().now().to_msg()
         with self.publish_lock:
             try:
@@ -254,7 +259,8 @@ class VocabularyService:
                 resp.revision = self.revision
                 return self._refused(resp)
             self.revision += 1
-            self._swap(dataclasses.replace(current, state=state), table)
+            self._commit_ids(state.vocabulary, table)
+            self._swap(dataclasses.replace(current, state=state))
             revision = self.revision
         n = len(vocab)
         preview = ", ".join(vocab.names[:8]) + (", ..." if n > 8 else "")
