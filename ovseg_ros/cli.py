@@ -213,6 +213,8 @@ def result_json(path: Path, result: SegmentationResult, seconds: float,
         "image": str(path),
         "size": [int(result.labels.shape[1]), int(result.labels.shape[0])],
         "unlabeled_id": unlabeled_value(len(vocab)),
+        # One run, one vocabulary: ids are positions (the node's stable ids matter only across changes).
+        "class_ids": "positions",
         "classes": [{"id": i, "name": c.name, "synonyms": list(c.synonyms), "is_thing": c.is_thing}
                     for i, c in enumerate(vocab.classes)],
         "present": {vocab.classes[int(c)].name: int(n) for c, n in zip(present, counts)},

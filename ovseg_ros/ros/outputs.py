@@ -74,7 +74,7 @@ def build_outputs(
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
     n = len(vocab)
-    labels, encoding = messages.encode_labels(result.labels, n)
+    labels, encoding, _ = messages.wire_labels(result.labels, vocab)  # positions -> the frame's own ids
     outputs: list[tuple[str, Any]] = [
         ("labels", numpy_to_image(labels, encoding, header)),
         ("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)),
@@ -95,5 +95,5 @@ def build_outputs(
         track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
         outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids)))
     outputs.append(("info", messages.info_msg(
-        header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, result.labels)))
+        header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs

@@ -253,6 +253,10 @@ PARAMS: tuple[ParamSpec, ...] = (
               "pixel counts as changed for temporal_filter=vote (its older votes are dropped).", range=(0, 255)),
     ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
               "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
+    ParamSpec("persist_vocabulary", True, "bool", "Restore the vocabulary set at run time (~/set_vocabulary) and "
+              "its class ids at configure, e.g. after a crash or a respawn; it is saved in cache_dir/runtime, one "
+              "file per node name. Revisions continue from the saved counter either way (empty cache_dir: "
+              "nothing is saved)."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 
@@ -383,6 +387,7 @@ class NodeConfig:
     temporal_filter: str = "none"
     temporal_frames: int = 3
     temporal_image_threshold: int = 10
+    persist_vocabulary: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -22,6 +22,7 @@ destroys a handle that a running callback may use (a call during cleanup is answ
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -36,7 +37,7 @@ from rclpy.qos import QoSProfile
 
 from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
-from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
+from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .camera import Camera, camera_specs, convert_image
 from .clock import ClockWatch, latency_ms, steady_clock
@@ -69,6 +70,7 @@ from .pipeline import Item, Pipeline
 from .points import PointsOptions
 from .qos import input_qos, latched_qos
 from .vocabulary_service import Binding, VocabularyService
+from .vocabulary_store import VocabularyStore, fingerprint, restore
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
@@ -223,7 +225,16 @@ class SegmentNode(LifecycleNode):
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
             )
-            vocab_state = segmenter.encode_vocabulary(vocabulary)
+            restored = self._restore_vocabulary(cfg, vocabulary)
+            vocab_state = None
+            if restored.vocabulary is not None:
+                try:
+                    vocab_state = segmenter.encode_vocabulary(restored.vocabulary)
+                except VocabularyError as exc:  # e.g. another segmenter whose limits it exceeds
+                    self.get_logger().warning(f"the restored vocabulary is refused by {cfg.segmenter}: "
+                                              f"{reason(exc)}; using the configured one")
+            if vocab_state is None:
+                vocab_state = segmenter.encode_vocabulary(vocabulary)
             identity = cfg.model_identity(segmenter)
         except Exception as exc:  # noqa: BLE001  (say what it was, stay unconfigured)
             prefix = "" if isinstance(exc, (VocabularyError, ValueError, OSError)) else f"{type(exc).__name__}: "
@@ -244,8 +255,8 @@ class SegmentNode(LifecycleNode):
             self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer,
                                                  clock=self._steady)
         self.get_logger().info(
-            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocabulary)} classes, "
-            f"{len(self._cameras)} camera(s)"
+            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, "
+            f"{len(vocab_state.vocabulary)} classes, {len(self._cameras)} camera(s)"
         )
         self._last_transition_error = ""
         return SUCCESS
@@ -303,6 +314,21 @@ class SegmentNode(LifecycleNode):
         self._last_transition_error = sanitize(f"{transition} failed: {why}")
         self.get_logger().error(self._last_transition_error)
         return FAILURE
+
+    def _restore_vocabulary(self, cfg: NodeConfig, configured: Vocabulary) -> Any:
+        """Continue revisions, class ids and (persist_vocabulary) the runtime vocabulary of a previous run."""
+        store = VocabularyStore(os.path.expanduser(cfg.cache_dir), self.get_fully_qualified_name()) \
+            if cfg.cache_dir else None
+        id_limit = messages.MONO8_MAX_CLASSES if cfg.nav2_compatible else MAX_CLASSES
+        restored = restore(store, configured, cfg.persist_vocabulary, id_limit)
+        if restored.vocabulary is not None and messages.nav2_vocabulary_error(len(restored.vocabulary),
+                                                                              cfg.nav2_compatible):
+            restored = dataclasses.replace(restored, vocabulary=None)
+        if restored.note:
+            log = self.get_logger().warning if restored.warning else self.get_logger().info
+            log(restored.note)
+        self.vocab.seed(store, restored.revision, restored.table, id_limit, fingerprint(configured))
+        return restored
 
     def _initial_vocabulary(self, cfg: NodeConfig) -> Vocabulary:
         if cfg.vocabulary:
@@ -385,10 +411,10 @@ class SegmentNode(LifecycleNode):
                 return
             cam.publish(outputs)
             if cam.points is not None:  # never raises; counts and logs its own refusals
-                labels = item.result.labels
+                labels, _, unlabeled_id = messages.wire_labels(item.result.labels, item.result.vocabulary)
                 binding = item.binding
                 cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
-                                   unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1],
+                                   unlabeled_id=unlabeled_id,
                                    current=lambda: self._is_active and binding is self.vocab.binding,
                                    received=item.frame.received)
         t2 = time.perf_counter()
