@@ -194,6 +194,26 @@ def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any,
     return msg
 
 
+def panoptic_from_msg(msg: PanopticSegmentation, vocabulary: Vocabulary) -> Any:
+    """The core PanopticResult a :func:`panoptic_msg` was built from (``vocabulary``: the one it was built with),
+    so that ``panoptic_msg(msg.header, vocabulary, panoptic_from_msg(msg, vocabulary), ids)`` rebuilds ``msg``
+    with other track ids; ValueError for a segment id image that is not 32SC1 of its declared size."""
+    from ..core.segmenter import PanopticResult, Segment
+
+    img = msg.segment_ids
+    if img.encoding != "32SC1" or img.step != 4 * img.width or len(img.data) != img.step * img.height:
+        raise ValueError(f"panoptic segment_ids: expected 32SC1 {img.width}x{img.height}, got {img.encoding} "
+                         f"with {len(img.data)} bytes")
+    dtype = np.dtype(np.int32).newbyteorder(">" if img.is_bigendian else "<")
+    ids = np.frombuffer(bytes(img.data), dtype).astype(np.int32).reshape(img.height, img.width)
+    position = {int(i): k for k, i in enumerate(vocabulary.ids)}  # published id -> position in the vocabulary
+    segments = [Segment(int(s.id), position.get(int(s.class_id), int(s.class_id)), bool(s.is_thing),
+                        float(s.score), int(s.area),
+                        (int(s.bbox.x_offset), int(s.bbox.y_offset), int(s.bbox.width), int(s.bbox.height)))
+                for s in msg.segments]
+    return PanopticResult(ids, segments)
+
+
 def info_msg(
     header: Any,
     vocabulary: Vocabulary,

@@ -6,6 +6,14 @@ Nothing here re-implements an output: the segmenter is configured from the node'
 :class:`.points.CloudBuilder`, all as rclpy messages, and serialized with ``rclpy.serialization`` - so a message
 in a bag is byte for byte the one the node publishes for the same frame (tests/ros/test_bag_tool.py).
 
+Tracking (``track_instances``, on by default) is the node's tracker (:class:`~ovseg_ros.core.video.VideoState`,
+one per camera) run as a sequential pass at merge time: the parts hold ``~/panoptic`` with track id 0, and
+:meth:`OfflineNode.track_panoptic` renumbers each camera's frames in time order through
+:func:`.outputs.panoptic_message` - so a sharded run, a resumed run and a one-process run give the same ids, the
+ids of a node fed the same frames. ``temporal_filter`` other than ``none`` is refused (:func:`check_offline`):
+the filter changes the labels every output is built from, frame after frame, which a chunked, sharded run cannot
+reproduce without segmenting in order.
+
 Differences from a live node, by necessity: no frame is dropped (``dropped_frames`` is 0), and
 ``latency_ms`` of ``~/info`` is the frame's processing time (inference + message building; there is no live
 clock to measure against). The depth pairing is the node's matcher (:mod:`.sync`) fed in recording order
@@ -26,6 +34,8 @@ from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..core import depth as dp
+from ..core.temporal import FilterConfig
+from ..core.video import VideoState
 from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .conversions import compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge, make_cv_bridge
@@ -35,6 +45,8 @@ from .outputs import (
     Palette,
     build_outputs,
     label_info_message,
+    panoptic_message,
+    video_context,
     vocabulary_message,
 )
 from .params import PARAMS, NodeConfig, find_vocabulary_preset, validate_all
@@ -61,6 +73,15 @@ def node_values(overrides: Mapping[str, Any]) -> dict[str, Any]:
     if reasons:
         raise ValueError("; ".join(reasons))
     return values
+
+
+def check_offline(cfg: NodeConfig) -> None:
+    """ValueError for node parameters ovseg-bag cannot reproduce."""
+    if cfg.temporal_filter != "none":
+        raise ValueError(f"temporal_filter: {cfg.temporal_filter!r} is not supported by ovseg-bag (the filter changes "
+                         "the labels of every output frame after frame, which chunked and sharded runs cannot "
+                         "reproduce); use temporal_filter: none (the node's default). Tracking (track_instances) "
+                         "is supported")
 
 
 def initial_vocabulary(cfg: NodeConfig) -> Vocabulary:
@@ -156,6 +177,7 @@ class OfflineNode:
 
     def __init__(self, cfg: NodeConfig, binding: Binding, node_name: str, cameras: list[CameraTopics],
                  outputs: set[str], timings: bool = True, log: Any = None) -> None:
+        check_offline(cfg)
         self.cfg, self.binding, self.node_name = cfg, binding, node_name
         self.cameras = {c.name: c for c in cameras}
         self.outputs = set(outputs) | {"labels", "confidence", "info"}
@@ -167,6 +189,11 @@ class OfflineNode:
         self._bridge = make_cv_bridge()
         self._label_info_cls = messages.label_info_type()
         self._points = {c.name: _CameraPoints(c, self._points_options(), log) for c in cameras if c.depth}
+        self._video: dict[str, VideoState] = {}  # panoptic topic -> its camera's tracker (track_panoptic)
+        for cam in cameras:
+            video = VideoState()
+            video.configure(cfg.track_instances, cfg.track_max_age, FilterConfig("none"))
+            self._video[self.topic(cam.name, "panoptic")] = video
 
     def _points_options(self) -> PointsOptions:
         c = self.cfg
@@ -239,6 +266,23 @@ class OfflineNode:
                 if name == "info":
                     msg.latency_ms = float(inference_ms + (time.perf_counter() - t0) * 1e3)
         return [(FRAME_OUTPUTS.index(name), self.topic(camera, name), serialize_message(msg)) for name, msg in built]
+
+    def track_panoptic(self, topic: str, raw: bytes, log_time: int) -> bytes:
+        """``~/panoptic`` of a part (track ids 0) with its camera's track ids, as the node numbers them: call it
+        for each camera's frames in time order, once per frame (the tracker's state runs from one to the next).
+        The frame's time is its stamp, the log time for an unset stamp (the node takes its clock's)."""
+        video = self._video[topic]
+        if not video.tracking:
+            return raw
+        msg = deserialize_message(raw, messages.PanopticSegmentation)
+        vocab = self.binding.vocabulary
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec or log_time
+        panoptic = messages.panoptic_from_msg(msg, vocab)
+        out = panoptic_message(msg.header, vocab, panoptic, video, stamp, video_context(vocab, self.binding))
+        return serialize_message(out)
+
+    def tracked_topics(self) -> set[str]:
+        return set(self._video)
 
     # --- the semantic cloud ------------------------------------------------------------------------------------
     def push_camera_info(self, camera: str, raw: bytes) -> None:

@@ -69,7 +69,7 @@ def build_outputs(
     of both is the binding's vocabulary revision and model generation: a new one resets them.
     """
     if video is not None:
-        context = (item.result.vocabulary.revision, getattr(item.binding, "generation", 0))
+        context = video_context(item.result.vocabulary, item.binding)
         item.result = video.filter_result(item.result, item.frame.image, stamp_ns, context)
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
@@ -92,11 +92,26 @@ def build_outputs(
         if panoptic is None:
             panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
-        track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
-        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids)))
+        outputs.append(("panoptic", panoptic_message(header, vocab, panoptic, video, stamp_ns,
+                                                     context if video is not None else None)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs
+
+
+def video_context(vocabulary: Any, binding: Any) -> tuple[int, int]:
+    """What the video stage's state belongs to: the vocabulary revision and the model generation (a new one
+    resets tracks and votes)."""
+    return (int(vocabulary.revision), int(getattr(binding, "generation", 0)))
+
+
+def panoptic_message(header: Any, vocab: Any, panoptic: Any, video: Optional[VideoState], stamp_ns: int,
+                     context: Any) -> Any:
+    """``~/panoptic`` of one frame: its segments numbered by the camera's tracker (``video``, at ``stamp_ns``),
+    all 0 without one. The node calls it from :func:`build_outputs`; ``ovseg-bag`` calls it in a sequential pass
+    over each camera's frames in time order (the tracker's state runs from frame to frame; see ros/offline.py)."""
+    track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
+    return messages.panoptic_msg(header, vocab, panoptic, track_ids)
 
 
 # --- latched outputs (the node under its gate, ovseg-bag per vocabulary) ---------------------------------------

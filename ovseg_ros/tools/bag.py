@@ -15,7 +15,9 @@ are built by the node's own code with rclpy, see :mod:`ovseg_ros.ros.offline`). 
 
 Frames are processed in chunks; each finished chunk is kept in ``OUT.partial/`` so an interrupted run continues
 where it stopped (run the same command again). Under torchrun each process segments every N-th chunk into its
-own parts and rank 0 merges them into one bag, identical to a one-process run.
+own parts and rank 0 merges them into one bag, identical to a one-process run. Instance tracking
+(``track_instances``, on by default) runs at the merge, over each camera's frames in time order, so the track ids
+are those of a node fed the same frames whatever the sharding or resuming; ``temporal_filter`` must be ``none``.
 """
 
 from __future__ import annotations
@@ -428,10 +430,15 @@ def merge(reader: Any, plan: Plan, out: Path, storage: str, node: Any, copy: str
     streams: list[Iterator[tuple[tuple, int, int, bytes]]] = [
         iter([((first, 0, 0, i), first, index[t], data) for i, (t, data) in enumerate(latched)])]
 
+    tracked = node.tracked_topics()
+
     def part_stream(path: Path) -> Iterator[tuple[tuple, int, int, bytes]]:
         table, records = read_part(path)
         for r in records:
-            yield r.key, r.log_time, index[table[r.topic][0]], r.data
+            name, data = table[r.topic][0], r.data
+            if name in tracked:  # the tracker's sequential pass: parts come in time order, records sorted
+                data = canonical(node.track_panoptic(name, data, r.log_time), types[name])
+            yield r.key, r.log_time, index[name], data
 
     # Each part is sorted and part k+1 holds later frames than part k: one stream, one open file at a time.
     streams.append(itertools.chain.from_iterable(part_stream(p) for p in parts))
@@ -519,6 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         values = offline.node_values(parameter_overrides(args))
         cfg = NodeConfig.from_values(values)
+        offline.check_offline(cfg)  # before any file is written
         ctx, device = dist.init(cfg.device, args.backend)
         if out.exists() and not args.overwrite:
             raise ValueError(f"{out} exists; use --overwrite to replace it")

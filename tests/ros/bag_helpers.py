@@ -28,8 +28,9 @@ class Recording:
     log_times: list[int]
 
 
-def frame_image(i: int, w: int = 32, h: int = 24) -> np.ndarray:
-    """Key-colour regions that move with ``i`` (color_key labels them by nearest key colour)."""
+def frame_image(i: int, w: int = 32, h: int = 24, steady: bool = False) -> np.ndarray:
+    """Key-colour regions that move with ``i`` (color_key labels them by nearest key colour): a thing of class
+    2 or 3 in turn, or (``steady``) always class 2 - one object that the tracker follows from frame to frame."""
     from ovseg_ros.core.segmenters.color_key import key_colors
 
     keys = key_colors(len(VOCAB))
@@ -37,7 +38,7 @@ def frame_image(i: int, w: int = 32, h: int = 24) -> np.ndarray:
     img[:] = keys[0]
     img[: h // 3] = keys[1]
     x = (3 * i) % (w - 8)
-    img[h // 2:, x: x + 8] = keys[2 + i % 2]
+    img[h // 2:, x: x + 8] = keys[2 if steady else 2 + i % 2]
     img[0, 0] = (7, 200, 99)  # far from every key colour: unlabeled
     return img
 
@@ -54,7 +55,7 @@ def _bytes(data: bytes) -> array.array:
 
 
 def write_rgbd_bag(path: Path, storage: str, frames: int = 8, compressed: bool = False, depth: bool = True,
-                   w: int = 32, h: int = 24, both: bool = False) -> Recording:
+                   w: int = 32, h: int = 24, both: bool = False, steady: bool = False) -> Recording:
     """A bag of ``frames`` colour frames at 10 Hz (raw, or PNG compressed; ``both``: raw on COLOR and the same
     frames compressed on COMPRESSED, as two cameras), depth 16UC1 2 ms after each colour frame, a camera_info
     at the start, and an unrelated String topic."""
@@ -89,7 +90,7 @@ def write_rgbd_bag(path: Path, storage: str, frames: int = 8, compressed: bool =
         for i in range(frames):
             stamp = T0 + i * PERIOD
             log_time = stamp + 3_000_000  # recorded 3 ms after capture
-            rgb = frame_image(i, w, h)
+            rgb = frame_image(i, w, h, steady)
             png_msg = CompressedImage()
             png_msg.format = "rgb8; png compressed bgr8"
             ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

@@ -6,6 +6,7 @@ the live node publishes for the same frames, and a two-process gloo run with a o
 
 from __future__ import annotations
 
+import array
 import os
 import shutil
 import socket
@@ -35,6 +36,18 @@ PER_FRAME = ("semantic/labels", "semantic/confidence", "panoptic", "info")
 
 def _stamp(msg) -> int:
     return msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+
+
+def _track_ids(bag: dict, topic: str = "/segment_node/panoptic") -> list[list[int]]:
+    """The non-zero track ids of each frame's ~/panoptic."""
+    return [[s.track_id for s in deserialize_message(raw, PanopticSegmentation).segments if s.track_id]
+            for _, raw in bag[topic]]
+
+
+def _one_track(bag: dict, frames: int, topic: str = "/segment_node/panoptic") -> bool:
+    """One tracked object, with the same id in every frame (the steady recording)."""
+    ids = _track_ids(bag, topic)
+    return len(ids) == frames and ids[0] != [] and all(f == ids[0] for f in ids) and len(ids[0]) == 1
 
 
 def _color_key_labels(image: np.ndarray) -> np.ndarray:
@@ -101,17 +114,17 @@ def test_outputs_equal_the_live_node_byte_for_byte(tmp_path: Path, client, names
     canonical = Canonical(make_typestore())
     from ros_harness import active_inprocess_node
 
-    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=4)
+    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=4, steady=True)
     node_ns = namespace + "_bytes"
     out = tmp_path / "out"
     assert bag_main([str(rec.path), "-o", str(out), *SEG, *RGBD, "--outputs", "color", "overlay",
                      "--node-name", f"{node_ns}/segment_node"]) == 0, capsys.readouterr().err
     bag = read_bag(out)
-    # ovseg-bag segments chunks independently (resumable, sharded), so it does not track: track_id 0 as the
-    # node publishes it with track_instances off (the filter is off by default on both)
-    params = {"segmenter": "color_key", "device": "cpu", "cache_dir": "", "vocabulary": VOCAB,
-              "publish_points": True, "track_instances": False}
     base = f"{node_ns}/segment_node/"
+    # The node's defaults on both sides: tracking on (one object followed over the 4 frames), filter off.
+    assert _one_track(bag, 4, "/" + base.lstrip("/") + "panoptic")
+    params = {"segmenter": "color_key", "device": "cpu", "cache_dir": "", "vocabulary": VOCAB,
+              "publish_points": True}
     types = {"semantic/labels": Image, "semantic/confidence": Image, "semantic/color": Image, "overlay": Image,
              "panoptic": PanopticSegmentation, "info": SegmentationInfo, "semantic/points": PointCloud2}
     with active_inprocess_node(node_ns, params):
@@ -184,7 +197,9 @@ def test_time_window_and_every_nth_frame(tmp_path: Path, capsys) -> None:
 
 
 def test_interrupted_run_resumes_to_the_same_bag(tmp_path: Path, capsys) -> None:
-    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=7)
+    """A resumed run writes the bag of an uninterrupted one, track ids included (one object over 7 frames in
+    chunks of 2: the tracker runs over the resumed chunks and the kept ones alike)."""
+    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=7, steady=True)
     common = [str(rec.path), *SEG, *RGBD, "--chunk", "2", "--no-timings"]
     assert bag_main(common + ["-o", str(tmp_path / "full")]) == 0
     # A run that kept its parts; lose the output and one part (as if killed in that chunk), then rerun.
@@ -196,6 +211,7 @@ def test_interrupted_run_resumes_to_the_same_bag(tmp_path: Path, capsys) -> None
     assert bag_main(common + ["-o", str(tmp_path / "resumed")]) == 0
     assert "(2 now" in capsys.readouterr().err  # only the lost chunk's 2 frames were segmented again
     assert read_order(tmp_path / "resumed") == read_order(tmp_path / "full")
+    assert _one_track(read_bag(tmp_path / "resumed"), 7)
     # Parts of other settings are refused, not mixed in.
     assert bag_main(common + ["-o", str(tmp_path / "full2"), "--keep-parts"]) == 0
     shutil.rmtree(tmp_path / "full2")
@@ -288,7 +304,7 @@ def _free_port() -> int:
 def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     """torchrun --nproc_per_node=2 on the CPU: each process segments its chunks, rank 0 merges them into a bag
     identical, message for message and byte for byte, to a one-process run (timings off: they are measured)."""
-    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=9)
+    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=9, steady=True)
     common = [str(rec.path), *SEG, *RGBD, "--chunk", "2", "--no-timings", "--copy", "all"]
     assert bag_main(common + ["-o", str(tmp_path / "one")]) == 0
     src = str(Path(ovseg_ros.__file__).resolve().parents[1])
@@ -302,3 +318,54 @@ def test_two_gloo_processes_equal_one_process(tmp_path: Path) -> None:
     one, two = read_order(tmp_path / "one"), read_order(tmp_path / "two")
     assert len(one) == 1 + 9 * 5 + 9 * 2 + 1 + 3  # vocabulary, 5 outputs a frame, colour + depth, info, other
     assert two == one
+    # Tracking on: one object over both processes' chunks; it jumps back to the left edge in the last frame, a
+    # new object for the tracker, whose id continues the sequence
+    assert _track_ids(read_bag(tmp_path / "two")) == [[1]] * 8 + [[2]]
+
+
+def test_tracking_off_and_the_temporal_filter(tmp_path: Path, capsys) -> None:
+    """track_instances: false gives track id 0 everywhere (as the node); temporal_filter other than none is
+    refused before anything is written (a chunked or sharded run cannot reproduce it)."""
+    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=3, steady=True)
+    common = [str(rec.path), *SEG, *RGBD, "--chunk", "2", "--no-timings"]
+    assert bag_main(common + ["-o", str(tmp_path / "on")]) == 0
+    assert bag_main(common + ["-o", str(tmp_path / "off"), "-p", "track_instances:=false"]) == 0
+    assert _one_track(read_bag(tmp_path / "on"), 3) and _track_ids(read_bag(tmp_path / "off")) == [[]] * 3
+    on, off = read_order(tmp_path / "on"), read_order(tmp_path / "off")
+    differ = [a[0] for a, b in zip(on, off) if a != b]
+    assert len(on) == len(off) and differ == ["/segment_node/panoptic"] * 3  # only the track ids differ
+    capsys.readouterr()
+    assert bag_main(common + ["-o", str(tmp_path / "vote"), "-p", "temporal_filter:=vote"]) == 2
+    assert "temporal_filter: 'vote' is not supported by ovseg-bag" in capsys.readouterr().err
+    assert not (tmp_path / "vote").exists() and not (tmp_path / "vote.partial").exists()
+
+
+def test_panoptic_message_round_trip() -> None:
+    """messages.panoptic_from_msg inverts panoptic_msg: the merge rebuilds ~/panoptic with track ids byte for byte
+    (published class ids that are not positions, big-endian id images and unknown classes included)."""
+    from ovseg_ros.core.segmenter import PanopticResult, Segment
+    from ovseg_ros.core.vocabulary import Vocabulary as CoreVocabulary
+    from ovseg_ros.ros import messages
+    from std_msgs.msg import Header
+
+    vocab = CoreVocabulary.from_request(VOCAB).with_ids([10 + 3 * k for k in range(len(VOCAB))])
+    ids = np.zeros((5, 7), np.int32)
+    ids[1:3, 2:5], ids[4, :] = 1, 2
+    segs = [Segment(1, 2, True, 0.75, 6, (2, 1, 3, 2)), Segment(2, 0, False, 0.5, 7, (0, 4, 7, 1)),
+            Segment(3, 9, True, 0.25, 0, (0, 0, 0, 0))]  # a class outside the vocabulary: kept as is
+    header = Header(frame_id="cam")
+    header.stamp.sec, header.stamp.nanosec = 5, 7
+    msg = messages.panoptic_msg(header, vocab, PanopticResult(ids, segs))
+    back = messages.panoptic_from_msg(msg, vocab)
+    assert np.array_equal(back.segment_ids, ids) and back.segments == segs
+    again = messages.panoptic_msg(msg.header, vocab, back, [9, 0, 0])
+    assert [s.track_id for s in again.segments] == [9, 0, 0]
+    again.segments[0].track_id = 0
+    assert serialize_message(again) == serialize_message(msg)
+    big = messages.panoptic_msg(header, vocab, PanopticResult(ids, segs))
+    big.segment_ids.is_bigendian = True
+    big.segment_ids.data = array.array("B", ids.astype(">i4").tobytes())
+    assert np.array_equal(messages.panoptic_from_msg(big, vocab).segment_ids, ids)
+    big.segment_ids.encoding = "16UC1"
+    with pytest.raises(ValueError, match="32SC1"):
+        messages.panoptic_from_msg(big, vocab)
