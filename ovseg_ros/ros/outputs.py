@@ -63,27 +63,31 @@ def build_outputs(
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
     n = len(vocab)
-    labels, encoding = messages.encode_labels(result.labels, n)
+    # The byte codes once per frame (they are the mono8 label image): every step below takes them as they are
+    # instead of narrowing the int32 labels again (label image, colour, panoptic runs, class areas).
+    codes = postprocess.class_codes(result.labels, n)
+    sem = codes if codes is not None else result.labels
+    labels, encoding = messages.encode_labels(sem, n)
     outputs: list[tuple[str, Any]] = [
         ("labels", numpy_to_image(labels, encoding, header)),
         ("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)),
     ]
     want_color, want_overlay = wants("color"), wants("overlay")
     if want_color or want_overlay:
-        color = postprocess.colorize(result.labels, palette(n))
+        color = postprocess.colorize(sem, palette(n))
         if want_color:
             outputs.append(("color", numpy_to_image(color, "rgb8", header)))
         if want_overlay:
-            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, result.labels)
+            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, sem)
             outputs.append(("overlay", numpy_to_image(blended, "rgb8", header)))
     if publish_panoptic:
         panoptic = result.panoptic
         if panoptic is None:
-            panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
+            panoptic = postprocess.panoptic_from_semantic(sem, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
         outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic)))
     outputs.append(("info", messages.info_msg(
-        header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, result.labels)))
+        header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, sem)))
     return outputs
 
 
