@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--separate", action="store_true", help="one node per camera instead of one node for all")
     p.add_argument("--compare", action="store_true",
                    help="with --cameras N: one node with N cameras, then N nodes, in one run; prints the ratios")
+    p.add_argument("--ab-env", default="",
+                   help="KEY=VALUE[,KEY=VALUE]: run the same layout twice in one invocation, the second time with "
+                        "this environment in the node(s), and print the ratios (e.g. OVSEG_GIL_SWITCH_INTERVAL_MS=5)")
     p.add_argument("--node-params", default="", help="extra node parameters, YAML mapping (e.g. '{executor: events}')")
     p.add_argument("--no-panoptic", action="store_true", help="publish_panoptic:=false")
     p.add_argument("--transport", choices=("udp", "shm"), default="udp",
@@ -110,14 +113,21 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the demo's client helpers
     from stream_client import StreamClient
 
-    layouts = [False, True] if args.compare else [args.separate]
+    if args.compare and args.ab_env:
+        print("--compare and --ab-env are exclusive")
+        return 2
+    ab_env = dict(kv.split("=", 1) for kv in args.ab_env.split(",") if kv)
+    # (separate, extra node environment) per run
+    layouts: list[tuple[bool, dict[str, str]]] = (
+        [(False, {}), (True, {})] if args.compare else
+        [(args.separate, {}), (args.separate, ab_env)] if ab_env else [(args.separate, {})])
     rclpy.init()
     client = StreamClient("ovseg_bench_client")
     runs: list[dict[str, Any]] = []
     codes: list[Optional[int]] = []
     try:
-        for separate in layouts:
-            result, run_codes = run_once(args, client, separate and args.cameras > 1, len(runs))
+        for separate, env in layouts:
+            result, run_codes = run_once(args, client, separate and args.cameras > 1, len(runs), env)
             codes += run_codes
             if not result:
                 return 1
@@ -129,13 +139,15 @@ def main() -> int:
         rclpy.try_shutdown()
     out: dict[str, Any] = runs[0] if len(runs) == 1 else {"runs": runs, "ratios": compare(runs[0], runs[1])}
     if len(runs) == 2:
-        print_ratios(out["ratios"], args.cameras)
+        print_ratios(out["ratios"], f"node environment {args.ab_env} / as is" if ab_env else
+                     f"one node with {args.cameras} cameras / {args.cameras} nodes")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0 if all(c == 0 for c in codes) else 1
 
 
-def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int) -> tuple[dict[str, Any], list]:
+def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int,
+             env: dict[str, str]) -> tuple[dict[str, Any], list]:
     """One stream through one layout (one node with all cameras, or one node per camera); (results, exit codes)."""
     from diagnostic_msgs.msg import DiagnosticArray
     from sensor_msgs.msg import Image
@@ -147,7 +159,9 @@ def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int) 
 
     ns = f"/ovseg_bench_{os.getpid()}_{index}"
     names = [f"cam{i}" for i in range(args.cameras)] if args.cameras > 1 else [""]
-    workdir = args.workdir / ("separate" if separate else "shared")
+    workdir = args.workdir / ("separate" if separate else "shared") / str(index)
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # inherited by the node processes started below
     # (node process, camera name, input topic, output prefix) per camera
     nodes: list[Any] = []
     targets: list[tuple[Any, str, str, str]] = []
@@ -164,6 +178,11 @@ def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int) 
         node = NodeProcess(ns, node_params(args, names), workdir)
         nodes.append(node)
         targets = [(node, cam, f"{ns}/{cam}/image", f"{node.fqn}/{cam}/") for cam in names]
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     results: dict[str, Any] = {}
     try:
         for node in nodes:
@@ -255,7 +274,7 @@ def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int) 
             "frames_sent_per_camera": args.frames, "rate_hz": args.rate, "size": f"{args.width}x{args.height}",
             "duration_s": duration, "cameras": len(recs), "nodes": len(nodes),
             "segmenter": f"{args.segmenter}/{args.preset}" + (", no panoptic" if args.no_panoptic else ""),
-            "node_params": args.node_params, "transport": args.transport,
+            "node_params": args.node_params, "node_env": env, "transport": args.transport,
             "loadavg_start": " ".join(load_start), "loadavg_end": " ".join(load_end),
             "processed_fps_total": sum(c["processed"] for c in per_camera) / duration,
             "node_cpu_s": sum(cpu_s), "node_cpu_pct": 100.0 * sum(cpu_s) / window,
@@ -283,16 +302,20 @@ def merge_threads(per_node: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def compare(shared: dict[str, Any], separate: dict[str, Any]) -> dict[str, float]:
-    """Same-run ratios: one node with N cameras / N nodes (fps > 1 and CPU per frame < 1 favour one node)."""
-    return {"fps_total": shared["processed_fps_total"] / max(1e-9, separate["processed_fps_total"]),
-            "cpu_ms_per_frame": shared["node_cpu_ms_per_frame"] / max(1e-9, separate["node_cpu_ms_per_frame"]),
-            "rss": shared["rss_mib_end"] / max(1e-9, separate["rss_mib_end"])}
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Same-run ratios of the first run to the second (--compare: one node with N cameras / N nodes, so fps
+    above 1 and CPU per frame below 1 favour one node; --ab-env: the second run / the first)."""
+    if b.get("node_env"):
+        a, b = b, a
+    return {"fps_total": a["processed_fps_total"] / max(1e-9, b["processed_fps_total"]),
+            "cpu_ms_per_frame": a["node_cpu_ms_per_frame"] / max(1e-9, b["node_cpu_ms_per_frame"]),
+            "cpu_pct": a["node_cpu_pct"] / max(1e-9, b["node_cpu_pct"]),
+            "rss": a["rss_mib_end"] / max(1e-9, b["rss_mib_end"])}
 
 
-def print_ratios(r: dict[str, float], cameras: int) -> None:
-    print(f"one node with {cameras} cameras / {cameras} nodes, same run: total fps x{r['fps_total']:.2f}, "
-          f"CPU per frame x{r['cpu_ms_per_frame']:.2f}, RSS x{r['rss']:.2f}")
+def print_ratios(r: dict[str, float], what: str) -> None:
+    print(f"{what}, same run: total fps x{r['fps_total']:.2f}, CPU per frame x{r['cpu_ms_per_frame']:.2f}, "
+          f"CPU used x{r['cpu_pct']:.2f}, RSS x{r['rss']:.2f}")
 
 
 def node_status(diagnostics: Any, fqn: str, camera: str) -> dict[str, str]:
@@ -319,7 +342,8 @@ def print_results(r: dict) -> None:
         return f"mean {d['mean']:.1f}  p50 {d['p50']:.1f}  p95 {d['p95']:.1f}  max {d['max']:.1f} ms"
 
     print(f"segment_node stream benchmark: {r['segmenter']}, {r['cameras']} camera(s) on {r['nodes']} node(s), "
-          f"DDS transport {r['transport']}" + (f", node parameters {r['node_params']}" if r["node_params"] else ""))
+          f"DDS transport {r['transport']}" + (f", node parameters {r['node_params']}" if r["node_params"] else "")
+          + (f", node environment {r['node_env']}" if r["node_env"] else ""))
     print(f"  stream          {r['frames_sent_per_camera']} frames per camera, {r['size']} rgb8 at "
           f"{r['rate_hz']:g} Hz ({r['duration_s']:.1f} s); load average {r['loadavg_start']} -> {r['loadavg_end']}")
     for c in r["per_camera"]:
