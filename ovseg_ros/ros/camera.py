@@ -28,7 +28,7 @@ from . import messages
 from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge
 from .diagnostics import CameraStats
 from .gate import OutputGate
-from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason
+from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason, sanitize
 from .mailbox import Frame, LatestFrameMailbox
 from .outputs import Palette, build_outputs
 from .points import PointsOptions, SemanticPointsOutput
@@ -55,8 +55,8 @@ class CameraHooks:
     bridge: Any = None
     max_pixels: Callable[[], int] = lambda: 4096 * 4096
     output_options: Callable[[], OutputOptions] = OutputOptions
-    #: the node's clock in nanoseconds (latency of stamped frames)
-    now_ns: Callable[[], int] = time.time_ns
+    #: latency of a frame in ms against the node's clock (the stamp's clock; see :func:`.clock.latency_ms`)
+    latency_ms: Callable[[Frame], float] = lambda frame: (time.monotonic() - frame.received) * 1e3
     palette: Palette = field(default_factory=Palette)
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class Camera:
             self._stale()
             return False
         t0 = time.perf_counter()
-        latency_ms = self._latency_ms(item.frame)
+        latency_ms = self.hooks.latency_ms(item.frame)
         opts = self.hooks.output_options()
         outputs = build_outputs(item, self.wants, self.hooks.palette, opts.overlay_alpha, opts.publish_panoptic,
                                 latency_ms, opts.panoptic_min_area)
@@ -157,7 +157,7 @@ class Camera:
             labels = item.result.labels
             points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
                            unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1],
-                           binding=item.binding)
+                           binding=item.binding, received=item.frame.received)
         t2 = time.perf_counter()
         with self.stats.lock:
             self.stats.processed += 1
@@ -177,11 +177,6 @@ class Camera:
         with self.stats.lock:
             self.stats.stale += 1
 
-    def _latency_ms(self, frame: Frame) -> float:
-        stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
-        if stamp_ns == 0:
-            return (time.monotonic() - frame.received) * 1e3
-        return (self.hooks.now_ns() - stamp_ns) / 1e6
 
     # --- inputs (activate .. deactivate) -------------------------------------------------------------
     def subscribe(self, qos: Any, use_compressed: bool, group: Any, events: Any) -> None:
@@ -250,6 +245,7 @@ class Camera:
         self.mailbox.put(frame)
 
     def refuse(self, why: str) -> None:
+        why = sanitize(why)  # encodings, frame ids: untrusted text
         self.stats.refuse(why)
         where = f" on camera {self.spec.name}" if self.spec.name else ""
         self.node.get_logger().warning(f"frame refused{where}: {why}", throttle_duration_sec=LOG_THROTTLE_S)

@@ -128,11 +128,14 @@ def make_status(name: str, hardware_id: str, level: int, message: str, kv: dict[
     from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
     status = DiagnosticStatus()
-    status.name = name
-    status.hardware_id = hardware_id
+    from .guard import sanitize
+
+    # Values quote input (refusal reasons, frame ids, class names): escaped, as in the logs.
+    status.name = sanitize(name)
+    status.hardware_id = sanitize(hardware_id)
     status.level = level
-    status.message = message
-    status.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
+    status.message = sanitize(message)
+    status.values = [KeyValue(key=k, value=sanitize(v)) for k, v in kv.items()]
     return status
 
 
@@ -149,6 +152,7 @@ class NodeView:
     errors: tuple[int, str, Optional[float]]  # ErrorLog.snapshot()
     recovered: int  # executor faults recovered from (counted, never a warning)
     transition_error: str
+    extra: dict[str, str] = field(default_factory=dict)  # node-level values of other parts (e.g. the clock)
 
 
 def node_diagnostics(view: NodeView) -> list[Any]:
@@ -173,6 +177,7 @@ def node_diagnostics(view: NodeView) -> list[Any]:
         "last_error": last_error,
         "last_error_age_s": f"{error_age:.1f}" if error_age is not None else "",
         "executor_recovered": str(view.recovered),
+        **view.extra,
         **cuda_memory(view.device),
     }
     if view.transition_error:

@@ -34,8 +34,9 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 
 from ..core import depth as dp
 from .gate import OutputGate
+from .guard import sanitize
 from .qos import output_qos
-from .sync import ApproximateTimeMatcher
+from .sync import DEFAULT_MAX_BYTES, ApproximateTimeMatcher
 
 LOG_THROTTLE_S = 5.0
 
@@ -49,7 +50,9 @@ class PointsOptions:
     rgb: bool = False
     slop: float = 0.05
     max_pixels: int = 4096 * 4096
-    depth_capacity: int = 32
+    depth_capacity: int = 256
+    #: bound of the buffered depth images in bytes (the image bound alone allowed ~2 GiB of large images)
+    depth_bytes: int = DEFAULT_MAX_BYTES
     max_wait: float = 0.5
 
     def __post_init__(self) -> None:
@@ -172,7 +175,8 @@ class SemanticPointsOutput:
         self._closed = False
         self._camera: Optional[_CameraModel] = None
         self._matcher: ApproximateTimeMatcher[_Frame, tuple[Any, float]] = ApproximateTimeMatcher(
-            int(self._opts.slop * 1e9), self._opts.depth_capacity, max_wait_s=self._opts.max_wait)
+            int(self._opts.slop * 1e9), self._opts.depth_capacity, max_wait_s=self._opts.max_wait,
+            max_bytes=self._opts.depth_bytes)
         self._published = 0
         self._refused = 0
         self._info_refused = 0
@@ -225,7 +229,8 @@ class SemanticPointsOutput:
             self._error(f"depth: {type(exc).__name__}: {exc}")
             return
         try:
-            resolved = self._matcher.push_depth(stamp_ns(msg.header), (msg, time.monotonic()), time.monotonic())
+            now = time.monotonic()
+            resolved = self._matcher.push_depth(stamp_ns(msg.header), (msg, now), now, nbytes=len(msg.data))
             if not resolved:
                 return
             # Frames that waited for this depth image: through the gate like every other output (a cloud of
@@ -243,10 +248,12 @@ class SemanticPointsOutput:
         rgb: Optional[np.ndarray] = None,
         unlabeled_id: int = 65535,
         binding: Any = None,
+        received: Optional[float] = None,
     ) -> bool:
         """Queue one processed frame: (H, W) int32 labels (-1 unlabeled), (H, W) float32 confidence, the
         camera's (H, W, 3) uint8 RGB when the ``rgb`` field is on (else ignored), and the ``binding`` it was
-        computed with (its cloud, now or when its depth image comes, goes out only while that is current).
+        computed with (its cloud, now or when its depth image comes, goes out only while that is current);
+        ``received``: the monotonic time the colour image arrived (estimates a clock offset between the streams).
 
         Returns True when the frame's cloud was published, or waits (at most ``max_wait`` s) for a depth image
         that may still arrive; False when it was refused or no depth image matched (counted). Never raises.
@@ -255,7 +262,7 @@ class SemanticPointsOutput:
             if self._closed:
                 return False
             frame = _Frame(header, labels, confidence, rgb if self._opts.rgb else None, int(unlabeled_id), binding)
-            resolved = self._matcher.push_frame(stamp_ns(header), frame, time.monotonic())
+            resolved = self._matcher.push_frame(stamp_ns(header), frame, time.monotonic(), received)
             results = self._emit_all(resolved)
             for (done, _), ok in zip(resolved, results):
                 if done is frame:
@@ -283,9 +290,9 @@ class SemanticPointsOutput:
             return False
         if depth is None:
             self._log.warning(
-                f"no depth image within depth_slop={self._opts.slop} s of the frame stamped "
-                f"{frame.header.stamp.sec}.{frame.header.stamp.nanosec:09d} on {self._depth_topic}: "
-                "no cloud for it", throttle_duration_sec=LOG_THROTTLE_S)
+                f"no cloud for the frame stamped {frame.header.stamp.sec}.{frame.header.stamp.nanosec:09d}: "
+                f"{self._matcher.stats().last_unmatched_cause} on {self._depth_topic}",
+                throttle_duration_sec=LOG_THROTTLE_S)
             return False
         with self._emit_lock:
             try:
@@ -324,6 +331,7 @@ class SemanticPointsOutput:
 
     # --- bookkeeping -----------------------------------------------------------------------------------
     def _refuse(self, reason: str, info: bool = False) -> None:
+        reason = sanitize(reason)  # encodings, frame ids: untrusted text
         with self._lock:
             if info:
                 self._info_refused += 1
@@ -333,6 +341,7 @@ class SemanticPointsOutput:
         self._log.warning(f"semantic points: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
 
     def _error(self, reason: str) -> None:
+        reason = sanitize(reason)
         with self._lock:
             self._errors += 1
             self._last_error = reason
@@ -356,6 +365,13 @@ class SemanticPointsOutput:
                 "points_errors": str(self._errors),
                 "points_stale_vocabulary": str(self._stale),
                 "points_last_error": self._last_error,
+                "depth_buffered": str(st.buffered),
+                "depth_buffered_mb": f"{st.buffered_bytes / 2**20:.3f}",
+                "depth_evicted_by_bound": str(st.depth_evicted),
+                "depth_stamp_offset_s": f"{st.depth_offset_s:+.3f}" if st.depth_offset_s is not None else "",
+                "stamps_backwards_depth": str(st.depth_rewinds),
+                "stamps_backwards_colour": str(st.frame_rewinds),
+                "points_last_unmatched_cause": st.last_unmatched_cause,
             }
         out["camera_info"] = (f"{camera.intrinsics.width}x{camera.intrinsics.height} ({camera.source})"
                               if camera is not None else "missing")
@@ -373,9 +389,13 @@ class SemanticPointsOutput:
         if now[:2] == before[:2] or now[2] > before[2]:
             return None
         if now[1] > before[1]:
-            return (f"no semantic points: no depth image within depth_slop={self._opts.slop} s on "
-                    f"{self._depth_topic} ({st.depth_received} received)")
+            return (f"no semantic points: {st.last_unmatched_cause} on {self._depth_topic} "
+                    f"({st.depth_received} received)")
         return f"no semantic points: {last}"
+
+    def reset(self) -> None:
+        """The ROS clock jumped: forget every buffered depth image and waiting frame (:meth:`.sync.reset`)."""
+        self._matcher.reset()
 
     def destroy(self) -> None:
         """Stop publishing and remove the subscriptions and the publisher (idempotent). Waits for a cloud being

@@ -45,14 +45,25 @@ from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .camera import Camera, CameraHooks, OutputOptions, camera_specs, convert_image
+from .clock import ClockWatch, latency_ms, steady_clock
 from .conversions import make_cv_bridge
 from .diagnostics import NodeView, node_diagnostics
 from .gate import OutputGate
-from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_transition, reason
+from .guard import (
+    LOG_THROTTLE_S,
+    ErrorLog,
+    guarded,
+    guarded_service,
+    guarded_transition,
+    reason,
+    sanitize,
+    sanitize_python_logging,
+)
 from .outputs import Palette, label_info_message, vocabulary_message
 from .params import (
     LIVE,
     ON_ACTIVATE,
+    SPECS,
     NodeConfig,
     current_values,
     declare_parameters,
@@ -81,6 +92,7 @@ class SegmentNode(LifecycleNode):
 
     def __init__(self, node_name: str = "segment_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        sanitize_python_logging()  # the core's own log lines quote outside text too
         self.errors = ErrorLog()
         self._param_errors = declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -123,7 +135,11 @@ class SegmentNode(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self._diag_period = float(self.get_parameter("diagnostics_period").value)
         self._diag_cb = guarded(self, self.errors, "diagnostics timer", self._publish_diagnostics)
-        self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
+        # Steady clock: /diagnostics keeps coming while /clock is paused or absent (see .clock).
+        self._steady = steady_clock()
+        self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer, clock=self._steady)
+        self._latency_clock = ""
+        self._clock_watch = ClockWatch(self, self._on_time_jump)
         if self._bridge is None:
             self.get_logger().debug("cv_bridge not importable: using ovseg_ros's own image conversion")
 
@@ -166,7 +182,11 @@ class SegmentNode(LifecycleNode):
                     return SetParametersResult(successful=False, reason=why)
             for p in params:
                 self._param_errors.pop(p.name, None)  # a bad startup override is fixed by a valid value
-            changed = [p.name for p in params if p.name not in LIVE]
+            # Only our own table says when; rclpy's use_sim_time takes effect at once (its TimeSource).
+            changed = [p.name for p in params if p.name in SPECS and p.name not in LIVE]
+            for p in params:
+                if p.name == "use_sim_time":
+                    self.get_logger().info(f"use_sim_time set to {p.value}: takes effect now")
             if changed and self._cfg is not None:
                 when = "activate" if set(changed) <= ON_ACTIVATE else "configure"
                 self.get_logger().info(f"parameters {changed} take effect at the next {when}")
@@ -241,7 +261,7 @@ class SegmentNode(LifecycleNode):
             self.get_logger().warning("the model has RANDOM weights: outputs are meaningless (tests/demo only)")
         hooks = CameraHooks(gate=self.gate, errors=self.errors, ready=self._frames_ready, bridge=self._bridge,
                             max_pixels=self._max_pixels, output_options=self._output_options,
-                            now_ns=lambda: self.get_clock().now().nanoseconds, palette=self._palette)
+                            latency_ms=self._latency_ms, palette=self._palette)
         self._cameras = [Camera(self, spec, hooks) for spec in camera_specs(list(cfg.cameras))]
         for cam in self._cameras:
             cam.create_outputs()
@@ -249,7 +269,8 @@ class SegmentNode(LifecycleNode):
         if cfg.diagnostics_period != self._diag_period:
             self.destroy_timer(self._diag_timer)
             self._diag_period = cfg.diagnostics_period
-            self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
+            self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer,
+                                                 clock=self._steady)
         self.get_logger().info(
             f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocabulary)} classes, "
             f"{len(self._cameras)} camera(s)"
@@ -305,7 +326,7 @@ class SegmentNode(LifecycleNode):
         return SUCCESS
 
     def _fail(self, why: str, transition: str = "configure") -> TransitionCallbackReturn:
-        self._last_transition_error = f"{transition} failed: {why}"
+        self._last_transition_error = sanitize(f"{transition} failed: {why}")
         self.get_logger().error(self._last_transition_error)
         return FAILURE
 
@@ -364,6 +385,24 @@ class SegmentNode(LifecycleNode):
         if self._label_info_pub is not None:
             self._label_info_pub.publish(label_info_message(self._label_info_cls, binding, stamp))
 
+    def _latency_ms(self, frame: Any) -> float:
+        """Against the image stamp's clock (simulated seconds under use_sim_time); see :func:`.clock.latency_ms`.
+        Given to the cameras as a hook (they time each frame they publish)."""
+        stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
+        ms, self._latency_clock = latency_ms(self.get_clock().now().nanoseconds, stamp_ns, frame.received)
+        return ms
+
+    def _on_time_jump(self, what: str) -> None:
+        """The ROS clock jumped back or changed source: per-stream state ordered by stamps starts afresh."""
+        for cam in list(self._cameras):
+            points = cam.points
+            if points is not None:
+                points.reset()
+            with cam.stats.lock:
+                cam.stats.latencies_ms.clear()
+        self.get_logger().warning(f"{what}: depth matching and latency history cleared",
+                                  throttle_duration_sec=LOG_THROTTLE_S)
+
     # --- diagnostics (reads counters only) ---------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
         n_errors, last_error, error_age = self.errors.snapshot()
@@ -371,7 +410,8 @@ class SegmentNode(LifecycleNode):
             base=self.get_fully_qualified_name(), binding=self.vocab.binding, configured=self._cfg is not None,
             active=self.gate.active, device=self._device, cameras=list(self._cameras),
             errors=(n_errors, last_error, error_age), recovered=sum(self.errors.recovered.values()),
-            transition_error=self._last_transition_error)
+            transition_error=self._last_transition_error,
+            extra={**self._clock_watch.values(), "latency_clock": self._latency_clock})
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.status = node_diagnostics(view)
@@ -401,6 +441,7 @@ class SegmentNode(LifecycleNode):
     def destroy_node(self) -> None:
         self.stop_outputs()
         self._release_all(SHUTDOWN_WAIT_S)
+        self._clock_watch.destroy()
         super().destroy_node()
 
 
