@@ -162,7 +162,8 @@ def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int,
     workdir = args.workdir / ("separate" if separate else "shared") / str(index)
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the node processes started below
-    # (node process, camera name, input topic, output prefix) per camera
+    # (node process, camera name, input topic, output prefix) per camera; a separate node serves its camera as
+    # its default camera (that is the name in its /diagnostics)
     nodes: list[Any] = []
     targets: list[tuple[Any, str, str, str]] = []
     if len(names) == 1:
@@ -214,7 +215,8 @@ def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int,
                 publish(r, frames[0])
             time.sleep(0.2)
         time.sleep(2.5)  # the warm-up frames are counted in the next /diagnostics (1 s period)
-        counts_start = [node_counts(diagnostics, node.fqn, cam) for node, cam, _, _ in targets]
+        diag_cam = [("" if separate else cam) for _, cam, _, _ in targets]
+        counts_start = [node_counts(diagnostics, node.fqn, d) for (node, _, _, _), d in zip(targets, diag_cam)]
         rss_start = sum(n.rss_mib() for n in nodes)
         for r in recs:
             for key in ("labels", "confidence", "panoptic", "info"):
@@ -243,7 +245,7 @@ def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int,
         rss_end = sum(n.rss_mib() for n in nodes)
         per_camera = []
         for c, r in enumerate(recs):
-            node, cam = targets[c][0], targets[c][1]
+            node, cam = targets[c][0], diag_cam[c]
             end = node_counts(diagnostics, node.fqn, cam)
             received, processed, dropped_publish = (e - s for e, s in zip(end, counts_start[c]))
             status = node_status(diagnostics, node.fqn, cam)
