@@ -281,6 +281,8 @@ def run_once(args: argparse.Namespace, client: Any, separate: bool, index: int,
             "processed_fps_total": sum(c["processed"] for c in per_camera) / duration,
             "node_cpu_s": sum(cpu_s), "node_cpu_pct": 100.0 * sum(cpu_s) / window,
             "node_cpu_ms_per_frame": 1e3 * sum(cpu_s) / max(1, processed_total),
+            # every received frame costs a take and a conversion, processed or not
+            "node_cpu_ms_per_received_frame": 1e3 * sum(cpu_s) / max(1, sum(c["received_by_node"] for c in per_camera)),
             "node_thread_cpu_ms_per_frame": {
                 k: 1e3 * v / max(1, processed_total) for k, v in sorted(
                     merge_threads(threads).items(), key=lambda kv: -kv[1]) if v > 0},
@@ -359,8 +361,9 @@ def print_results(r: dict) -> None:
         print(f"      node stage means (last 100 frames): {stages} ms")
         print(f"      e2e latency {lat(c['e2e_latency_ms'])}")
     threads = ", ".join(f"{k} {v:.2f}" for k, v in r["node_thread_cpu_ms_per_frame"].items())
-    print(f"  node CPU        {r['node_cpu_ms_per_frame']:.2f} ms per processed frame ({r['node_cpu_pct']:.0f} % of "
-          f"one core, all nodes); by thread: {threads}")
+    print(f"  node CPU        {r['node_cpu_ms_per_frame']:.2f} ms per processed frame, "
+          f"{r['node_cpu_ms_per_received_frame']:.2f} per received frame ({r['node_cpu_pct']:.0f} % of one core, all "
+          f"nodes); per processed frame by thread: {threads}")
     print(f"  total           {r['processed_fps_total']:.2f} fps processed; this client used "
           f"{r['client_cpu_pct']:.0f} % of one core")
     print(f"  node RSS        {r['rss_mib_start']:.0f} MiB at start, {r['rss_mib_end']:.0f} MiB after the run "
