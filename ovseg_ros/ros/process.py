@@ -25,30 +25,9 @@ from .guard import reason
 from .params import current_values
 from .segment_node import SegmentNode
 
-#: The interpreter's GIL switch interval in the node (Python's default is 5 ms). The inference thread releases the
-#: GIL inside every torch op and must take it back between ops; while the publishing or executor threads run
-#: Python, each take-back can wait a whole interval (the "convoy effect"), so a forward of hundreds of small ops
-#: stalls behind the other threads. ``OVSEG_GIL_SWITCH_INTERVAL_MS`` overrides it (benchmarks compare values).
-GIL_SWITCH_INTERVAL_MS = 1.0
-
 #: Longest time from SIGINT/SIGTERM to the process exit (tested with a 3 s-per-frame segmenter in flight):
 #: spinner join 0.25 + pipeline stop 0.25 (twice at most) + executor shutdown 0.5 + ROS shutdown, with margin.
 SHUTDOWN_BOUND_S = 2.0
-
-
-def switch_interval_s(override: Optional[str]) -> float:
-    """The GIL switch interval in seconds: ``override`` (ms, from the environment) when it is a positive number,
-    else :data:`GIL_SWITCH_INTERVAL_MS` (a bad value is ignored with a message, never a failed start)."""
-    if override:
-        try:
-            ms = float(override)
-            if 0.0 < ms <= 1000.0:
-                return ms / 1e3
-        except ValueError:
-            pass
-        print(f"segment_node: ignoring OVSEG_GIL_SWITCH_INTERVAL_MS={override!r} (want 0 < ms <= 1000)",
-              file=sys.stderr)
-    return GIL_SWITCH_INTERVAL_MS / 1e3
 
 
 def _init_without_signal_handlers(args: Optional[list[str]]) -> None:
@@ -77,7 +56,6 @@ def run(args: Optional[list[str]] = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    sys.setswitchinterval(switch_interval_s(os.environ.get("OVSEG_GIL_SWITCH_INTERVAL_MS")))
     try:
         _init_without_signal_handlers(args)
     except Exception as exc:  # noqa: BLE001  (RCLError: unparsable --ros-args)
