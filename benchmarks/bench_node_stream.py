@@ -61,7 +61,8 @@ def parse_args() -> argparse.Namespace:
                    help="with --cameras N: one node with N cameras, then N nodes, in one run; prints the ratios")
     p.add_argument("--ab-env", default="",
                    help="KEY=VALUE[,KEY=VALUE]: run the same layout twice in one invocation, the second time with "
-                        "this environment in the node(s), and print the ratios (e.g. PYTHONPATH=<another install>/lib/python3.11/site-packages to compare code versions)")
+                        "this environment in the node(s), and print the ratios (e.g. "
+                        "PYTHONPATH=<another install>/lib/python3.11/site-packages compares code versions)")
     p.add_argument("--node-params", default="", help="extra node parameters, YAML mapping (e.g. '{executor: events}')")
     p.add_argument("--no-panoptic", action="store_true", help="publish_panoptic:=false")
     p.add_argument("--transport", choices=("udp", "shm"), default="udp",
