@@ -24,6 +24,7 @@ import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from sensor_msgs.msg import CompressedImage, Image
 
+from ..core.video import VideoState
 from . import messages
 from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge
 from .diagnostics import CameraStats
@@ -58,6 +59,10 @@ class CameraHooks:
     #: latency of a frame in ms against the node's clock (the stamp's clock; see :func:`.clock.latency_ms`)
     latency_ms: Callable[[Frame], float] = lambda frame: (time.monotonic() - frame.received) * 1e3
     palette: Palette = field(default_factory=Palette)
+    #: (track_instances, track_max_age, FilterConfig) of the video stage, read every frame (live parameters)
+    video_options: Optional[Callable[[], tuple]] = None
+    #: a frame's stamp in ns (ROS time), the node's clock for an unset stamp (tracks and label votes)
+    stamp_ns: Callable[[Frame], int] = lambda frame: frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
 
 @dataclass(frozen=True)
 class CameraSpec:
@@ -99,6 +104,7 @@ class Camera:
         self.callback_group = MutuallyExclusiveCallbackGroup()
         self.depth_group = MutuallyExclusiveCallbackGroup()
         self.points: Optional[SemanticPointsOutput] = None  # ~/semantic/points (publish_points)
+        self.video = VideoState()  # temporal filter + instance tracker (publishing stage)
 
     # --- outputs (configure .. cleanup) --------------------------------------------------------------
     def create_outputs(self) -> None:
@@ -145,8 +151,10 @@ class Camera:
         t0 = time.perf_counter()
         latency_ms = self.hooks.latency_ms(item.frame)
         opts = self.hooks.output_options()
+        if self.hooks.video_options is not None:
+            self.video.configure(*self.hooks.video_options())
         outputs = build_outputs(item, self.wants, self.hooks.palette, opts.overlay_alpha, opts.publish_panoptic,
-                                latency_ms, opts.panoptic_min_area)
+                                latency_ms, opts.panoptic_min_area, self.video, self.hooks.stamp_ns(item.frame))
         t1 = time.perf_counter()
         ran, _ = self.gate.emit(item.binding, lambda: self.publish(outputs))
         if not ran:  # a vocabulary was swapped in (or the node deactivated) while the messages were built
@@ -154,10 +162,9 @@ class Camera:
             return False
         points = self.points
         if points is not None:  # never raises; counts its own refusals; publishes through the gate itself
-            labels = item.result.labels
+            labels, _, unlabeled_id = messages.wire_labels(item.result.labels, item.result.vocabulary)
             points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
-                           unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1],
-                           binding=item.binding, received=item.frame.received)
+                           unlabeled_id=unlabeled_id, binding=item.binding, received=item.frame.received)
         t2 = time.perf_counter()
         with self.stats.lock:
             self.stats.processed += 1

@@ -192,6 +192,9 @@ def node_diagnostics(view: NodeView) -> list[Any]:
             total_rates[k] = total_rates.get(k, 0.0) + v
         level, message = status_level(view.configured, view.active, view.transition_error, rates,
                                       kv["last_refusal_reason"], error_age, last_error)
+        video = getattr(cam, "video", None)
+        if video is not None:
+            kv.update(video.diagnostics())
         points = cam.points
         if points is not None:
             kv.update(points.diagnostics())

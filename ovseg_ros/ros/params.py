@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ..core.temporal import FILTERS, MAX_FRAMES
 from ..core.untrusted import UntrustedInputError, load_yaml, short_repr
 from ..core.vocabulary import MAX_QUERY_TEXTS, find_vocabulary_preset, list_vocabulary_presets  # noqa: F401
 from .guard import sanitize
@@ -242,8 +243,26 @@ PARAMS: tuple[ParamSpec, ...] = (
               when="activate"),
     ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
               "paired with it.", range=(0.0, 10.0), when="activate"),
+    ParamSpec("track_instances", True, "bool", "Give each thing segment of ~/panoptic a persistent track_id "
+              "(per camera; 0 = untracked). Switching it resets the tracks.", when="live"),
+    ParamSpec("track_max_age", 3.0, "float", "Seconds (ROS time of the frame stamps) a track not seen is kept, so "
+              "that an occlusion, a missed or dropped frame or a short exit from the view keeps the id.",
+              range=(0.0, 3600.0), when="live"),
+    ParamSpec("temporal_filter", "none", "str", "Temporal filter of the labels: none, or vote (per pixel, a "
+              "confidence-weighted vote over the last temporal_frames frames that restarts where the image "
+              "changes: less flicker on still parts, no smearing behind motion). Changing it restarts the filter.",
+              choices=FILTERS, when="live"),
+    ParamSpec("temporal_frames", 3, "int", "Frames in the vote of temporal_filter=vote; a label change without an "
+              "image change is followed after temporal_frames // 2 frames.", range=(1, MAX_FRAMES), when="live"),
+    ParamSpec("temporal_image_threshold", 10, "int", "Colour difference (0..255, largest channel) above which a "
+              "pixel counts as changed for temporal_filter=vote (its older votes are dropped).", range=(0, 255),
+              when="live"),
     ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
               "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
+    ParamSpec("persist_vocabulary", True, "bool", "Restore the vocabulary set at run time (~/set_vocabulary) and "
+              "its class ids at configure, e.g. after a crash or a respawn; it is saved in cache_dir/runtime, one "
+              "file per node name. Revisions continue from the saved counter either way (empty cache_dir: "
+              "nothing is saved)."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 LIVE = frozenset(p.name for p in PARAMS if p.when == "live")
@@ -371,6 +390,12 @@ class NodeConfig:
     points_rgb: bool = False
     depth_slop: float = 0.05
     nav2_compatible: bool = False
+    track_instances: bool = True
+    track_max_age: float = 3.0
+    temporal_filter: str = "none"
+    temporal_frames: int = 3
+    temporal_image_threshold: int = 10
+    persist_vocabulary: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -544,3 +569,13 @@ def current_values(node: Any) -> dict[str, Any]:
     except Exception:  # noqa: BLE001  (a stand-in node in tests)
         pass
     return values
+
+
+def video_options(node: Any) -> tuple[bool, float, Any]:
+    """(track_instances, track_max_age, FilterConfig) from the node's live parameters (read every frame)."""
+    from ..core.temporal import FilterConfig
+
+    get = node.get_parameter
+    return (bool(get("track_instances").value), float(get("track_max_age").value),
+            FilterConfig(str(get("temporal_filter").value), int(get("temporal_frames").value),
+                         int(get("temporal_image_threshold").value)))

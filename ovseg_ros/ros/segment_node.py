@@ -28,6 +28,7 @@ destroys a handle that a running callback may use (a call during cleanup is answ
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -42,7 +43,7 @@ from rclpy.qos import QoSProfile
 
 from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
-from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
+from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .camera import Camera, CameraHooks, OutputOptions, camera_specs, convert_image
 from .clock import ClockWatch, latency_ms, steady_clock
@@ -62,6 +63,7 @@ from .guard import (
 from .outputs import Palette, label_info_message, vocabulary_message
 from .params import (
     LIVE,
+    video_options,
     ON_ACTIVATE,
     SPECS,
     NodeConfig,
@@ -75,6 +77,7 @@ from .pipeline import Pipeline
 from .points import PointsOptions
 from .qos import input_qos, latched_qos
 from .vocabulary_service import Binding, VocabularyHooks, VocabularyService
+from .vocabulary_store import VocabularyStore, fingerprint, restore
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
@@ -251,7 +254,16 @@ class SegmentNode(LifecycleNode):
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
             )
-            vocab_state = segmenter.encode_vocabulary(vocabulary)
+            restored = self._restore_vocabulary(cfg, vocabulary)
+            vocab_state = None
+            if restored.vocabulary is not None:
+                try:
+                    vocab_state = segmenter.encode_vocabulary(restored.vocabulary)
+                except VocabularyError as exc:  # e.g. another segmenter whose limits it exceeds
+                    self.get_logger().warning(f"the restored vocabulary is refused by {cfg.segmenter}: "
+                                              f"{reason(exc)}; using the configured one")
+            if vocab_state is None:
+                vocab_state = segmenter.encode_vocabulary(vocabulary)
             identity = cfg.model_identity(segmenter)
         except Exception as exc:  # noqa: BLE001  (say what it was, stay unconfigured)
             prefix = "" if isinstance(exc, (VocabularyError, ValueError, OSError)) else f"{type(exc).__name__}: "
@@ -261,7 +273,8 @@ class SegmentNode(LifecycleNode):
             self.get_logger().warning("the model has RANDOM weights: outputs are meaningless (tests/demo only)")
         hooks = CameraHooks(gate=self.gate, errors=self.errors, ready=self._frames_ready, bridge=self._bridge,
                             max_pixels=self._max_pixels, output_options=self._output_options,
-                            latency_ms=self._latency_ms, palette=self._palette)
+                            latency_ms=self._latency_ms, palette=self._palette,
+                            video_options=lambda: video_options(self), stamp_ns=self._stamp_ns)
         self._cameras = [Camera(self, spec, hooks) for spec in camera_specs(list(cfg.cameras))]
         for cam in self._cameras:
             cam.create_outputs()
@@ -272,8 +285,8 @@ class SegmentNode(LifecycleNode):
             self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer,
                                                  clock=self._steady)
         self.get_logger().info(
-            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocabulary)} classes, "
-            f"{len(self._cameras)} camera(s)"
+            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, "
+            f"{len(vocab_state.vocabulary)} classes, {len(self._cameras)} camera(s)"
         )
         self._last_transition_error = ""
         return SUCCESS
@@ -330,6 +343,21 @@ class SegmentNode(LifecycleNode):
         self.get_logger().error(self._last_transition_error)
         return FAILURE
 
+    def _restore_vocabulary(self, cfg: NodeConfig, configured: Vocabulary) -> Any:
+        """Continue revisions, class ids and (persist_vocabulary) the runtime vocabulary of a previous run."""
+        store = VocabularyStore(os.path.expanduser(cfg.cache_dir), self.get_fully_qualified_name()) \
+            if cfg.cache_dir else None
+        id_limit = messages.MONO8_MAX_CLASSES if cfg.nav2_compatible else MAX_CLASSES
+        restored = restore(store, configured, cfg.persist_vocabulary, id_limit)
+        if restored.vocabulary is not None and messages.nav2_vocabulary_error(len(restored.vocabulary),
+                                                                              cfg.nav2_compatible):
+            restored = dataclasses.replace(restored, vocabulary=None)
+        if restored.note:
+            log = self.get_logger().warning if restored.warning else self.get_logger().info
+            log(restored.note)
+        self.vocab.seed(store, restored.revision, restored.table, id_limit, fingerprint(configured))
+        return restored
+
     def _initial_vocabulary(self, cfg: NodeConfig) -> Vocabulary:
         if cfg.vocabulary:
             return Vocabulary.from_request(list(cfg.vocabulary), source="parameter")
@@ -345,6 +373,7 @@ class SegmentNode(LifecycleNode):
         self.gate.close()
         for cam in self._cameras:
             cam.unsubscribe()
+            cam.video.reset("deactivate")  # tracks and filter start again at the next activate
         if self._pipeline is not None and not self._pipeline.stop(timeout):
             # Nothing of it can be published any more; activate refuses to start a second one meanwhile.
             self.get_logger().warning(
@@ -366,6 +395,8 @@ class SegmentNode(LifecycleNode):
         binding = self.vocab.binding
         if binding is None or device is None:
             return
+        if str(getattr(binding.segmenter, "device", "cpu")) == str(device):
+            return  # nothing to move (a swap places its state on the model's device); no gc pass per transition
         if not self.vocab.move(device):
             raise RuntimeError(f"could not move the model to {device}: the vocabulary kept changing under the move")
         gc.collect()
@@ -385,6 +416,11 @@ class SegmentNode(LifecycleNode):
         if self._label_info_pub is not None:
             self._label_info_pub.publish(label_info_message(self._label_info_cls, binding, stamp))
 
+    def _stamp_ns(self, frame: Any) -> int:
+        """The frame's stamp (ROS time); the node's clock for an unset stamp."""
+        stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
+        return stamp_ns if stamp_ns else self.get_clock().now().nanoseconds
+
     def _latency_ms(self, frame: Any) -> float:
         """Against the image stamp's clock (simulated seconds under use_sim_time); see :func:`.clock.latency_ms`.
         Given to the cameras as a hook (they time each frame they publish)."""
@@ -400,7 +436,8 @@ class SegmentNode(LifecycleNode):
                 points.reset()
             with cam.stats.lock:
                 cam.stats.latencies_ms.clear()
-        self.get_logger().warning(f"{what}: depth matching and latency history cleared",
+            cam.video.reset("time_jump_back")  # tracks and label votes belong to the old timeline
+        self.get_logger().warning(f"{what}: depth matching, latency history, tracks and label votes cleared",
                                   throttle_duration_sec=LOG_THROTTLE_S)
 
     # --- diagnostics (reads counters only) ---------------------------------------------------------------

@@ -7,6 +7,11 @@ state), swapped as a single reference:
   was replaced while it encoded) is dropped at swap time and the caller is told so: embeddings of an old model
   never reach a frame.
 * Revisions are handed out at swap time under one lock, so two different vocabularies never share a revision.
+  With a :class:`~.vocabulary_store.VocabularyStore` each new revision is saved (with its vocabulary and ids)
+  before it is published, so revisions also never repeat across restarts and a respawn restores it.
+* Class ids are assigned at swap time too (:func:`~ovseg_ros.core.class_ids.assign_class_ids`): names that stay
+  keep their id, removed ids are quarantined; the ids travel inside the vocabulary of the binding, so every
+  frame is encoded with the ids of the revision it was computed with.
 * The binding lives in the node's :class:`~ovseg_ros.ros.gate.OutputGate`. A swap is a compare-and-swap there:
   the latched ``~/vocabulary`` (and ``~/label_info``) of the new revision is published and the binding replaced
   in one step under the gate's lock, only if the model generation it was encoded for is still current, and its
@@ -32,7 +37,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..core.cancel import cancellable
-from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
+from ..core.class_ids import Assignment, ClassIdError, ClassIdTable, assign_class_ids
+from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
 from .gate import OutputGate
@@ -164,6 +170,12 @@ class VocabularyService:
         self.generation = 0
         self.revision = 0  # last revision handed out; grows across configure cycles
         self.jobs = JobRunner()
+        # Class ids and persistence (set at configure by the node: seed()).
+        self.id_table: Optional[ClassIdTable] = None  # the ids of the current revision; kept across configures
+        self.id_limit = MAX_CLASSES  # ids must be below it (255 with nav2_compatible: mono8)
+        self.store: Any = None  # a VocabularyStore, or None (cache_dir empty)
+        self.configured_key = ""  # fingerprint of the configured vocabulary, saved with the runtime one
+
 
     @property
     def binding(self) -> Optional[Binding]:
@@ -174,15 +186,31 @@ class VocabularyService:
     def stamp(self) -> Any:
         return self.gate.stamp
 
+    def seed(self, store: Any, revision: int, table: Optional[ClassIdTable], id_limit: int, configured_key: str
+             ) -> None:
+        """Before install(): continue revisions and ids from a previous run (:mod:`.vocabulary_store`)."""
+        with self._lock:
+            self.store, self.id_limit, self.configured_key = store, id_limit, configured_key
+            self.revision = max(self.revision, revision)
+            if table is not None and (self.id_table is None or table.revision > self.id_table.revision):
+                self.id_table = table
+
     # --- model lifetime (transitions) ----------------------------------------------------------------
     def install(self, segmenter: Any, state: Any, segmenter_name: str, model_identity: str) -> Binding:
         """A new model generation with its first vocabulary (configure)."""
         with self._lock:
             self.generation += 1
             self.jobs.release.clear()
-            self.revision += 1
-            state = _with_revision(state, self.revision)
+            revision = self.revision + 1
+            try:
+                state, table = self._with_ids(state, revision)
+            except ClassIdError as exc:  # nothing of the old generation is in flight any more: renumber
+                self.node.get_logger().warning(f"class ids renumbered from 0 at configure: {exc}")
+                self.id_table = None
+                state, table = self._with_ids(state, revision)
+            self.revision = revision
             binding = Binding(self.generation, segmenter, state, segmenter_name, model_identity)
+            self._commit_ids(binding.vocabulary, table)
             self.gate.install(binding, self.hooks.now(), self.hooks.announce)
         return binding
 
@@ -199,6 +227,29 @@ class VocabularyService:
         with self._lock:
             self.generation += 1
             self.gate.install(None, None, self.hooks.announce)
+
+    def _with_ids(self, state: Any, revision: int) -> tuple[Any, ClassIdTable]:
+        """``state`` with revision ``revision`` and the class ids following the current table (caller holds
+        ``_lock``). Raises ClassIdError when the ids would run out (nothing changes then)."""
+        vocab = state.vocabulary
+        assignment: Assignment = assign_class_ids(self.id_table, vocab.names, revision, self.id_limit)
+        for warning in assignment.warnings:
+            self.node.get_logger().warning(warning)
+        vocab = vocab.with_revision(revision).with_ids(assignment.table.ids)
+        return dataclasses.replace(state, vocabulary=vocab), assignment.table
+
+    def _commit_ids(self, vocabulary: Vocabulary, table: ClassIdTable) -> None:
+        """Make ``table`` the current ids and save revision ``vocabulary.revision`` (caller holds ``_lock``). Call
+        it before the revision is published: a crash can then never have published an unsaved revision."""
+        self.id_table = table
+        if self.store is not None:
+            try:
+                self.store.save(vocabulary, table, self.configured_key)
+            except OSError as exc:
+                self.node.get_logger().warning(
+                    f"could not persist vocabulary revision {vocabulary.revision} to {self.store.path}: "
+                    f"{exc.strerror or type(exc).__name__}; it is in use but will not survive a restart")
+
 
     # --- services ------------------------------------------------------------------------------------
     def srv_set_vocabulary(self, req: Any, resp: Any) -> Any:
@@ -238,25 +289,37 @@ class VocabularyService:
             resp.message = f"could not encode the vocabulary: {text}" if encoding_failed else text
             return self._refused(resp)
         with self._lock:
-            revision = self.revision + 1
-
-            def make(current: Binding) -> Binding:
-                # The embeddings go where the model is now (a move may have run while they were encoded).
-                state = _move_state(_with_revision(job.result, revision), _device_of(current.segmenter))
-                return dataclasses.replace(current, state=state)
-
-            if self.gate.swap(binding, make, self.hooks.now(), self.hooks.announce) is None:
+            current = self.binding
+            if current is None or current.generation != generation:
                 resp.message = ("vocabulary not applied: the model was reconfigured while it was encoded (its "
                                 "embeddings belong to the old model); send the request again")
                 resp.revision = self.revision
                 return self._refused(resp)
+            revision = self.revision + 1
+            try:
+                state, table = self._with_ids(job.result, revision)
+            except ClassIdError as exc:
+                resp.message = f"vocabulary not applied: {reason(exc)}; the vocabulary in use is unchanged"
+                resp.revision = self.revision
+                return self._refused(resp)
+            # The generation cannot change while _lock is held (install/drop take it): the swap below succeeds,
+            # so the ids are committed (and saved) before the revision is published.
             self.revision = revision
+            self._commit_ids(state.vocabulary, table)
+
+            def make(current: Binding) -> Binding:
+                # The embeddings go where the model is now (a move may have run while they were encoded).
+                return dataclasses.replace(current, state=_move_state(state, _device_of(current.segmenter)))
+
+            if self.gate.swap(binding, make, self.hooks.now(), self.hooks.announce) is None:  # see above: cannot be
+                resp.message = "vocabulary not applied: the model was reconfigured; send the request again"
+                return self._refused(resp)
         n = len(vocab)
         preview = ", ".join(vocab.names[:8]) + (", ..." if n > 8 else "")
-        encoding, _ = messages.label_encoding(n)
+        encoding, _ = messages.label_encoding(state.vocabulary.id_bound)
         resp.success = True
         resp.message = f"vocabulary revision {revision}: {n} classes ({preview}); labels {encoding}"
-        resp.class_ids = list(range(n))
+        resp.class_ids = list(state.vocabulary.ids)
         resp.revision = revision
         self.node.get_logger().info(sanitize(resp.message))  # class names: untrusted text
         return resp
