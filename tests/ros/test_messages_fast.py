@@ -61,10 +61,11 @@ def test_confidence_equals_reference_including_halves_and_out_of_range(dtype: ty
     assert messages.encode_confidence(as_u8) is as_u8
 
 
-@pytest.mark.parametrize("num_classes", [6, 300])
-def test_build_outputs_from_byte_codes_equal_the_int32_path(num_classes: int) -> None:
+@pytest.mark.parametrize("num_classes, id_offset", [(6, 0), (300, 0), (6, 40), (6, 400)])
+def test_build_outputs_from_byte_codes_equal_the_int32_path(num_classes: int, id_offset: int) -> None:
     """build_outputs narrows the labels to byte codes once and feeds them to every output: each message equals
-    the one built from the int32 labels directly (mono16 vocabularies keep the int32 path)."""
+    the one built from the int32 labels directly (mono16 vocabularies keep the int32 path; published ids that
+    are not the positions, mono8 and mono16, go through wire_labels either way)."""
     import types
 
     messages_or_skip()
@@ -78,6 +79,8 @@ def test_build_outputs_from_byte_codes_equal_the_int32_path(num_classes: int) ->
     rng = np.random.default_rng(num_classes)
     names = [f"class{i}" for i in range(num_classes)]
     vocab = Vocabulary.from_request(names, is_thing=[i % 2 == 0 for i in range(num_classes)])
+    if id_offset:
+        vocab = vocab.with_ids([id_offset + 3 * i for i in range(num_classes)])
     labels = np.repeat(np.repeat(rng.integers(-1, num_classes, (6, 8)), 8, 0), 8, 1).astype(np.int32)
     confidence = rng.random(labels.shape).astype(np.float32)
     image = rng.integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
@@ -91,7 +94,7 @@ def test_build_outputs_from_byte_codes_equal_the_int32_path(num_classes: int) ->
     def pixels(msg, dtype):
         return np.frombuffer(bytes(msg.data), dtype).reshape(msg.height, -1)
 
-    wire = ref_encode_labels(labels, num_classes)
+    wire, _, _ = messages_or_skip().wire_labels(labels, vocab)  # from the int32 labels
     assert np.array_equal(pixels(out["labels"], wire.dtype), wire)
     palette = postprocess.make_palette(num_classes)
     color = postprocess.colorize(labels, palette)
@@ -101,6 +104,7 @@ def test_build_outputs_from_byte_codes_equal_the_int32_path(num_classes: int) ->
     panoptic = postprocess.panoptic_from_semantic(labels, confidence, vocab)
     assert np.array_equal(pixels(out["panoptic"].segment_ids, np.int32), panoptic.segment_ids)
     got = [(s.id, s.class_id, s.is_thing, s.area) for s in out["panoptic"].segments]
-    assert got == [(s.id, s.class_id, s.is_thing, s.area) for s in panoptic.segments] and got
-    ids, areas = ref_class_areas(labels, num_classes)
+    assert got == [(s.id, vocab.ids[s.class_id], s.is_thing, s.area) for s in panoptic.segments] and got
+    positions, areas = ref_class_areas(labels, num_classes)
+    ids = [vocab.ids[i] for i in positions]
     assert (list(out["info"].class_ids), list(out["info"].class_areas)) == (ids, areas)
