@@ -117,7 +117,11 @@ def main() -> int:
     if args.compare and args.ab_env:
         print("--compare and --ab-env are exclusive")
         return 2
-    ab_env = dict(kv.split("=", 1) for kv in args.ab_env.split(",") if kv)
+    pairs = [kv.split("=", 1) for kv in args.ab_env.split(",") if kv]
+    if any(len(kv) != 2 or not kv[0] for kv in pairs):
+        print(f"--ab-env wants KEY=VALUE[,KEY=VALUE], got {args.ab_env!r}")
+        return 2
+    ab_env = dict(pairs)
     # (separate, extra node environment) per run
     layouts: list[tuple[bool, dict[str, str]]] = (
         [(False, {}), (True, {})] if args.compare else
