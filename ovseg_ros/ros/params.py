@@ -175,6 +175,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "auto", "str", "auto, cpu, cuda or cuda:N.", check=_check_device),
     ParamSpec("offline", True, "bool", "Never download weights; a missing file fails configure with what to get."),
     ParamSpec("cache_dir", "~/.cache/ovseg_ros", "str", "Text-embedding cache folder (empty: memory only)."),
+    ParamSpec("text_cache_mb", 64.0, "float", "Bound of each text encoder's in-memory embedding cache in MB (host RAM; "
+              "0: none, the disk cache still serves). Applies at configure.", range=(0.0, 65536.0)),
     ParamSpec("vocabulary", [], "list", "Initial vocabulary, one 'name, synonym, ...' entry per class; "
               "wins over vocabulary_file and vocabulary_preset. Change it at run time with ~/set_vocabulary.",
               check=_check_vocabulary),
@@ -322,6 +324,7 @@ class NodeConfig:
     device: str
     offline: bool
     cache_dir: str
+    text_cache_mb: float
     vocabulary: tuple[str, ...]
     vocabulary_file: str
     vocabulary_preset: str

@@ -185,13 +185,14 @@ class SegmentNode(LifecycleNode):
         reasons = list(self._param_errors.values()) + validate_all(values)
         if reasons:
             return self._fail("invalid parameters: " + "; ".join(reasons))
-        from ..core.models import resolve_device
+        from ..core.models import resolve_device, select_device
         from ..core.segmenter import build_segmenter
 
         t0 = time.monotonic()
         try:
             cfg = NodeConfig.from_values(values)
             device = resolve_device(cfg.device)
+            select_device(device)  # this thread encodes the first vocabulary on it
             vocabulary = self._initial_vocabulary(cfg)
             nav2_reason = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
             if nav2_reason:
@@ -201,6 +202,7 @@ class SegmentNode(LifecycleNode):
             segmenter = build_segmenter(
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
+                text_cache_mb=cfg.text_cache_mb,
             )
             vocab_state = segmenter.encode_vocabulary(vocabulary)
             identity = cfg.model_identity(segmenter)
@@ -321,6 +323,7 @@ class SegmentNode(LifecycleNode):
         if str(getattr(binding.segmenter, "device", "cpu")) == str(device):
             return
         binding.segmenter.to(device)
+        binding.segmenter.release_device_caches()
         self.vocab.rebind(binding.state.to(device))
         gc.collect()
         _empty_cuda_cache()

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..core.cancel import cancellable
+from ..core.models import select_device
 from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
@@ -66,8 +67,8 @@ class JobRunner:
         self._jobs: dict[str, _Job] = {}
         self.release = threading.Event()  # set by transitions/shutdown: waiting callers return at once
 
-    def start(self, kind: str, detail: str, fn: Callable[[], Any]) -> tuple[Optional[_Job], str]:
-        """(job, "") or (None, why busy)."""
+    def start(self, kind: str, detail: str, fn: Callable[[], Any], device: Any = None) -> tuple[Optional[_Job], str]:
+        """(job, "") or (None, why busy). The job's thread selects ``device`` (the model's) first."""
         with self._lock:
             running = self._jobs.get(kind)
             # A cancelled job no longer blocks: it stops at its next batch and its result is never used.
@@ -79,6 +80,7 @@ class JobRunner:
 
         def run() -> None:
             try:
+                select_device(device)
                 with cancellable(job.cancel):
                     job.result = fn()
             except BaseException as exc:  # noqa: BLE001  (handed to the waiting caller)
@@ -183,7 +185,7 @@ class VocabularyService:
             return self._refused(resp)
         segmenter, generation = binding.segmenter, binding.generation
         job, busy = self.jobs.start("vocabulary", f"encoding a vocabulary of {len(vocab)} classes",
-                                    lambda: segmenter.encode_vocabulary(vocab))
+                                    lambda: segmenter.encode_vocabulary(vocab), segmenter.device)
         if job is None:
             resp.message = busy
             return self._refused(resp)
@@ -269,7 +271,7 @@ class VocabularyService:
                 resp.message = f"request image refused: {reason(exc)}"
                 return resp
         job, busy = self.jobs.start("query", f"a query of {len(texts)} texts",
-                                    lambda: binding.segmenter.query(image, texts))
+                                    lambda: binding.segmenter.query(image, texts), binding.segmenter.device)
         if job is None:
             resp.message = busy
             return resp

@@ -40,7 +40,9 @@ from ..segmenter import (
     to_host,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
-from ..text import PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates
+from ..text import (
+    DEFAULT_TEXT_CACHE_MB, PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates, text_cache_bytes,
+)
 from ..vocabulary import UNLABELED, Vocabulary
 
 
@@ -103,10 +105,11 @@ class DenseClipSegmenter(Segmenter):
 
     @classmethod
     def from_config(
-        cls, config: DenseClipConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True
+        cls, config: DenseClipConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True,
+        text_cache_mb: float = DEFAULT_TEXT_CACHE_MB,
     ) -> "DenseClipSegmenter":
         clip = load_clip(config.model, device, cache_dir=cache_dir or None, offline=offline)
-        return cls(config, clip, TextEncoder(clip, cache_dir))
+        return cls(config, clip, TextEncoder(clip, cache_dir, max_memory_bytes=text_cache_bytes(text_cache_mb)))
 
     # --- text ---------------------------------------------------------------------------------------
     def _templates(self) -> tuple[str, ...]:

@@ -101,7 +101,10 @@ from ..segmenter import (
     to_host,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, PlainName, Range, declare_constraints
-from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
+from ..text import (
+    DEFAULT_TEXT_CACHE_MB, PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates,
+    text_cache_bytes,
+)
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
 
 log = logging.getLogger(__name__)
@@ -489,13 +492,14 @@ class ITACLIPSegmenter(Segmenter):
         device: str | torch.device = "cpu",
         cache_dir: str = "",
         offline: bool = True,
+        text_cache_mb: float = DEFAULT_TEXT_CACHE_MB,
     ) -> "ITACLIPSegmenter":
         dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
         clip = load_clip(config.model, dev, cache_dir=cache_dir or None, offline=offline)
         if not hasattr(clip.visual, "transformer") or not hasattr(clip.visual, "conv1"):
             raise ValueError(f"itaclip needs an open_clip ViT; '{config.model.name}' is not one")
         llm = LLMTextClient(config.llm, cache_dir) if config.llm.enabled else None
-        return cls(config, clip, TextEncoder(clip, cache_dir), llm)
+        return cls(config, clip, TextEncoder(clip, cache_dir, max_memory_bytes=text_cache_bytes(text_cache_mb)), llm)
 
     def preset_vocabulary(self) -> Optional[Vocabulary]:
         """The preset's dataset class list (for offline tools when no vocabulary is given), or None."""
