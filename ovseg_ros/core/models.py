@@ -79,6 +79,18 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+#: Device types whose per-frame paths avoid host synchronisation. On a GPU every data-dependent shape
+#: (``nonzero``, boolean-mask indexing) and every value read (``int(t)``, ``.tolist()``) stalls the host until
+#: the queue drains, so there the segmenters take fixed-shape formulations; on the CPU the sparse shortcuts
+#: cost nothing extra and stay. Tests add ``cpu`` here to run (and count) the GPU formulation on the CPU.
+SYNC_FREE_DEVICE_TYPES: set[str] = {"cuda"}
+
+
+def sync_free(device: torch.device | str) -> bool:
+    """Whether per-frame code on ``device`` must not synchronise with the host (see SYNC_FREE_DEVICE_TYPES)."""
+    return torch.device(device).type in SYNC_FREE_DEVICE_TYPES
+
+
 _THREAD_DEVICE = threading.local()
 
 

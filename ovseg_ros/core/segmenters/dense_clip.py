@@ -29,7 +29,7 @@ from ..geometry import (
     upsample_max,
     upsample_max_topk,
 )
-from ..models import ClipModel, ModelSpec, load_clip
+from ..models import ClipModel, ModelSpec, load_clip, sync_free
 from ..segmenter import (
     Segmenter,
     SegmentationResult,
@@ -205,12 +205,13 @@ class DenseClipSegmenter(Segmenter):
             per_class = clip_vit.max_over_names(names[None], st.owner.to(self.device), k)[0]
             if st.background is not None:
                 per_class = torch.cat([per_class, probs[st.text.shape[0]:].max(dim=0, keepdim=True).values])
-            up = upsample_max_topk if self.config.fast_upsample else upsample_max
-            conf, idx = up(per_class, size)
-            labels = idx.to(torch.int32)
-            labels[idx >= k] = UNLABELED  # a background word won
+            # The candidate shortcut reads data-dependent shapes: a host sync per frame on a GPU, where the
+            # full upsampling is cheap anyway.
+            fast = self.config.fast_upsample and not sync_free(self.device)
+            conf, idx = (upsample_max_topk if fast else upsample_max)(per_class, size)
+            labels = torch.where(idx >= k, UNLABELED, idx.to(torch.int32))  # a background word won
             if self.config.prob_threshold > 0:
-                labels[conf < self.config.prob_threshold] = UNLABELED
+                labels = torch.where(conf < self.config.prob_threshold, UNLABELED, labels)
             labels_np, conf_np = to_host(labels, conf.clamp(0, 1))
         return SegmentationResult(labels_np, conf_np, st.vocabulary, timings=timer.times)
 

@@ -88,7 +88,7 @@ from ..geometry import (
     upsample_max_candidates,
 )
 from ..llm_text import LLMConfig, LLMTextClient
-from ..models import ClipModel, ModelSpec, load_clip, resolve_device
+from ..models import ClipModel, ModelSpec, load_clip, resolve_device, sync_free
 from ..pamr import pamr, pamr_chunks
 from ..segmenter import (
     ImageError,
@@ -282,6 +282,8 @@ class ITACLIPState(VocabularyState):
     aux_sources: tuple[str, ...] = ()
     #: The prompts encoded for each class (names and auxiliary text under the templates).
     prompts: tuple[tuple[str, ...], ...] = ()
+    #: ``owner`` as host integers: the per-frame row loop reads them without a device-to-host copy.
+    owner_rows: tuple[int, ...] = ()
 
 
 # --- pure functions (tested directly) ---------------------------------------------------------------
@@ -587,6 +589,7 @@ class ITACLIPSegmenter(Segmenter):
             vocabulary=vocabulary,
             text=text.to(self.device).contiguous(),
             owner=owner_t.to(self.device),
+            owner_rows=tuple(int(o) for o in owner) + (len(vocabulary),) * len(background),
             num_background=len(background),
             background_words=background,
             aux_texts=tuple(a[0] for a in aux),
@@ -763,13 +766,14 @@ class ITACLIPSegmenter(Segmenter):
         k = len(state.vocabulary)
         scale = float(cfg.logit_scale)
         size = tuple(guide.shape[-2:])
-        owners = owner.tolist()
+        # The state's rows are known on the host; pruned rows (CPU only, see segment) are read back.
+        owners = list(state.owner_rows) if owner is state.owner and state.owner_rows else owner.tolist()
         last = {o: i for i, o in enumerate(owners)}  # a class's value is final after its last row
         dev = guide.device
         inf = float("-inf")
         cls = torch.full((k, *size), inf, device=dev)
         bg = torch.full(size, inf, device=dev) if state.num_background else None
-        ranking = _Ranking(size, dev) if k >= FAST_MIN_CLASSES else None
+        ranking = _Ranking(size, dev) if k >= FAST_MIN_CLASSES and not sync_free(dev) else None
         top = torch.full(size, inf, device=dev)  # running max of scale * logit (online log-sum-exp)
         acc = torch.zeros(size, device=dev)  # sum of exp(scale * logit - top)
         for start, part in pamr_chunks(guide, rows, cfg.pamr_steps, cfg.pamr_dilations,
@@ -833,10 +837,19 @@ class ITACLIPSegmenter(Segmenter):
         chosen = conf
         if cfg.close_kernel > 1:
             closed = close_labels_torch(labels, cfg.close_kernel)
-            moved = ((closed != labels) & (closed >= 0)).nonzero(as_tuple=True)
-            chosen = conf.clone()
-            if moved[0].numel():  # the closed label's own probability, only where closing changed it
-                chosen[moved] = bilinear_at(cls, size, moved[0], moved[1], closed[moved].long(), transform=prob)
+            changed = (closed != labels) & (closed >= 0)
+            if sync_free(cls.device):  # fixed shapes: every pixel's closed-label probability, kept where changed
+                ys, xs = torch.meshgrid(torch.arange(size[0], device=cls.device),
+                                        torch.arange(size[1], device=cls.device), indexing="ij")
+                at = bilinear_at(cls, size, ys.flatten(), xs.flatten(), closed.flatten().clamp(min=0).long(),
+                                 transform=prob).view(size)
+                chosen = torch.where(changed, at, conf)
+            else:
+                moved = changed.nonzero(as_tuple=True)
+                chosen = conf.clone()
+                if moved[0].numel():  # the closed label's own probability, only where closing changed it
+                    chosen[moved] = bilinear_at(cls, size, moved[0], moved[1], closed[moved].long(),
+                                                transform=prob)
             labels = closed
         conf_out = torch.where(labels >= 0, chosen, top)
         labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
@@ -858,7 +871,8 @@ class ITACLIPSegmenter(Segmenter):
         # Refine and classify in one stream of row chunks: labels need per-class maxima and one denominator.
         fast = cfg.refine_at == "processing" and cfg.fast_upsample and cfg.area_thd <= 0
         with timer.stage("backbone"):
-            if cfg.prune_names > 0 and cfg.slide_crop <= 0:
+            # Pruning picks rows by value (a data-dependent shape): CPU only; a GPU refines every row at once.
+            if cfg.prune_names > 0 and cfg.slide_crop <= 0 and not sync_free(self.device):
                 logits, owner = self._pruned_logits(x, text, st, upsample=not fast)
             elif fast and cfg.slide_crop <= 0:
                 logits = self.crop_logits(x, text, upsample=False)  # patch grid; upsampled chunk by chunk
