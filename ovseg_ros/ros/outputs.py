@@ -35,11 +35,13 @@ def build_outputs(
     publish_panoptic: bool,
     latency_ms: float,
     panoptic_min_area: int = 0,
+    panoptic_format: str = "int32",
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
 
     ``panoptic_min_area``: segments derived from the labels smaller than this many pixels get no panoptic
     segment (their pixels keep id 0); a method's own instances (FC-CLIP) are published as predicted.
+    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`).
     """
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
@@ -62,7 +64,7 @@ def build_outputs(
         if panoptic is None:
             panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
-        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic)))
+        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, panoptic_format)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, result.labels)))
     return outputs

@@ -37,7 +37,7 @@ MAX_PIXELS_LIMIT = 8192 * 8192
 #: Longest refusal reason returned by :func:`validate`.
 MAX_REASON_CHARS = 1000
 
-LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "panoptic_min_area",
+LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "panoptic_min_area", "panoptic_format",
                   "max_vocabulary_classes", "vocabulary_timeout", "max_query_texts"})
 ON_ACTIVATE = frozenset({"image_reliability", "image_queue_depth", "use_compressed", "publish_points", "min_depth",
                          "max_depth", "points_rgb", "depth_slop"})
@@ -198,6 +198,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("panoptic_min_area", 0, "int", "Segments derived from the labels smaller than this many pixels get no "
               "panoptic segment (id 0): speckle from label noise is not published as instances.",
               range=(0, MAX_PIXELS_LIMIT)),
+    ParamSpec("panoptic_format", "int32", "str", "Form of ~/panoptic's id image: int32 (32SC1), uint16 (16UC1 while "
+              "the ids fit, else 32SC1 for that frame: half the bytes) or segments_only (no id image: an empty "
+              "0x0 image with encoding '', the segments with class, score, area and box). The image's encoding says "
+              "which form a message has.", choices=("int32", "uint16", "segments_only")),
     ParamSpec("diagnostics_period", 1.0, "float", "Seconds between /diagnostics messages.", range=(0.1, 60.0)),
     ParamSpec("autostart", True, "bool", "Configure and activate at startup (false: wait for a lifecycle manager).",
               read_only=True),
@@ -335,6 +339,7 @@ class NodeConfig:
     overlay_alpha: float
     publish_panoptic: bool
     panoptic_min_area: int
+    panoptic_format: str
     diagnostics_period: float
     autostart: bool
     cameras: tuple[str, ...]

@@ -352,7 +352,7 @@ class SegmentNode(LifecycleNode):
         outputs = build_outputs(
             item, cam.wants, self._palette, float(self.get_parameter("overlay_alpha").value),
             bool(self.get_parameter("publish_panoptic").value), latency_ms,
-            int(self.get_parameter("panoptic_min_area").value),
+            int(self.get_parameter("panoptic_min_area").value), str(self.get_parameter("panoptic_format").value),
         )
         t1 = time.perf_counter()
         with self._publish_lock:
