@@ -232,7 +232,7 @@ class OfflineNode:
         latency = inference_ms if self.timings else 0.0
         item = _Item(_FrameRef(header, image), result, self.binding, inference_ms if self.timings else 0.0)
         built = build_outputs(item, wants, self._palette, self.cfg.overlay_alpha, self.cfg.publish_panoptic,
-                              latency, self.cfg.panoptic_min_area, self.cfg.panoptic_format)
+                              latency, self.cfg.panoptic_min_area, panoptic_format=self.cfg.panoptic_format)
         if self.timings:  # latency: inference + building these messages (no live clock offline)
             for name, msg in built:
                 if name == "info":
@@ -257,9 +257,9 @@ class OfflineNode:
         if result is None:
             pending = _Pending(index, log_time, stamp)
         else:
-            pending = _Pending(index, log_time, stamp, header, result.labels, result.confidence,
-                               image if self.cfg.points_rgb else None,
-                               messages.label_encoding(len(result.vocabulary))[1])
+            labels, _, unlabeled = messages.wire_labels(result.labels, result.vocabulary)  # as the node
+            pending = _Pending(index, log_time, stamp, header, labels, result.confidence,
+                               image if self.cfg.points_rgb else None, unlabeled)
         return points.frame(pending, self.topic(camera, "points"))
 
     def flush(self) -> list[tuple[int, int, str, Optional[bytes]]]:

@@ -38,7 +38,7 @@ def test_id_image_forms(form: str, max_id: int, encoding: str) -> None:
     from std_msgs.msg import Header
 
     header = Header(frame_id="cam")
-    msg = messages.panoptic_msg(header, vocab, pan, form)
+    msg = messages.panoptic_msg(header, vocab, pan, form=form)
     assert msg.segment_ids.encoding == encoding and msg.segment_ids.header.frame_id == "cam"
     np.testing.assert_array_equal(_decode(msg.segment_ids), pan.segment_ids)
     assert [s.id for s in msg.segments] == [1, max_id] and msg.segments[1].class_name == "chair"
@@ -51,7 +51,7 @@ def test_segments_only_has_no_id_image() -> None:
     from std_msgs.msg import Header
 
     msg = messages.panoptic_msg(Header(frame_id="cam"), Vocabulary.from_request(["wall", "chair"]), _panoptic(2),
-                                "segments_only")
+                                form="segments_only")
     img = msg.segment_ids
     assert (img.height, img.width, img.encoding, len(img.data)) == (0, 0, "", 0)
     assert img.header.frame_id == "cam"
@@ -66,7 +66,7 @@ def test_unknown_form_is_refused_by_builder_and_parameter() -> None:
     from ovseg_ros.ros.params import LIVE, PARAMS, validate
 
     with pytest.raises(ValueError, match="panoptic_format"):
-        messages.panoptic_msg(Header(), Vocabulary.from_request(["wall"]), _panoptic(1), "png")
+        messages.panoptic_msg(Header(), Vocabulary.from_request(["wall"]), _panoptic(1), form="png")
     values = {p.name: p.default for p in PARAMS}
     assert values["panoptic_format"] == "int32" and "panoptic_format" in LIVE
     assert validate("panoptic_format", "uint16", values) is None
