@@ -30,7 +30,7 @@ MIN_AGREEMENT = {"fp16": 0.98, "bf16": 0.95}
 
 @pytest.fixture()
 def fake_half_cpu(monkeypatch: pytest.MonkeyPatch):
-    """``fake_half_cpu("fp16")`` makes ``precision: auto`` mean fp16 on the CPU (a GPU's state); ``(None)`` undoes it."""
+    """``fake_half_cpu("fp16")``: ``precision: auto`` means fp16 on the CPU (a GPU's state); ``(None)`` undoes it."""
 
     def use(name: str | None) -> None:
         if name is None:
