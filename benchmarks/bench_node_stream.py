@@ -94,7 +94,8 @@ def main() -> int:
     from sensor_msgs.msg import Image
 
     from ovseg_ros.msg import PanopticSegmentation, SegmentationInfo, Vocabulary
-    from ovseg_ros.ros.stream_client import NodeProcess, StreamClient, key_scene, rgb_image_msg, stamp_ns, synthetic_frame
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the demo's client helpers
+    from stream_client import NodeProcess, StreamClient, key_scene, rgb_image_msg, stamp_ns, synthetic_frame
 
     ns = f"/ovseg_bench_{os.getpid()}"
     names = [f"cam{i}" for i in range(args.cameras)] if args.cameras > 1 else [""]

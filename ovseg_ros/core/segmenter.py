@@ -132,6 +132,9 @@ class Segmenter(abc.ABC):
     #: The config field holding the main model's ModelSpec: where the node's and the CLI's
     #: ``model``/``pretrained``/``checkpoint`` settings go (CaR has two models; this names the CAM one).
     primary_model_field: ClassVar[str] = "model"
+    #: The config field holding the confidence below which a pixel is left unlabeled (0: none). Methods keep
+    #: their authors' names (ITACLIP: ``prob_thd``); :meth:`label_threshold` is the one way to read it.
+    threshold_field: ClassVar[str] = "prob_threshold"
 
     def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
         self.config = config
@@ -171,6 +174,12 @@ class Segmenter(abc.ABC):
         The default lists the class names; methods using templates override it.
         """
         return [list(c.names) for c in state.vocabulary.classes]
+
+    def label_threshold(self) -> float:
+        """The confidence below which :meth:`segment` leaves a pixel unlabeled (0.0 when it never does);
+        published as ``LabelInfo.threshold``."""
+        value = getattr(self.config, self.threshold_field, 0.0) if self.threshold_field else 0.0
+        return float(value or 0.0)
 
     # --- conveniences -----------------------------------------------------------------------------
     def set_vocabulary(self, vocabulary: Vocabulary) -> VocabularyState:

@@ -99,3 +99,29 @@ def build_outputs(
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs
+
+
+# --- latched outputs (the node under its gate, ovseg-bag per vocabulary) ---------------------------------------
+def label_threshold(segmenter: Any) -> float:
+    """``LabelInfo.threshold``: the confidence below which the segmenter leaves a pixel unlabeled
+    (``Segmenter.label_threshold``, each method's own field: ITACLIP's ``prob_thd``); 0.0 when it has none."""
+    try:
+        return float(segmenter.label_threshold())
+    except Exception:  # noqa: BLE001  (a segmenter without the method: no threshold)
+        return 0.0
+
+
+def vocabulary_message(binding: Any, stamp: Any) -> Any:
+    """``~/vocabulary`` of a binding (segmenter, vocabulary state, names), with the exact prompts when the
+    segmenter can list them."""
+    try:
+        prompts = binding.segmenter.describe_prompts(binding.state)
+    except Exception:  # noqa: BLE001  (optional introspection; names are the fallback)
+        prompts = None
+    return messages.vocabulary_msg(binding.vocabulary, stamp, binding.segmenter_name, binding.model_identity,
+                                   prompts)
+
+
+def label_info_message(label_info_cls: Any, binding: Any, stamp: Any) -> Any:
+    """``~/label_info`` of a binding (``label_info_cls``: vision_msgs/LabelInfo)."""
+    return messages.label_info_msg(label_info_cls, binding.vocabulary, stamp, label_threshold(binding.segmenter))

@@ -8,8 +8,11 @@
   on a fast device the model, not our Python, sets the frame rate.
 
 Between stages there is one slot per camera: a newer item replaces an unpublished one (counted), never a
-queue. A result is published only if its binding is still the current one when it is published (checked by
-the node under its publish lock): no output is ever computed with a model or vocabulary that was replaced.
+queue. A result is published by its camera (:meth:`~ovseg_ros.ros.camera.Camera.publish_item`) through the
+node's output gate, only if its binding is still the current one: no output computed with a model or vocabulary
+that was replaced is ever published. When idle, the publishing thread lets outputs that wait for another input
+time out (a cloud waiting for its depth image), so every output leaves from the publishing stage or from its
+input's callback.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ class Item:
 def segment_frames(binding: Binding, images: list[Any]) -> list[SegmentationResult]:
     """Segment ``images`` with one model call when the segmenter batches, else one call each."""
     batch = getattr(binding.segmenter, "segment_batch", None)
-    if batch is not None and len(images) > 1:
-        return list(batch(images, binding.state))
-    return [binding.segmenter.segment(image, binding.state) for image in images]
+    with binding.model_lock:  # the model's image path is entered by one thread at a time (compile_blocks)
+        if batch is not None and len(images) > 1:
+            return list(batch(images, binding.state))
+        return [binding.segmenter.segment(image, binding.state) for image in images]
 
 
 class Pipeline:
@@ -56,13 +60,12 @@ class Pipeline:
         cameras: list[Camera],
         frames_ready: threading.Event,
         current: Callable[[], Optional[Binding]],
-        publish: Callable[[Item], None],
         errors: ErrorLog,
     ) -> None:
         self.node, self.cameras, self.errors = node, cameras, errors
         self._frames_ready = frames_ready
         self._results_ready = threading.Event()
-        self._current, self._publish = current, publish
+        self._current = current
         self._slots = {id(c): LatestFrameMailbox(self._results_ready) for c in cameras}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -134,7 +137,8 @@ class Pipeline:
     def _publish_loop(self) -> None:
         self._select_device()
         while not self._stop.is_set():
-            if not self._results_ready.wait(0.25):
+            if not self._results_ready.wait(0.1):
+                self._poll()
                 continue
             self._results_ready.clear()
             for cam in self.cameras:
@@ -142,9 +146,17 @@ class Pipeline:
                 if taken is None or self._stop.is_set():
                     continue
                 try:
-                    self._publish(taken[0])
+                    cam.publish_item(taken[0])
                 except Exception as exc:  # noqa: BLE001
                     self._error("publishing", exc)
+            self._poll()
+
+    def _poll(self) -> None:
+        for cam in self.cameras:
+            try:
+                cam.poll_outputs()
+            except Exception as exc:  # noqa: BLE001
+                self._error("publishing", exc)
 
     def _select_device(self) -> None:
         """Each thread's entry: make the model's device current (CUDA's current device is per thread)."""

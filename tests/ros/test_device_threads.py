@@ -64,7 +64,7 @@ def test_pipeline_threads_select_the_model_device(set_device_calls: list) -> Non
     binding = types.SimpleNamespace(segmenter=types.SimpleNamespace(device=torch.device("cuda:1")))
     node = types.SimpleNamespace(get_logger=lambda: _Logger())
     errors = ErrorLog()
-    pipe = Pipeline(node, [], threading.Event(), lambda: binding, lambda item: None, errors)
+    pipe = Pipeline(node, [], threading.Event(), lambda: binding, errors)
     pipe.start()
     try:
         deadline = threading.Event()

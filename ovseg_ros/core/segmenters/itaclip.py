@@ -472,6 +472,7 @@ class ITACLIPSegmenter(Segmenter):
     """ITACLIP on an open_clip ViT. See the module docstring."""
 
     config_cls = ITACLIPConfig
+    threshold_field = "prob_thd"
 
     def __init__(
         self,

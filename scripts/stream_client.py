@@ -1,7 +1,9 @@
 """Client-side helpers for the demo and the benchmarks: a synthetic camera, a spinning client node that
 records outputs with their arrival time, and the installed ``segment_node`` as a child process.
 
-Not used by the node itself. DDS settings (loopback profile, domain) come from the environment
+Not part of the node package (ovseg_ros): it lives beside the demo (scripts/demo_stream.py) and is imported by
+the benchmarks (benchmarks/bench_node_stream.py) and the ROS tests (tests/ros/ros_harness.py), which put this
+folder on ``sys.path``. DDS settings (loopback profile, domain) come from the environment
 (``source scripts/env.sh``), never from here.
 """
 
