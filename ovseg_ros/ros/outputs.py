@@ -57,6 +57,7 @@ def build_outputs(
     panoptic_min_area: int = 0,
     video: Optional[VideoState] = None,
     stamp_ns: int = 0,
+    panoptic_format: str = "int32",
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
 
@@ -67,6 +68,7 @@ def build_outputs(
     ``stamp_ns`` (ROS time of the frame): the filtered labels replace ``item.result`` (so that every output of
     the frame, the semantic cloud too, carries them), the panoptic segments get their track ids. The context
     of both is the binding's vocabulary revision and model generation: a new one resets them.
+    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`).
     """
     if video is not None:
         context = (item.result.vocabulary.revision, getattr(item.binding, "generation", 0))
@@ -97,7 +99,7 @@ def build_outputs(
             panoptic = postprocess.panoptic_from_semantic(sem, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
         track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
-        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids)))
+        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids, panoptic_format)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs
