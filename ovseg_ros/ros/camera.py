@@ -43,6 +43,7 @@ class OutputOptions:
     overlay_alpha: float = 0.5
     publish_panoptic: bool = True
     panoptic_min_area: int = 0
+    panoptic_format: str = "int32"
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ class Camera:
         if self.hooks.video_options is not None:
             self.video.configure(*self.hooks.video_options())
         outputs = build_outputs(item, self.wants, self.hooks.palette, opts.overlay_alpha, opts.publish_panoptic,
-                                latency_ms, opts.panoptic_min_area, self.video, self.hooks.stamp_ns(item.frame))
+                                latency_ms, opts.panoptic_min_area, self.video, self.hooks.stamp_ns(item.frame),
+                                panoptic_format=opts.panoptic_format)
         t1 = time.perf_counter()
         ran, _ = self.gate.emit(item.binding, lambda: self.publish(outputs))
         if not ran:  # a vocabulary was swapped in (or the node deactivated) while the messages were built

@@ -106,7 +106,7 @@ def configure(cfg: NodeConfig, device: Any) -> Binding:
         raise VocabularyError(why)
     segmenter = build_segmenter(cfg.segmenter, cfg.resolved_preset(), cfg.segmenter_overrides(), device=device,
                                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "",
-                                offline=cfg.offline)
+                                offline=cfg.offline, text_cache_mb=cfg.text_cache_mb)
     state = _with_revision(segmenter.encode_vocabulary(vocabulary), 1)  # a node's first revision
     return Binding(1, segmenter, state, cfg.segmenter, cfg.model_identity(segmenter))
 
@@ -259,8 +259,10 @@ class OfflineNode:
         wants = self.outputs.__contains__
         latency = inference_ms if self.timings else 0.0
         item = _Item(_FrameRef(header, image), result, self.binding, inference_ms if self.timings else 0.0)
+        # ~/panoptic with its full id image and track id 0: track_panoptic numbers it (and puts the id image in
+        # panoptic_format) at the merge
         built = build_outputs(item, wants, self._palette, self.cfg.overlay_alpha, self.cfg.publish_panoptic,
-                              latency, self.cfg.panoptic_min_area)
+                              latency, self.cfg.panoptic_min_area, panoptic_format="int32")
         if self.timings:  # latency: inference + building these messages (no live clock offline)
             for name, msg in built:
                 if name == "info":
@@ -268,17 +270,17 @@ class OfflineNode:
         return [(FRAME_OUTPUTS.index(name), self.topic(camera, name), serialize_message(msg)) for name, msg in built]
 
     def track_panoptic(self, topic: str, raw: bytes, log_time: int) -> bytes:
-        """``~/panoptic`` of a part (track ids 0) with its camera's track ids, as the node numbers them: call it
-        for each camera's frames in time order, once per frame (the tracker's state runs from one to the next).
-        The frame's time is its stamp, the log time for an unset stamp (the node takes its clock's)."""
+        """``~/panoptic`` of a part (int32 id image, track ids 0) as the node publishes it: numbered by its
+        camera's tracker (when ``track_instances``), its id image in ``panoptic_format``. Call it for each camera's
+        frames in time order, once per frame (the tracker's state runs from one to the next). The frame's time is
+        its stamp, the log time for an unset stamp (the node takes its clock's)."""
         video = self._video[topic]
-        if not video.tracking:
-            return raw
         msg = deserialize_message(raw, messages.PanopticSegmentation)
         vocab = self.binding.vocabulary
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec or log_time
         panoptic = messages.panoptic_from_msg(msg, vocab)
-        out = panoptic_message(msg.header, vocab, panoptic, video, stamp, video_context(vocab, self.binding))
+        out = panoptic_message(msg.header, vocab, panoptic, video, stamp, video_context(vocab, self.binding),
+                               self.cfg.panoptic_format)
         return serialize_message(out)
 
     def tracked_topics(self) -> set[str]:

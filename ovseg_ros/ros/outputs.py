@@ -57,6 +57,7 @@ def build_outputs(
     panoptic_min_area: int = 0,
     video: Optional[VideoState] = None,
     stamp_ns: int = 0,
+    panoptic_format: str = "int32",
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
 
@@ -67,6 +68,7 @@ def build_outputs(
     ``stamp_ns`` (ROS time of the frame): the filtered labels replace ``item.result`` (so that every output of
     the frame, the semantic cloud too, carries them), the panoptic segments get their track ids. The context
     of both is the binding's vocabulary revision and model generation: a new one resets them.
+    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`).
     """
     if video is not None:
         context = video_context(item.result.vocabulary, item.binding)
@@ -74,26 +76,30 @@ def build_outputs(
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
     n = len(vocab)
-    labels, encoding, _ = messages.wire_labels(result.labels, vocab)  # positions -> the frame's own ids
+    # The byte codes (positions, 255 unlabeled) once per frame: every step below takes them as they are instead of
+    # narrowing the int32 labels again (label image, colour, overlay, panoptic runs).
+    codes = postprocess.class_codes(result.labels, n)
+    sem = codes if codes is not None else result.labels
+    labels, encoding, _ = messages.wire_labels(sem, vocab)  # positions -> the frame's own ids
     outputs: list[tuple[str, Any]] = [
         ("labels", numpy_to_image(labels, encoding, header)),
         ("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)),
     ]
     want_color, want_overlay = wants("color"), wants("overlay")
     if want_color or want_overlay:
-        color = postprocess.colorize(result.labels, palette(n))
+        color = postprocess.colorize(sem, palette(n))
         if want_color:
             outputs.append(("color", numpy_to_image(color, "rgb8", header)))
         if want_overlay:
-            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, result.labels)
+            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, sem)
             outputs.append(("overlay", numpy_to_image(blended, "rgb8", header)))
     if publish_panoptic:
         panoptic = result.panoptic
         if panoptic is None:
-            panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
+            panoptic = postprocess.panoptic_from_semantic(sem, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
         outputs.append(("panoptic", panoptic_message(header, vocab, panoptic, video, stamp_ns,
-                                                     context if video is not None else None)))
+                                                     context if video is not None else None, panoptic_format)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs
@@ -106,12 +112,12 @@ def video_context(vocabulary: Any, binding: Any) -> tuple[int, int]:
 
 
 def panoptic_message(header: Any, vocab: Any, panoptic: Any, video: Optional[VideoState], stamp_ns: int,
-                     context: Any) -> Any:
-    """``~/panoptic`` of one frame: its segments numbered by the camera's tracker (``video``, at ``stamp_ns``),
-    all 0 without one. The node calls it from :func:`build_outputs`; ``ovseg-bag`` calls it in a sequential pass
+                     context: Any, panoptic_format: str = "int32") -> Any:
+    """``~/panoptic`` of one frame (id image in ``panoptic_format``): its segments numbered by the camera's
+    tracker (``video``, at ``stamp_ns``), all 0 without one. The node calls it from :func:`build_outputs`; ``ovseg-bag`` calls it in a sequential pass
     over each camera's frames in time order (the tracker's state runs from frame to frame; see ros/offline.py)."""
     track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
-    return messages.panoptic_msg(header, vocab, panoptic, track_ids)
+    return messages.panoptic_msg(header, vocab, panoptic, track_ids, panoptic_format)
 
 
 # --- latched outputs (the node under its gate, ovseg-bag per vocabulary) ---------------------------------------

@@ -369,3 +369,24 @@ def test_panoptic_message_round_trip() -> None:
     big.segment_ids.encoding = "16UC1"
     with pytest.raises(ValueError, match="32SC1"):
         messages.panoptic_from_msg(big, vocab)
+
+
+@pytest.mark.parametrize("form,encoding", [("uint16", "16UC1"), ("segments_only", "")])
+def test_tracking_with_every_panoptic_format(tmp_path: Path, form: str, encoding: str, capsys) -> None:
+    """The parts keep the full id image the tracker needs; the merge writes ~/panoptic in panoptic_format with
+    the same track ids (segments_only: no id image at all, as the node publishes it)."""
+    rec = write_rgbd_bag(tmp_path / "in", "mcap", frames=3, steady=True)
+    common = [str(rec.path), *SEG, *RGBD, "--chunk", "2", "--no-timings"]
+    assert bag_main(common + ["-o", str(tmp_path / "int32")]) == 0
+    assert bag_main(common + ["-o", str(tmp_path / form), "-p", f"panoptic_format:={form}"]) == 0
+    full, other = read_bag(tmp_path / "int32"), read_bag(tmp_path / form)
+    assert _one_track(other, 3) and _track_ids(other) == _track_ids(full)
+    for (_, a), (_, b) in zip(full["/segment_node/panoptic"], other["/segment_node/panoptic"]):
+        a, b = deserialize_message(a, PanopticSegmentation), deserialize_message(b, PanopticSegmentation)
+        assert b.segment_ids.encoding == encoding and a.segments == b.segments
+        if encoding:
+            got = np.frombuffer(bytes(b.segment_ids.data), np.uint16).reshape(b.segment_ids.height, -1)
+            want = np.frombuffer(bytes(a.segment_ids.data), np.int32).reshape(a.segment_ids.height, -1)
+            assert np.array_equal(got, want)
+        else:
+            assert b.segment_ids.width == b.segment_ids.height == 0
