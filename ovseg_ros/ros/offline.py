@@ -275,6 +275,8 @@ class OfflineNode:
         frames in time order, once per frame (the tracker's state runs from one to the next). The frame's time is
         its stamp, the log time for an unset stamp (the node takes its clock's)."""
         video = self._video[topic]
+        if not video.tracking and self.cfg.panoptic_format == "int32":
+            return raw  # already the node's message
         msg = deserialize_message(raw, messages.PanopticSegmentation)
         vocab = self.binding.vocabulary
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec or log_time
