@@ -36,6 +36,7 @@ from .core.segmenter import (
     list_presets,
     list_segmenters,
 )
+from .tools import plain_help
 from .core.vocabulary import (
     UNLABELED,
     Vocabulary,
@@ -130,7 +131,7 @@ def write_query(stem: Path, path: Path, result: QueryResult) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ovseg-segment", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="ovseg-segment", description=plain_help(__doc__.split("\n\n")[0]),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("-o", "--output", default="ovseg_out", help="output folder")
