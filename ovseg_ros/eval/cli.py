@@ -81,8 +81,23 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-predictions", action="store_true",
                    help="also write each prediction as PNGs in the dataset's own label values "
                         "(<output>/predictions/, see docs/evaluation.md)")
+    p.add_argument("--class-file", default="", metavar="PATH",
+                   help="ask the classes with a published class list ('<id>:<name>,<synonym>,...' lines, e.g. "
+                        "FC-CLIP's <dataset>_with_prompt_eng.txt; see docs/methods/fcclip.md)")
     p.add_argument("--log-every", type=int, default=50, metavar="N",
                    help="when stderr is not a terminal: one progress line every N images (default 50)")
+
+
+def _apply_class_file(dataset: Any, args: argparse.Namespace, preset: str) -> None:
+    """``--class-file``: the dataset is asked with that list (its hash joins the fingerprint)."""
+    from .class_file import class_file_vocabulary
+
+    if args.class_file:
+        dataset.vocabulary = class_file_vocabulary(args.class_file, dataset)
+        dataset._extra.setdefault("identity_files", {})["class_file"] = str(Path(args.class_file).resolve())
+    elif args.segmenter == "fcclip" and preset != "realtime":
+        print("ovseg-eval: note: FC-CLIP's paper numbers use the authors' class lists; without --class-file "
+              "the project's vocabulary is asked (docs/methods/fcclip.md says where to get theirs)", file=sys.stderr)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,6 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise KeyError(f"unknown segmenter {args.segmenter!r}; available: {', '.join(list_segmenters())}")
         dataset = open_dataset(args.dataset, args.root)
         preset = args.preset or default_preset(args.segmenter, args.dataset)
+        _apply_class_file(dataset, args, preset)
         overrides = _overrides(args)
         out_dir = Path(args.output or f"eval_out/{args.segmenter}-{preset or 'default'}-{args.dataset}")
         segmenter = build_segmenter(args.segmenter, preset, overrides, device,

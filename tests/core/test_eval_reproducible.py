@@ -216,3 +216,39 @@ def test_progress_is_plain_lines_off_a_terminal(tmp_path, folder_data, capsys) -
     assert "\r" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("ovseg-eval: ")]
     assert [ln.split(" images")[0] for ln in lines] == ["ovseg-eval: 0/4", "ovseg-eval: 2/4", "ovseg-eval: 4/4"]
+
+
+# --- --class-file: the authors' class lists, read from the user's copy ------------------------------------
+def test_class_file_in_the_authors_format(tmp_path) -> None:
+    from ovseg_ros.eval.class_file import class_file_vocabulary
+
+    write_coco_panoptic(tmp_path / "coco")  # categories person (1), car (3), sky-other-merged (119, stuff)
+    ds = open_dataset("coco_panoptic", tmp_path / "coco")
+    f = tmp_path / "coco_panoptic_with_prompt_eng.txt"  # FC-CLIP's format, written here (not their data)
+    f.write_text("0:invalid_class_id\n1:person,child,girl\n2:bicycle\n3:car,automobile,vehicle\n"
+                 "12:invalid_class_id\n119:sky,clouds,vehicle\n")
+    vocab = class_file_vocabulary(f, ds)
+    assert [c.names for c in vocab.classes] == [("person", "child", "girl"), ("car", "automobile", "vehicle"),
+                                                ("sky", "clouds", "vehicle")]  # a shared synonym is kept
+    assert [c.is_thing for c in vocab.classes] == [True, True, False]  # the JSON's isthing
+    f.write_text("1:person\n3:car\n")
+    with pytest.raises(Exception, match="no line for id 119"):
+        class_file_vocabulary(f, ds)
+    f.write_text("1:person\nthree:car\n")
+    with pytest.raises(Exception, match="line 2"):
+        class_file_vocabulary(f, ds)
+
+
+def test_class_file_through_the_command_joins_the_fingerprint(tmp_path, folder_data, capsys) -> None:
+    root, ckpt = folder_data
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    f = tmp_path / "classes.txt"
+    f.write_text("0:ground,floor\n1:chair,seat\n2:person,human\n")
+    assert eval_main(_tiny_args(root, out, ckpt, cache, "--class-file", str(f), "--limit", "1")) == 0
+    fp = json.loads((out / "report.json").read_text())["fingerprint"]
+    assert fp["dataset"]["class_file_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert fp["dataset"]["classes"] == ["floor", "chair", "person"]  # reports keep the dataset's names
+    f.write_text("0:floor\n1:chair,seat\n2:person,human\n")
+    capsys.readouterr()
+    assert eval_main(_tiny_args(root, out, ckpt, cache, "--class-file", str(f))) == 2
+    assert "dataset.class_file_sha256" in capsys.readouterr().err
