@@ -2,16 +2,19 @@
 
 A :class:`Vocabulary` is immutable. Changing the vocabulary means building a new one (with a new
 ``revision``) and swapping it in whole, so an output can always say exactly which vocabulary made it.
-Class ids are the positions in ``classes`` (0-based); :data:`UNLABELED` marks pixels that belong to
-no class (background words, low confidence).
+Segmenters label pixels by position in ``classes`` (0-based); :data:`UNLABELED` marks pixels that belong to
+no class (background words, low confidence). The ids *published* for the classes are ``class_ids`` (one per
+position, stable across vocabulary changes, see :mod:`.class_ids`); without them they are the positions.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from functools import cached_property
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -89,6 +92,8 @@ class Vocabulary:
     revision: int = 0
     #: Free-form provenance (preset name, "service", "parameter"), for logs only.
     source: str = ""
+    #: Published id of each class (same order as ``classes``); empty: the positions.
+    class_ids: tuple[int, ...] = ()
     #: Allow one text among the names of two classes. Only for a published class list read as it is (the
     #: FC-CLIP authors' ``*_with_prompt_eng.txt`` files share synonyms between classes; a method that takes
     #: the best of each class's names scores a shared text for both). Never set for user vocabularies.
@@ -96,6 +101,9 @@ class Vocabulary:
 
     def __post_init__(self) -> None:
         _validate_classes(self.classes, self.shared_texts)
+        if self.class_ids and (len(self.class_ids) != len(self.classes) or len(set(self.class_ids)) != len(
+                self.class_ids) or min(self.class_ids) < 0 or max(self.class_ids) >= MAX_CLASSES):
+            raise VocabularyError(f"class_ids must be {len(self.classes)} distinct ids in 0..{MAX_CLASSES - 1}")
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -106,6 +114,23 @@ class Vocabulary:
 
     def with_revision(self, revision: int) -> "Vocabulary":
         return replace(self, revision=revision)
+
+    def with_ids(self, class_ids: Sequence[int]) -> "Vocabulary":
+        return replace(self, class_ids=tuple(int(i) for i in class_ids))
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The published id of each class (positions when no ids were assigned)."""
+        return self.class_ids or tuple(range(len(self.classes)))
+
+    @property
+    def id_bound(self) -> int:
+        """Largest published id + 1: the label image must hold ids below it (mono8 while <= 255)."""
+        return max(self.class_ids) + 1 if self.class_ids else len(self.classes)
+
+    @cached_property  # read per frame; the dataclass is frozen, so the answer never changes
+    def ids_are_positions(self) -> bool:
+        return not self.class_ids or self.class_ids == tuple(range(len(self.classes)))
 
     def query_names(self) -> tuple[list[str], list[int]]:
         """Flatten every name of every class: (texts, class index of each text).
@@ -260,7 +285,7 @@ def _validate_classes(classes: Sequence[ClassSpec], shared_texts: bool = False) 
                     f"class {i} ({short_repr(c.name[:40])}...): a text of {len(text)} characters exceeds "
                     f"{MAX_TEXT_CHARS}"
                 )
-            if any(ch in text for ch in "\x00\n\r"):
+            if _has_control(text):
                 raise VocabularyError(
                     f"class {i} ({short_repr(c.name)}): control characters are not allowed in names"
                 )
@@ -327,8 +352,14 @@ def check_query_texts(texts: Sequence[str]) -> None:
             raise VocabularyError(
                 f"query text {i} has {len(t)} characters; at most {MAX_QUERY_TEXT_CHARS} are accepted"
             )
-        if any(ch in t for ch in "\x00\n\r"):
+        if _has_control(t):
             raise VocabularyError(f"query text {i} contains control characters")
+
+
+def _has_control(text: str) -> bool:
+    """Any C0/C1 control character (NUL, newlines, ESC of ANSI sequences like ``\x1b[2J``, DEL): such a
+    name would reach logs and terminals of every consumer (Nav2 logs LabelInfo names it does not know)."""
+    return not text.isprintable() and any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def merge_descriptions(vocabulary: Vocabulary, descriptions: Mapping[str, str]) -> Vocabulary:

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ..core.temporal import FILTERS, MAX_FRAMES
 from ..core.untrusted import UntrustedInputError, load_yaml, short_repr
 from ..core.vocabulary import MAX_QUERY_TEXTS, find_vocabulary_preset, list_vocabulary_presets  # noqa: F401
+from .guard import sanitize
 from .qos import RELIABILITIES
 
 #: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
@@ -38,7 +40,9 @@ MAX_PIXELS_LIMIT = 8192 * 8192
 MAX_REASON_CHARS = 1000
 
 LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "panoptic_min_area",
-                  "max_vocabulary_classes", "vocabulary_timeout", "max_query_texts"})
+                  "max_vocabulary_classes", "vocabulary_timeout", "max_query_texts",
+                  "track_instances", "track_max_age", "temporal_filter", "temporal_frames",
+                  "temporal_image_threshold"})
 ON_ACTIVATE = frozenset({"image_reliability", "image_queue_depth", "use_compressed", "publish_points", "min_depth",
                          "max_depth", "points_rgb", "depth_slop"})
 
@@ -136,15 +140,28 @@ def _check_options(value: str, values: Mapping[str, Any]) -> Optional[str]:
 
 
 _CAMERA_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*")
+#: ROS's longest topic name (rmw: 255 minus 8 reserved for the middleware's prefixes).
+MAX_TOPIC_CHARS = 255 - 8
+#: The longest topic under a camera's output prefix ``~/<camera>/`` (the inputs ``<camera>/...`` sit in the
+#: node's namespace, always shorter than under the node's own name).
+LONGEST_CAMERA_TOPIC = "semantic/confidence"
+#: Key of :func:`current_values` holding the node's fully qualified name (not a parameter).
+NODE_NAME_KEY = "__node__"
 
 
 def _check_cameras(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
     names = list(value or [])
     if len(names) > 16:
         return f"at most 16 cameras per node, got {len(names)}"
+    node = values.get(NODE_NAME_KEY) or "/segment_node"
     for name in names:
         if not isinstance(name, str) or not _CAMERA_RE.fullmatch(name):
             return f"camera name {short_repr(name)} is not a relative ROS name (letters, digits, _ and /)"
+        # Checked here, not found at configure half-way through creating the camera's publishers.
+        longest = f"{node.rstrip('/')}/{name}/{LONGEST_CAMERA_TOPIC}"
+        if len(longest) > MAX_TOPIC_CHARS:
+            return (f"camera name {short_repr(name)} is too long: its topic {short_repr(longest)} would have "
+                    f"{len(longest)} characters, ROS allows {MAX_TOPIC_CHARS}")
     if len(set(names)) != len(names):
         return "camera names must be unique"
     return None
@@ -221,8 +238,25 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("points_rgb", False, "bool", "Add the camera colour as a packed 'rgb' field to ~/semantic/points."),
     ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
               "paired with it.", range=(0.0, 10.0)),
+    ParamSpec("track_instances", True, "bool", "Give each thing segment of ~/panoptic a persistent track_id "
+              "(per camera; 0 = untracked). Switching it resets the tracks."),
+    ParamSpec("track_max_age", 3.0, "float", "Seconds (ROS time of the frame stamps) a track not seen is kept, so "
+              "that an occlusion, a missed or dropped frame or a short exit from the view keeps the id.",
+              range=(0.0, 3600.0)),
+    ParamSpec("temporal_filter", "none", "str", "Temporal filter of the labels: none, or vote (per pixel, a "
+              "confidence-weighted vote over the last temporal_frames frames that restarts where the image "
+              "changes: less flicker on still parts, no smearing behind motion). Changing it restarts the filter.",
+              choices=FILTERS),
+    ParamSpec("temporal_frames", 3, "int", "Frames in the vote of temporal_filter=vote; a label change without an "
+              "image change is followed after temporal_frames // 2 frames.", range=(1, MAX_FRAMES)),
+    ParamSpec("temporal_image_threshold", 10, "int", "Colour difference (0..255, largest channel) above which a "
+              "pixel counts as changed for temporal_filter=vote (its older votes are dropped).", range=(0, 255)),
     ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
               "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
+    ParamSpec("persist_vocabulary", True, "bool", "Restore the vocabulary set at run time (~/set_vocabulary) and "
+              "its class ids at configure, e.g. after a crash or a respawn; it is saved in cache_dir/runtime, one "
+              "file per node name. Revisions continue from the saved counter either way (empty cache_dir: "
+              "nothing is saved)."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 
@@ -238,8 +272,11 @@ def validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
     """
     try:
         reason = _validate(name, value, values)
-        # Bounded: a reason goes into a parameter-set reply and the logs.
-        return reason if reason is None or len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+        if reason is None:
+            return None
+        # Escaped and bounded: a reason goes into a parameter-set reply and the logs.
+        reason = sanitize(reason)
+        return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
     except Exception as exc:  # noqa: BLE001  (any input must end in a reason, never in a traceback)
         return f"{name}: value {short_repr(value)} could not be checked ({type(exc).__name__}: {short_repr(str(exc))})"
 
@@ -345,11 +382,20 @@ class NodeConfig:
     points_rgb: bool = False
     depth_slop: float = 0.05
     nav2_compatible: bool = False
+    track_instances: bool = True
+    track_max_age: float = 3.0
+    temporal_filter: str = "none"
+    temporal_frames: int = 3
+    temporal_image_threshold: int = 10
+    persist_vocabulary: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "NodeConfig":
         kwargs = {p.name: values.get(p.name, p.default) for p in PARAMS}
+        for p in PARAMS:
+            if p.type == "float" and isinstance(kwargs[p.name], int) and not isinstance(kwargs[p.name], bool):
+                kwargs[p.name] = float(kwargs[p.name])
         kwargs["vocabulary"] = tuple(kwargs["vocabulary"] or ())
         kwargs["cameras"] = tuple(kwargs["cameras"] or ())
         return cls(**kwargs, options=parse_options(kwargs["segmenter_options"]))
@@ -445,22 +491,62 @@ def declare_parameters(node: Any) -> dict[str, str]:
     declared with its default instead and the reason is returned, so configure can fail with it (until the
     parameter is set to a valid value).
     """
-    from rclpy.exceptions import ParameterException
+    from rclpy.exceptions import InvalidParameterTypeException, ParameterException
     from rclpy.parameter import Parameter
 
     errors = {}
     for spec in PARAMS:
         default: Any = Parameter.Type.STRING_ARRAY if spec.type == "list" else spec.default
         try:
-            node.declare_parameter(spec.name, default, descriptor(spec))
-        except (ParameterException, TypeError, ValueError) as exc:
+            try:
+                node.declare_parameter(spec.name, default, descriptor(spec))
+            except InvalidParameterTypeException:
+                value = _integer_override(node, spec)
+                if value is None:
+                    raise
+                # ``max_depth: 10`` in a params file: YAML reads an integer where a double is declared.
+                node.declare_parameter(spec.name, float(value), descriptor(spec), ignore_override=True)
+        except (ParameterException, TypeError, ValueError, OverflowError) as exc:
             errors[spec.name] = f"parameter {spec.name}: {exc}"
             node.declare_parameter(spec.name, default, descriptor(spec), ignore_override=True)
+    add_pre_set = getattr(node, "add_pre_set_parameters_callback", None)  # rclpy >= Iron
+    if add_pre_set is not None:
+        add_pre_set(integers_as_doubles)
     return errors
 
 
+def _integer_override(node: Any, spec: ParamSpec) -> Optional[int]:
+    """The integer given (params file, ``-p``) for a double parameter, else None."""
+    if spec.type != "float":
+        return None
+    override = getattr(node, "_parameter_overrides", {}).get(spec.name)  # rclpy has no public accessor
+    value = getattr(override, "value", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def integers_as_doubles(params: list) -> list:
+    """rclpy pre-set callback: an integer set on a double parameter (``ros2 param set ... depth_slop 0``)
+    becomes that double, instead of rclpy's refusal "expected '3' got '2'". Never raises (an entry point)."""
+    try:
+        from rclpy.parameter import Parameter
+
+        out = []
+        for p in params:
+            spec = SPECS.get(p.name)
+            if spec is not None and spec.type == "float" and p.type_ == Parameter.Type.INTEGER:
+                try:
+                    p = Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+                except OverflowError:
+                    pass  # left as it is: refused by rclpy's type check, with its reason
+            out.append(p)
+        return out
+    except Exception:  # noqa: BLE001
+        return list(params)
+
+
 def current_values(node: Any) -> dict[str, Any]:
-    """The node's values of every parameter (an unset string array reads as empty)."""
+    """The node's values of every parameter (an unset string array reads as empty), and its fully qualified
+    name under :data:`NODE_NAME_KEY` (checks of names derived from it need it)."""
     from rclpy.exceptions import ParameterUninitializedException
 
     values = {}
@@ -472,4 +558,18 @@ def current_values(node: Any) -> dict[str, Any]:
         if spec.type == "list":
             value = list(value or [])
         values[spec.name] = value
+    try:
+        values[NODE_NAME_KEY] = node.get_fully_qualified_name()
+    except Exception:  # noqa: BLE001  (a stand-in node in tests)
+        pass
     return values
+
+
+def video_options(node: Any) -> tuple[bool, float, Any]:
+    """(track_instances, track_max_age, FilterConfig) from the node's live parameters (read every frame)."""
+    from ..core.temporal import FilterConfig
+
+    get = node.get_parameter
+    return (bool(get("track_instances").value), float(get("track_max_age").value),
+            FilterConfig(str(get("temporal_filter").value), int(get("temporal_frames").value),
+                         int(get("temporal_image_threshold").value)))

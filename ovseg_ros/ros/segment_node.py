@@ -22,6 +22,7 @@ destroys a handle that a running callback may use (a call during cleanup is answ
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -36,16 +37,28 @@ from rclpy.qos import QoSProfile
 
 from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
-from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
+from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .camera import Camera, camera_specs, convert_image
+from .clock import ClockWatch, latency_ms, steady_clock
 from .conversions import make_cv_bridge
 from .diagnostics import camera_values, cuda_memory, make_status, status_level
-from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_transition, reason
+from .guard import (
+    LOG_THROTTLE_S,
+    ErrorLog,
+    guarded,
+    guarded_service,
+    guarded_transition,
+    reason,
+    sanitize,
+    sanitize_python_logging,
+)
 from .outputs import Palette, build_outputs
 from .params import (
     LIVE,
+    video_options,
     ON_ACTIVATE,
+    SPECS,
     NodeConfig,
     current_values,
     declare_parameters,
@@ -57,6 +70,7 @@ from .pipeline import Item, Pipeline
 from .points import PointsOptions
 from .qos import input_qos, latched_qos
 from .vocabulary_service import Binding, VocabularyService
+from .vocabulary_store import VocabularyStore, fingerprint, restore
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
@@ -70,6 +84,7 @@ class SegmentNode(LifecycleNode):
 
     def __init__(self, node_name: str = "segment_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        sanitize_python_logging()  # the core's own log lines quote outside text too
         self.errors = ErrorLog()
         self._param_errors = declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -111,7 +126,11 @@ class SegmentNode(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self._diag_period = float(self.get_parameter("diagnostics_period").value)
         self._diag_cb = guarded(self, self.errors, "diagnostics timer", self._publish_diagnostics)
-        self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
+        # Steady clock: /diagnostics keeps coming while /clock is paused or absent (see .clock).
+        self._steady = steady_clock()
+        self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer, clock=self._steady)
+        self._latency_clock = ""
+        self._clock_watch = ClockWatch(self, self._on_time_jump)
         if self._bridge is None:
             self.get_logger().debug("cv_bridge not importable: using ovseg_ros's own image conversion")
 
@@ -137,7 +156,11 @@ class SegmentNode(LifecycleNode):
                     return SetParametersResult(successful=False, reason=why)
             for p in params:
                 self._param_errors.pop(p.name, None)  # a bad startup override is fixed by a valid value
-            changed = [p.name for p in params if p.name not in LIVE]
+            # Only our own table says when; rclpy's use_sim_time takes effect at once (its TimeSource).
+            changed = [p.name for p in params if p.name in SPECS and p.name not in LIVE]
+            for p in params:
+                if p.name == "use_sim_time":
+                    self.get_logger().info(f"use_sim_time set to {p.value}: takes effect now")
             if changed and self._cfg is not None:
                 when = "activate" if set(changed) <= ON_ACTIVATE else "configure"
                 self.get_logger().info(f"parameters {changed} take effect at the next {when}")
@@ -202,7 +225,16 @@ class SegmentNode(LifecycleNode):
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
             )
-            vocab_state = segmenter.encode_vocabulary(vocabulary)
+            restored = self._restore_vocabulary(cfg, vocabulary)
+            vocab_state = None
+            if restored.vocabulary is not None:
+                try:
+                    vocab_state = segmenter.encode_vocabulary(restored.vocabulary)
+                except VocabularyError as exc:  # e.g. another segmenter whose limits it exceeds
+                    self.get_logger().warning(f"the restored vocabulary is refused by {cfg.segmenter}: "
+                                              f"{reason(exc)}; using the configured one")
+            if vocab_state is None:
+                vocab_state = segmenter.encode_vocabulary(vocabulary)
             identity = cfg.model_identity(segmenter)
         except Exception as exc:  # noqa: BLE001  (say what it was, stay unconfigured)
             prefix = "" if isinstance(exc, (VocabularyError, ValueError, OSError)) else f"{type(exc).__name__}: "
@@ -220,10 +252,11 @@ class SegmentNode(LifecycleNode):
         if cfg.diagnostics_period != self._diag_period:
             self.destroy_timer(self._diag_timer)
             self._diag_period = cfg.diagnostics_period
-            self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
+            self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer,
+                                                 clock=self._steady)
         self.get_logger().info(
-            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocabulary)} classes, "
-            f"{len(self._cameras)} camera(s)"
+            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, "
+            f"{len(vocab_state.vocabulary)} classes, {len(self._cameras)} camera(s)"
         )
         self._last_transition_error = ""
         return SUCCESS
@@ -278,9 +311,24 @@ class SegmentNode(LifecycleNode):
         return SUCCESS
 
     def _fail(self, why: str, transition: str = "configure") -> TransitionCallbackReturn:
-        self._last_transition_error = f"{transition} failed: {why}"
+        self._last_transition_error = sanitize(f"{transition} failed: {why}")
         self.get_logger().error(self._last_transition_error)
         return FAILURE
+
+    def _restore_vocabulary(self, cfg: NodeConfig, configured: Vocabulary) -> Any:
+        """Continue revisions, class ids and (persist_vocabulary) the runtime vocabulary of a previous run."""
+        store = VocabularyStore(os.path.expanduser(cfg.cache_dir), self.get_fully_qualified_name()) \
+            if cfg.cache_dir else None
+        id_limit = messages.MONO8_MAX_CLASSES if cfg.nav2_compatible else MAX_CLASSES
+        restored = restore(store, configured, cfg.persist_vocabulary, id_limit)
+        if restored.vocabulary is not None and messages.nav2_vocabulary_error(len(restored.vocabulary),
+                                                                              cfg.nav2_compatible):
+            restored = dataclasses.replace(restored, vocabulary=None)
+        if restored.note:
+            log = self.get_logger().warning if restored.warning else self.get_logger().info
+            log(restored.note)
+        self.vocab.seed(store, restored.revision, restored.table, id_limit, fingerprint(configured))
+        return restored
 
     def _initial_vocabulary(self, cfg: NodeConfig) -> Vocabulary:
         if cfg.vocabulary:
@@ -298,6 +346,7 @@ class SegmentNode(LifecycleNode):
             self._is_active = False
         for cam in self._cameras:
             cam.unsubscribe()
+            cam.video.reset("deactivate")  # tracks and filter start again at the next activate
         if self._pipeline is not None and not self._pipeline.stop(STOP_TIMEOUT_S):
             # Nothing of it can be published any more; activate refuses to start a second one meanwhile.
             self.get_logger().warning(
@@ -345,11 +394,12 @@ class SegmentNode(LifecycleNode):
                 cam.stats.stale += 1
             return
         t0 = time.perf_counter()
-        latency_ms = self._latency_ms(item.frame)
+        latency = self._latency_ms(item.frame)
+        cam.video.configure(*video_options(self))
         outputs = build_outputs(
             item, cam.wants, self._palette, float(self.get_parameter("overlay_alpha").value),
-            bool(self.get_parameter("publish_panoptic").value), latency_ms,
-            int(self.get_parameter("panoptic_min_area").value),
+            bool(self.get_parameter("publish_panoptic").value), latency,
+            int(self.get_parameter("panoptic_min_area").value), cam.video, self._stamp_ns(item.frame),
         )
         t1 = time.perf_counter()
         with self._publish_lock:
@@ -361,23 +411,41 @@ class SegmentNode(LifecycleNode):
                 return
             cam.publish(outputs)
             if cam.points is not None:  # never raises; counts and logs its own refusals
-                labels = item.result.labels
+                labels, _, unlabeled_id = messages.wire_labels(item.result.labels, item.result.vocabulary)
                 binding = item.binding
                 cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
-                                   unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1],
-                                   current=lambda: self._is_active and binding is self.vocab.binding)
+                                   unlabeled_id=unlabeled_id,
+                                   current=lambda: self._is_active and binding is self.vocab.binding,
+                                   received=item.frame.received)
         t2 = time.perf_counter()
         with cam.stats.lock:
             cam.stats.processed += 1
-            cam.stats.latencies_ms.append(latency_ms)
+            cam.stats.latencies_ms.append(latency)
             cam.stats.stage_ms["postprocess"].append((t1 - t0) * 1e3)
             cam.stats.stage_ms["publish"].append((t2 - t1) * 1e3)
 
-    def _latency_ms(self, frame: Any) -> float:
+    def _stamp_ns(self, frame: Any) -> int:
+        """The frame's stamp (ROS time); the node's clock for an unset stamp."""
         stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
-        if stamp_ns == 0:
-            return (time.monotonic() - frame.received) * 1e3
-        return (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
+        return stamp_ns if stamp_ns else self.get_clock().now().nanoseconds
+
+    def _latency_ms(self, frame: Any) -> float:
+        """Against the image stamp's clock (simulated seconds under use_sim_time); see :func:`.clock.latency_ms`."""
+        stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
+        ms, self._latency_clock = latency_ms(self.get_clock().now().nanoseconds, stamp_ns, frame.received)
+        return ms
+
+    def _on_time_jump(self, what: str) -> None:
+        """The ROS clock jumped back or changed source: per-stream state ordered by stamps starts afresh."""
+        for cam in list(self._cameras):
+            points = cam.points
+            if points is not None:
+                points.reset()
+            with cam.stats.lock:
+                cam.stats.latencies_ms.clear()
+            cam.video.reset("time_jump_back")  # tracks and label votes belong to the old timeline
+        self.get_logger().warning(f"{what}: depth matching, latency history, tracks and label votes cleared",
+                                  throttle_duration_sec=LOG_THROTTLE_S)
 
     # --- diagnostics ---------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -396,6 +464,8 @@ class SegmentNode(LifecycleNode):
             "errors": str(n_errors),
             "last_error": last_error,
             "last_error_age_s": f"{error_age:.1f}" if error_age is not None else "",
+            **self._clock_watch.values(),
+            "latency_clock": self._latency_clock,
             **cuda_memory(self._device),
         }
         if self._last_transition_error:
@@ -410,6 +480,7 @@ class SegmentNode(LifecycleNode):
                 total_rates[k] = total_rates.get(k, 0.0) + v
             level, message = status_level(configured, active, self._last_transition_error, rates,
                                           kv["last_refusal_reason"], error_age, last_error)
+            kv.update(cam.video.diagnostics())
             points = cam.points
             if points is not None:
                 kv.update(points.diagnostics())
@@ -454,6 +525,7 @@ class SegmentNode(LifecycleNode):
     def destroy_node(self) -> None:
         self.stop_outputs()
         self._release_all()
+        self._clock_watch.destroy()
         super().destroy_node()
 
 
