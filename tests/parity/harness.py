@@ -218,14 +218,8 @@ def _car_probes(seg, preset: str, weights: dict[str, Path], img: np.ndarray, **o
     # stage 2 on one fixed mask (the square, near the right edge of a wide crop) under a gray prompt
     mask = torch.zeros((1, h, w))
     mask[0, 15:45, 55:88] = 1.0
-    seen: list[torch.Tensor] = []  # the classifier's input images (the prompted crops), as they are embedded
-    embed = seg.classifier.embed
-    seg.classifier.embed = lambda x: (seen.append(x.detach().clone()), embed(x))[1]
-    try:
-        seg._classify(seg._image(img), mask.repeat(3, 1, 1), st.text_bank[:3], ("gray",), None)
-    finally:
-        seg.classifier.embed = embed
-    out["sw_gray_prompt"] = fingerprint(torch.cat([x.flatten() for x in seen]))
+    probs = seg._classify(seg._image(img), mask.repeat(3, 1, 1), st.text_bank[:3], ("gray",), None)
+    out["sw_gray_prompt"] = fingerprint(probs)
     # the CRF of near-neutral proposals (a +-0.03 checkerboard): the image's colours in the pairwise terms
     # decide most pixels; joint (two proposals) and per mask with an all-zero first proposal; the area of
     # every mask in order (a shift moves areas), and the masks subsampled

