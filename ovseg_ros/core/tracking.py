@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from . import depth as dp
 from .segmenter import PanopticResult
 
 #: Reset reasons (keys of :attr:`InstanceTracker.resets`).
@@ -117,6 +118,42 @@ def segment_centroids(segment_ids: np.ndarray, xyz: np.ndarray, ids: np.ndarray,
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, k] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
     return out
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity (holds an array)
+class DepthCue:
+    """A depth image registered to a frame's colour camera, for the 3D gate of :class:`InstanceTracker`.
+
+    ``metres``: (h, w) float32 metres, NaN where invalid (:func:`.depth.depth_msg_to_metres`), at any resolution
+    with the labels' aspect ratio; ``intrinsics``: the depth camera's, at any resolution (rescaled here);
+    points outside ``[min_depth, max_depth]`` are not used (the semantic cloud's range).
+    """
+
+    metres: np.ndarray
+    intrinsics: dp.Intrinsics
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+
+
+def depth_centroids(panoptic: PanopticResult, cue: DepthCue, target: int = SAMPLE_PIXELS) -> np.ndarray:
+    """(S, 3) mean 3D point (optical frame, metres) of each segment of ``panoptic`` (NaN rows: no valid point).
+
+    Back-projects only a nearest-neighbour sample of about ``target`` pixels (:func:`.depth.resample_nearest`
+    of the depth and of the id map to one small grid, :func:`.depth.project` with the intrinsics rescaled to it):
+    the centroid gates the association, a sample is enough, and the cost stays well under a millisecond at
+    640x480. Raises :class:`.depth.DepthError` for a depth image or intrinsics that cannot be the frame's.
+    """
+    seg = panoptic.segment_ids
+    h, w = seg.shape
+    dh, dw = cue.metres.shape[:2]
+    dp.check_aspect((dh, dw), (h, w), "depth image")
+    dp.check_aspect((cue.intrinsics.height, cue.intrinsics.width), (h, w), "camera_info")
+    stride = sample_stride(h, w, target)
+    sh, sw = max(1, h // stride), max(1, w // stride)
+    small_ids = dp.resample_nearest(seg, sh, sw)
+    xyz = dp.project(dp.resample_nearest(cue.metres, sh, sw), cue.intrinsics.scaled(sw, sh),
+                     cue.min_depth, cue.max_depth)
+    return segment_centroids(small_ids, xyz, np.array([s.id for s in panoptic.segments], np.int64), stride=1)
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
