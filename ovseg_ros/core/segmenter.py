@@ -202,9 +202,22 @@ class Segmenter(abc.ABC):
         raise NotImplementedError
 
     def to(self, device: torch.device | str) -> "Segmenter":
-        """Move models to ``device`` (the node moves to CPU on deactivate to free GPU memory)."""
+        """Move models to ``device`` (the node moves to CPU on deactivate to free GPU memory).
+
+        Models re-resolve their dtype for the new device (:meth:`ClipModel.to`: ``precision: auto`` is fp16
+        on CUDA and fp32 on the CPU), so a deactivated node does not run text encodings in fp16 on the CPU.
+        """
         self.device = torch.device(device)
         return self
+
+    def release_device_caches(self) -> None:
+        """Drop what shared caches hold on devices other than this segmenter's (the node calls it after
+        moving the model, so a deactivated node frees its GPU memory): the resized position tables of
+        :mod:`clip_vit`. Text-embedding memory caches hold host copies only (:class:`TextEncoder`), and
+        per-segmenter device caches are cleared by :meth:`to`."""
+        from .clip_vit import clear_pos_cache
+
+        clear_pos_cache(keep=self.device)
 
 
 # --- registry ---------------------------------------------------------------------------------------

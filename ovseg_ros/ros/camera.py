@@ -43,6 +43,7 @@ class OutputOptions:
     overlay_alpha: float = 0.5
     publish_panoptic: bool = True
     panoptic_min_area: int = 0
+    panoptic_format: str = "int32"
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Camera:
         depth_cue = (lambda: points.depth_cue(item.frame.header)) if points is not None else None
         outputs = build_outputs(item, self.wants, self.hooks.palette, opts.overlay_alpha, opts.publish_panoptic,
                                 latency_ms, opts.panoptic_min_area, self.video, self.hooks.stamp_ns(item.frame),
-                                depth_cue)
+                                panoptic_format=opts.panoptic_format, depth_cue=depth_cue)
         t1 = time.perf_counter()
         ran, _ = self.gate.emit(item.binding, lambda: self.publish(outputs))
         if not ran:  # a vocabulary was swapped in (or the node deactivated) while the messages were built

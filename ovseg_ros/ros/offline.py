@@ -85,7 +85,7 @@ def configure(cfg: NodeConfig, device: Any) -> Binding:
         raise VocabularyError(why)
     segmenter = build_segmenter(cfg.segmenter, cfg.resolved_preset(), cfg.segmenter_overrides(), device=device,
                                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "",
-                                offline=cfg.offline)
+                                offline=cfg.offline, text_cache_mb=cfg.text_cache_mb)
     state = _with_revision(segmenter.encode_vocabulary(vocabulary), 1)  # a node's first revision
     return Binding(1, segmenter, state, cfg.segmenter, cfg.model_identity(segmenter))
 
@@ -233,7 +233,7 @@ class OfflineNode:
         latency = inference_ms if self.timings else 0.0
         item = _Item(_FrameRef(header, image), result, self.binding, inference_ms if self.timings else 0.0)
         built = build_outputs(item, wants, self._palette, self.cfg.overlay_alpha, self.cfg.publish_panoptic,
-                              latency, self.cfg.panoptic_min_area)
+                              latency, self.cfg.panoptic_min_area, panoptic_format=self.cfg.panoptic_format)
         if self.timings:  # latency: inference + building these messages (no live clock offline)
             for name, msg in built:
                 if name == "info":

@@ -57,6 +57,7 @@ def build_outputs(
     panoptic_min_area: int = 0,
     video: Optional[VideoState] = None,
     stamp_ns: int = 0,
+    panoptic_format: str = "int32",
     depth_cue: Optional[Callable[[], Any]] = None,
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
@@ -67,9 +68,10 @@ def build_outputs(
     ``video``: the camera's :class:`~ovseg_ros.core.video.VideoState` (temporal filter, tracker), run at
     ``stamp_ns`` (ROS time of the frame): the filtered labels replace ``item.result`` (so that every output of
     the frame, the semantic cloud too, carries them), the panoptic segments get their track ids. The context
-    of both is the binding's vocabulary revision and model generation: a new one resets them. ``depth_cue``: gives
-    the frame's :class:`~ovseg_ros.core.tracking.DepthCue` when its depth image is at hand (``publish_points``),
-    for the tracker's 3D gate (see :meth:`~ovseg_ros.core.video.VideoState.track`).
+    of both is the binding's vocabulary revision and model generation: a new one resets them.
+    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`). ``depth_cue``: gives the
+    frame's :class:`~ovseg_ros.core.tracking.DepthCue` when its depth image is at hand (``publish_points``), for
+    the tracker's 3D gate (see :meth:`~ovseg_ros.core.video.VideoState.track`).
     """
     if video is not None:
         context = (item.result.vocabulary.revision, getattr(item.binding, "generation", 0))
@@ -77,26 +79,30 @@ def build_outputs(
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
     n = len(vocab)
-    labels, encoding, _ = messages.wire_labels(result.labels, vocab)  # positions -> the frame's own ids
+    # The byte codes (positions, 255 unlabeled) once per frame: every step below takes them as they are instead of
+    # narrowing the int32 labels again (label image, colour, overlay, panoptic runs).
+    codes = postprocess.class_codes(result.labels, n)
+    sem = codes if codes is not None else result.labels
+    labels, encoding, _ = messages.wire_labels(sem, vocab)  # positions -> the frame's own ids
     outputs: list[tuple[str, Any]] = [
         ("labels", numpy_to_image(labels, encoding, header)),
         ("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)),
     ]
     want_color, want_overlay = wants("color"), wants("overlay")
     if want_color or want_overlay:
-        color = postprocess.colorize(result.labels, palette(n))
+        color = postprocess.colorize(sem, palette(n))
         if want_color:
             outputs.append(("color", numpy_to_image(color, "rgb8", header)))
         if want_overlay:
-            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, result.labels)
+            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, sem)
             outputs.append(("overlay", numpy_to_image(blended, "rgb8", header)))
     if publish_panoptic:
         panoptic = result.panoptic
         if panoptic is None:
-            panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
+            panoptic = postprocess.panoptic_from_semantic(sem, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
         track_ids = video.track(panoptic, stamp_ns, context, depth=depth_cue) if video is not None else None
-        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids)))
+        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids, panoptic_format)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs

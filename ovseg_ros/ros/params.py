@@ -194,6 +194,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "auto", "str", "auto, cpu, cuda or cuda:N.", check=_check_device),
     ParamSpec("offline", True, "bool", "Never download weights; a missing file fails configure with what to get."),
     ParamSpec("cache_dir", "~/.cache/ovseg_ros", "str", "Text-embedding cache folder (empty: memory only)."),
+    ParamSpec("text_cache_mb", 64.0, "float", "Bound of each text encoder's in-memory embedding cache in MB (host RAM; "
+              "0: none, the disk cache still serves).", range=(0.0, 65536.0)),
     ParamSpec("vocabulary", [], "list", "Initial vocabulary, one 'name, synonym, ...' entry per class; "
               "wins over vocabulary_file and vocabulary_preset. Change it at run time with ~/set_vocabulary.",
               check=_check_vocabulary),
@@ -217,6 +219,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("panoptic_min_area", 0, "int", "Segments derived from the labels smaller than this many pixels get no "
               "panoptic segment (id 0): speckle from label noise is not published as instances.",
               range=(0, MAX_PIXELS_LIMIT), when="live"),
+    ParamSpec("panoptic_format", "int32", "str", "Form of ~/panoptic's id image: int32 (32SC1), uint16 (16UC1 while "
+              "the ids fit, else 32SC1 for that frame: half the bytes) or segments_only (no id image: an empty "
+              "0x0 image with encoding '', the segments with class, score, area and box). The image's encoding says "
+              "which form a message has.", choices=("int32", "uint16", "segments_only"), when="live"),
     ParamSpec("diagnostics_period", 1.0, "float", "Seconds between /diagnostics messages.", range=(0.1, 60.0)),
     ParamSpec("autostart", True, "bool", "Configure and activate at startup (false: wait for a lifecycle manager).",
               read_only=True, when="startup"),
@@ -367,6 +373,7 @@ class NodeConfig:
     device: str
     offline: bool
     cache_dir: str
+    text_cache_mb: float
     vocabulary: tuple[str, ...]
     vocabulary_file: str
     vocabulary_preset: str
@@ -377,6 +384,7 @@ class NodeConfig:
     overlay_alpha: float
     publish_panoptic: bool
     panoptic_min_area: int
+    panoptic_format: str
     diagnostics_period: float
     autostart: bool
     cameras: tuple[str, ...]

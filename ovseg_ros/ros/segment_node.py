@@ -167,7 +167,8 @@ class SegmentNode(LifecycleNode):
     def _output_options(self) -> OutputOptions:
         return OutputOptions(float(self.get_parameter("overlay_alpha").value),
                              bool(self.get_parameter("publish_panoptic").value),
-                             int(self.get_parameter("panoptic_min_area").value))
+                             int(self.get_parameter("panoptic_min_area").value),
+                             str(self.get_parameter("panoptic_format").value))
 
     def _check_vocabulary(self, vocabulary: Vocabulary) -> Optional[str]:
         cfg = self._cfg
@@ -237,13 +238,14 @@ class SegmentNode(LifecycleNode):
         reasons = list(self._param_errors.values()) + validate_all(values)
         if reasons:
             return self._fail("invalid parameters: " + "; ".join(reasons))
-        from ..core.models import resolve_device
+        from ..core.models import resolve_device, select_device
         from ..core.segmenter import build_segmenter
 
         t0 = time.monotonic()
         try:
             cfg = NodeConfig.from_values(values)
             device = resolve_device(cfg.device)
+            select_device(device)  # this thread encodes the first vocabulary on it
             vocabulary = self._initial_vocabulary(cfg)
             nav2_reason = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
             if nav2_reason:
@@ -253,6 +255,7 @@ class SegmentNode(LifecycleNode):
             segmenter = build_segmenter(
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
+                text_cache_mb=cfg.text_cache_mb,
             )
             restored = self._restore_vocabulary(cfg, vocabulary)
             vocab_state = None

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..core.cancel import cancellable
 from ..core.class_ids import Assignment, ClassIdError, ClassIdTable, assign_class_ids
+from ..core.models import select_device
 from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
@@ -107,8 +108,8 @@ class JobRunner:
         self._stopping: dict[str, list[_Job]] = {}
         self.release = threading.Event()  # set by transitions/shutdown: waiting callers return at once
 
-    def start(self, kind: str, detail: str, fn: Callable[[], Any]) -> tuple[Optional[_Job], str]:
-        """(job, "") or (None, why busy)."""
+    def start(self, kind: str, detail: str, fn: Callable[[], Any], device: Any = None) -> tuple[Optional[_Job], str]:
+        """(job, "") or (None, why busy). The job's thread selects ``device`` (the model's) first."""
         with self._lock:
             running = self._jobs.get(kind)
             # A cancelled job no longer blocks: it stops at its next batch and its result is never used.
@@ -128,6 +129,7 @@ class JobRunner:
 
         def run() -> None:
             try:
+                select_device(device)
                 with cancellable(job.cancel):
                     job.result = fn()
             except BaseException as exc:  # noqa: BLE001  (handed to the waiting caller)
@@ -275,7 +277,7 @@ class VocabularyService:
             return self._refused(resp)
         segmenter, generation = binding.segmenter, binding.generation
         job, busy = self.jobs.start("vocabulary", f"encoding a vocabulary of {len(vocab)} classes",
-                                    lambda: segmenter.encode_vocabulary(vocab))
+                                    lambda: segmenter.encode_vocabulary(vocab), segmenter.device)
         if job is None:
             resp.message = busy
             return self._refused(resp)
@@ -373,7 +375,8 @@ class VocabularyService:
                 resp.message = f"request image refused: {reason(exc)}"
                 return resp
         job, busy = self.jobs.start("query", f"a query of {len(texts)} texts",
-                                    lambda: _locked(binding.model_lock, lambda: binding.segmenter.query(image, texts)))
+                                    lambda: _locked(binding.model_lock, lambda: binding.segmenter.query(image, texts)),
+                                    binding.segmenter.device)
         if job is None:
             resp.message = busy
             return resp
@@ -414,6 +417,9 @@ def _move_segmenter(segmenter: Any, device: Any) -> None:
     """Move the model unless it is there already (compared as strings: "cuda" vs "cuda:0" do move)."""
     if str(_device_of(segmenter)) != str(device):
         segmenter.to(device)
+        release = getattr(segmenter, "release_device_caches", None)  # shared caches left on the old device
+        if callable(release):
+            release()
 
 
 def _move_state(state: Any, device: Any) -> Any:
