@@ -151,7 +151,8 @@ def depth_centroids(panoptic: PanopticResult, cue: DepthCue, target: int = CENTR
 
     Back-projects only a nearest-neighbour sample of about ``target`` pixels (:func:`.depth.resample_nearest`
     of the depth and of the id map to one small grid, :func:`.depth.project` with the intrinsics rescaled to it):
-    the centroid gates the association, a sample is enough (cost: docs/benchmarks.md, issue 19). Raises :class:`.depth.DepthError` for a depth image or intrinsics that cannot be the frame's.
+    the centroid gates the association, a sample is enough (cost: docs/benchmarks.md, issue 19).
+    Raises :class:`.depth.DepthError` for a depth image or intrinsics that cannot be the frame's.
     """
     seg = panoptic.segment_ids
     h, w = seg.shape
