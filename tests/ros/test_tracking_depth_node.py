@@ -4,7 +4,9 @@ image rendered from its exact ground truth (each object at its own depth, regist
 
 * with depth + camera_info on the wire before each colour frame, every frame is tracked with the cue
   (``track_depth_cue_frames`` in /diagnostics rises by one per frame) and every object keeps its track id;
-* without depth for some frames, those are tracked on masks alone (the counter stays), the ids still persist.
+* without depth for some frames, those are tracked on masks alone (the counter stays), the ids still persist;
+* the cue reaches the tracker's gate: a chair hidden for a few frames, then a chair in the same place of the
+  image but 3 m farther, gets a new id (masks alone would give the hidden one's); at the same depth, the old id.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ovseg_ros.msg import PanopticSegmentation  # noqa: E402
 
 SCENE = SceneConfig(width=160, height=120, frames=30, objects=4, seed=3, speed=0.01)
 BASE_S = 5000
+_BASE = [BASE_S]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +58,14 @@ def _colour(frame: Any, stamp_ns: int) -> Image:
 
 
 def _depth(frame: Any, stamp_ns: int) -> Image:
-    """16UC1 millimetres: stuff at 6 m, object k at 1 + 0.5 k m (the scene's fixed depth order)."""
-    mm = np.full(frame.instances.shape, 6000, np.uint16)
-    for k in np.unique(frame.instances):
-        if k:
-            mm[frame.instances == k] = 1000 + 500 * int(k)
+    """16UC1 millimetres: stuff at 6 m, object k at 1 + 0.5 k m (the scene's fixed depth order), or the frame's
+    own ``depth_mm``."""
+    mm = getattr(frame, "depth_mm", None)
+    if mm is None:
+        mm = np.full(frame.instances.shape, 6000, np.uint16)
+        for k in np.unique(frame.instances):
+            if k:
+                mm[frame.instances == k] = 1000 + 500 * int(k)
     msg = Image()
     _header(msg, stamp_ns)
     h, w = mm.shape
@@ -85,7 +91,7 @@ def _wait(cond: Any, timeout: float = 10.0) -> bool:
     return False
 
 
-def _stream(client: RosClient, node: Any, frames: list, with_depth: bool) -> list[tuple]:
+def _stream(client: RosClient, node: Any, frames: list, with_depth: bool, base_s: int = BASE_S) -> list[tuple]:
     """Per frame: (with depth) depth + camera_info, waited for until the node buffered them, then the colour
     image, waited for its panoptic output. (frame, panoptic) pairs."""
     ns = node.get_namespace()
@@ -98,7 +104,7 @@ def _stream(client: RosClient, node: Any, frames: list, with_depth: bool) -> lis
     got = []
     try:
         for f in frames:
-            stamp = BASE_S * 10**9 + int(f.stamp_ns)
+            stamp = base_s * 10**9 + int(f.stamp_ns)
             if with_depth:
                 received = int(points.diagnostics()["depth_received"])
                 deadline = time.monotonic() + 10.0
@@ -173,3 +179,40 @@ def test_depth_cue_counted_and_ids_persist(node: Any, client: RosClient) -> None
         assert 0 not in ids, f"object {obj}: untracked in some frame: {ids}"
         assert len(set(ids)) == 1, f"object {obj} changed its track id: {ids}"
     assert len({ids[0] for ids in tracks.values()}) == len(tracks), "two objects share a track id"
+
+
+def _chair_frames(back_at_mm: int) -> list:
+    """A still chair (key colour) on the floor at 2 m, hidden in frames 4-6, back in frames 7-8 at ``back_at_mm``."""
+    from types import SimpleNamespace
+
+    from ovseg_ros.eval.video_synth import COLORS
+
+    floor, chair = (np.array([int(c[i:i + 2], 16) for i in (1, 3, 5)], np.uint8) for c in (COLORS[1], COLORS[2]))
+    frames = []
+    for k in range(9):
+        image = np.empty((SCENE.height, SCENE.width, 3), np.uint8)
+        image[:] = floor
+        instances = np.zeros((SCENE.height, SCENE.width), np.int32)
+        depth_mm = np.full(instances.shape, 6000, np.uint16)
+        if not 4 <= k <= 6:
+            image[40:80, 50:90] = chair
+            instances[40:80, 50:90] = 1
+            depth_mm[40:80, 50:90] = 2000 if k < 4 else back_at_mm
+        frames.append(SimpleNamespace(index=k, stamp_ns=(k + 1) * 33_333_333, image=image, instances=instances,
+                                      depth_mm=depth_mm))
+    return frames
+
+
+def _chair_ids(pairs: list[tuple]) -> list[int]:
+    return [t for _, m in pairs for t in {s.track_id for s in m.segments if s.is_thing}]
+
+
+@pytest.mark.parametrize("back_at_mm, with_depth, same", [(5000, True, False), (2000, True, True),
+                                                            (5000, False, True)])  # masks alone: the error
+def test_depth_cue_reaches_the_gate(node: Any, client: RosClient, back_at_mm: int, with_depth: bool,
+                                    same: bool) -> None:
+    _BASE[0] += 100  # far from every earlier stream: old tracks have expired
+    ids = _chair_ids(_stream(client, node, _chair_frames(back_at_mm), with_depth=with_depth, base_s=_BASE[0]))
+    assert len(ids) == 6 and 0 not in ids, ids  # frames 0-3 and 7-8, one chair each
+    assert len(set(ids[:4])) == 1 and len(set(ids[4:])) == 1, ids
+    assert (ids[4] == ids[0]) == same, f"back at {back_at_mm} mm: {ids}"
