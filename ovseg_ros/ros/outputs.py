@@ -58,6 +58,7 @@ def build_outputs(
     video: Optional[VideoState] = None,
     stamp_ns: int = 0,
     panoptic_format: str = "int32",
+    depth_cue: Optional[Callable[[], Any]] = None,
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
 
@@ -68,7 +69,9 @@ def build_outputs(
     ``stamp_ns`` (ROS time of the frame): the filtered labels replace ``item.result`` (so that every output of
     the frame, the semantic cloud too, carries them), the panoptic segments get their track ids. The context
     of both is the binding's vocabulary revision and model generation: a new one resets them.
-    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`).
+    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`). ``depth_cue``: gives the
+    frame's :class:`~ovseg_ros.core.tracking.DepthCue` when its depth image is at hand (``publish_points``), for
+    the tracker's 3D gate (see :meth:`~ovseg_ros.core.video.VideoState.track`).
     """
     if video is not None:
         context = video_context(item.result.vocabulary, item.binding)
@@ -99,7 +102,8 @@ def build_outputs(
             panoptic = postprocess.panoptic_from_semantic(sem, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
         outputs.append(("panoptic", panoptic_message(header, vocab, panoptic, video, stamp_ns,
-                                                     context if video is not None else None, panoptic_format)))
+                                                     context if video is not None else None, panoptic_format,
+                                                     depth_cue)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs
@@ -112,11 +116,13 @@ def video_context(vocabulary: Any, binding: Any) -> tuple[int, int]:
 
 
 def panoptic_message(header: Any, vocab: Any, panoptic: Any, video: Optional[VideoState], stamp_ns: int,
-                     context: Any, panoptic_format: str = "int32") -> Any:
+                     context: Any, panoptic_format: str = "int32",
+                     depth_cue: Optional[Callable[[], Any]] = None) -> Any:
     """``~/panoptic`` of one frame (id image in ``panoptic_format``): its segments numbered by the camera's
-    tracker (``video``, at ``stamp_ns``), all 0 without one. The node calls it from :func:`build_outputs`; ``ovseg-bag`` calls it in a sequential pass
-    over each camera's frames in time order (the tracker's state runs from frame to frame; see ros/offline.py)."""
-    track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
+    tracker (``video``, at ``stamp_ns``; ``depth_cue`` as in :func:`build_outputs`), all 0 without one. The node
+    calls it from :func:`build_outputs`; ``ovseg-bag`` in a sequential pass over each camera's frames in time
+    order (the tracker's state runs from frame to frame; see ros/offline.py)."""
+    track_ids = video.track(panoptic, stamp_ns, context, depth=depth_cue) if video is not None else None
     return messages.panoptic_msg(header, vocab, panoptic, track_ids, panoptic_format)
 
 
