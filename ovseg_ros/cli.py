@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from .core.deploy import DeployError, add_backend_arguments, backend_from_args
 from .core.untrusted import load_yaml
 from .core.models import ModelLoadError
 from .core.postprocess import colorize, make_palette
@@ -154,6 +155,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: skip them)")
     p.add_argument("--list", action="store_true", help="list segmenters and presets, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_backend_arguments(p, "--backend")
     return p.parse_args(argv)
 
 
@@ -194,9 +196,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             device = torch.device("cuda", local_rank % torch.cuda.device_count())  # one GPU per process
         cache = str(Path(args.cache_dir).expanduser())
-        segmenter = build_segmenter(args.segmenter, preset, overrides, device, cache_dir=cache, offline=not args.online)
+        segmenter = build_segmenter(args.segmenter, preset, overrides, device, cache_dir=cache, offline=not args.online,
+                                    backend=backend_from_args(args, device))
         segmenter.set_vocabulary(vocabulary)
-    except (ModelLoadError, VocabularyError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+    except (DeployError, ModelLoadError, VocabularyError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         print(f"ovseg-segment: {exc}", file=sys.stderr)
         return 2
     out_dir = Path(args.output)

@@ -386,3 +386,26 @@ def attach_onnx(segmenter: Any, options: BackendOptions) -> Any:
         options = BackendOptions(**{**options.__dict__, "device_id": segmenter.device.index})
     segmenter.image_encoder = open_session(options, expected_metadata(segmenter, graph))
     return segmenter
+
+
+# --- command-line options shared by ovseg-segment and ovseg-eval ----------------------------------------
+def add_backend_arguments(parser: Any, flag: str = "--backend") -> None:
+    """The image-backend options of the tools (``flag`` names the torch/onnxruntime switch)."""
+    g = parser.add_argument_group("image backend")
+    g.add_argument(flag, dest="image_backend", default="torch", choices=BACKENDS,
+                   help="image encoder: torch, or onnxruntime with the file of ovseg-export")
+    g.add_argument("--onnx-file", default="", help="the ovseg-export file (backend onnxruntime)")
+    g.add_argument("--onnx-providers", default="",
+                   help="execution providers in order, comma-separated from tensorrt,cuda,cpu (default: all available)")
+    g.add_argument("--trt-cache-dir", default="", help="TensorRT engine cache (default: <onnx-file>.trt_cache)")
+    g.add_argument("--no-trt-fp16", action="store_true", help="TensorRT engines in fp32")
+
+
+def backend_from_args(args: Any, device: Any = "cpu") -> BackendOptions:
+    dev = torch.device(device)
+    return BackendOptions(
+        backend=args.image_backend, onnx_file=args.onnx_file,
+        providers=tuple(p.strip() for p in args.onnx_providers.split(",") if p.strip()),
+        trt_cache_dir=args.trt_cache_dir, trt_fp16=not args.no_trt_fp16,
+        device_id=(dev.index or 0) if dev.type == "cuda" else 0,
+    )

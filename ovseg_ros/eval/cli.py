@@ -30,6 +30,7 @@ from ..core.segmenter import (
     list_segmenters,
     load_paper_results,
 )
+from ..core.deploy import add_backend_arguments, backend_from_args
 from ..core.vocabulary import VocabularyError
 from . import distributed as dist
 from .datasets import READERS, DatasetError, open_dataset
@@ -69,6 +70,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list segmenters, presets and published numbers")
     p.add_argument("--layouts", action="store_true", help="print the expected folder layout of every dataset")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_backend_arguments(p, "--image-backend")  # --backend is torch.distributed's
     return p.parse_args(argv)
 
 
@@ -125,13 +127,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides = _overrides(args)
         out_dir = Path(args.output or f"eval_out/{args.segmenter}-{preset or 'default'}-{args.dataset}")
         segmenter = build_segmenter(args.segmenter, preset, overrides, device,
-                                    cache_dir=str(Path(args.cache_dir).expanduser()), offline=not args.online)
+                                    cache_dir=str(Path(args.cache_dir).expanduser()), offline=not args.online,
+                                    backend=backend_from_args(args, device))
         spec = getattr(segmenter.config, get_segmenter_class(args.segmenter).primary_model_field, None)
         run = {"segmenter": args.segmenter, "preset": preset, "overrides": overrides, "dataset": dataset.name,
                "root": str(Path(args.root).resolve()), "num_classes": dataset.num_classes,
                "model": getattr(spec, "name", ""), "pretrained": getattr(spec, "pretrained", ""),
                "checkpoint": getattr(spec, "checkpoint", ""), "device": str(device),
                "world_size": ctx.world_size, "backend": ctx.backend, "limit": args.limit}
+        if args.image_backend != "torch":  # recorded only when used: earlier runs' records stay comparable
+            run.update(image_backend=args.image_backend, onnx_file=str(Path(args.onnx_file).resolve()))
         prepare_output(out_dir, run, ctx, args.overwrite)
         totals = run_evaluation(segmenter, dataset, out_dir, ctx, args.limit, progress=not args.no_progress)
         if ctx.is_main:

@@ -201,6 +201,7 @@ class SegmentNode(LifecycleNode):
             segmenter = build_segmenter(
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
+                backend=cfg.backend_options(device),
             )
             vocab_state = segmenter.encode_vocabulary(vocabulary)
             identity = cfg.model_identity(segmenter)
