@@ -58,8 +58,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     model = {k: v for k, v in (("name", args.model), ("pretrained", args.pretrained),
                                ("checkpoint", args.checkpoint)) if v not in ("", None)}
     model["precision"] = args.precision
-    field = get_segmenter_class(args.segmenter).primary_model_field
-    overrides[field] = {**overrides.get(field, {}), **model}
+    cls = get_segmenter_class(args.segmenter)
+    field = cls.primary_model_field
+    if field in getattr(cls.config_cls, "__dataclass_fields__", {}):  # color_key has no model
+        overrides[field] = {**overrides.get(field, {}), **model}
     return overrides
 
 

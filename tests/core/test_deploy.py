@@ -214,3 +214,41 @@ def test_vit_b16_architecture_random_weights(tmp_path) -> None:
         logits = seg._scores(x, st.text)
     assert float((logits - ref_logits).abs().max()) <= LOGIT_TOL
     assert _agreement(seg.segment(img, st).labels, ref.labels) >= LABEL_AGREEMENT
+
+
+def test_export_tool_and_segment_cli_backend(tiny_vit_checkpoint, tmp_path, capsys) -> None:
+    """ovseg-export writes a checked file; ovseg-segment --backend onnxruntime gives the torch labels."""
+    import cv2
+
+    from ovseg_ros import cli
+    from ovseg_ros.tools import export_onnx as tool
+
+    model = ["--model", "ovseg-tiny-vit", "--pretrained", "", "--checkpoint", str(tiny_vit_checkpoint)]
+    opts = ["--options", "{short_side: 64, templates: photo}"]
+    out = tmp_path / "d.onnx"
+    assert tool.main(["--segmenter", "dense_clip", *model, *opts, "-o", str(out), "--check"]) == 0
+    printed = capsys.readouterr().out
+    check = json.loads(printed.strip().splitlines()[-1])
+    assert check["label_agreement"] >= LABEL_AGREEMENT and check["max_output_diff"] <= LOGIT_TOL
+    assert '"preset": "realtime"' in printed
+    img = tmp_path / "in" / "a.png"
+    img.parent.mkdir()
+    cv2.imwrite(str(img), _image(60, 80))
+    common = [str(img.parent), "--segmenter", "dense_clip", "--preset", "realtime", *model, *opts,
+              "--precision", "fp32", "--device", "cpu", "--cache-dir", "", "--vocabulary", "floor", "chair", "door"]
+    assert cli.main([*common, "-o", str(tmp_path / "t")]) == 0
+    assert cli.main([*common, "-o", str(tmp_path / "o"), "--backend", "onnxruntime", "--onnx-file", str(out),
+                     "--onnx-providers", "cpu"]) == 0
+    a = cv2.imread(str(tmp_path / "t" / "a_labels.png"), cv2.IMREAD_UNCHANGED)
+    b = cv2.imread(str(tmp_path / "o" / "a_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert _agreement(a, b) >= LABEL_AGREEMENT
+    # Another model's weights: refused with the reason (exit 2).
+    from ovseg_ros.core.models import save_random_checkpoint
+
+    other = save_random_checkpoint("ovseg-tiny-vit", tmp_path / "other.pt", seed=5)
+    bad = [a if a != str(tiny_vit_checkpoint) else str(other) for a in common]
+    capsys.readouterr()
+    assert cli.main([*bad, "-o", str(tmp_path / "x"), "--backend", "onnxruntime", "--onnx-file", str(out)]) == 2
+    assert "does not match the configured model" in capsys.readouterr().err
+    assert tool.main(["--segmenter", "color_key", "-o", str(tmp_path / "c.onnx")]) == 2
+    assert "no exportable image encoder" in capsys.readouterr().err
