@@ -91,6 +91,7 @@ class ImageGraph:
         options: the config values that change the graph (compared at load: a mismatch refuses the file).
         input_size: camera (h, w) -> the graph's input (h, w) for this preset (declared-size exports).
         min_side: smallest input side the graph accepts (one patch).
+        static: the graph has one fixed input size (exported for exactly one camera size).
     """
 
     module: nn.Module
@@ -98,6 +99,7 @@ class ImageGraph:
     options: dict[str, Any]
     input_size: Callable[[int, int], tuple[int, int]]
     min_side: int = 16
+    static: bool = False
 
 
 # --- identity of the weights and of the file ------------------------------------------------------------
@@ -218,13 +220,19 @@ def export_onnx(
     graph = segmenter.image_graph()
     if graph is None:
         raise DeployError(f"segmenter {segmenter.name!r} has no exportable image graph (see docs/deploy.md)")
-    sizes = [graph.input_size(h, w) for h, w in camera_sizes]
+    sizes = sorted({graph.input_size(h, w) for h, w in camera_sizes})
+    if graph.static:
+        if len(sizes) > 1:
+            raise DeployError(f"{segmenter.name} exports one input size per file (its graph is static); give one "
+                              f"camera size in --sizes, got {len(sizes)} graph sizes {sizes}")
+        sizes = sizes or [graph.input_size(480, 640)]
     ref = sizes[0] if sizes else graph.input_size(480, 640)
     module = _FloatIO(graph.module).eval()
     # Batch 2 in the example: torch.export specialises a dimension whose example value is 1.
-    example = torch.randn(2, 3, *ref, device=segmenter.device)
-    dims = {0: Dim("batch", min=1, max=1024), 2: Dim("height", min=graph.min_side, max=16384),
-            3: Dim("width", min=graph.min_side, max=16384)}
+    example = torch.randn(1 if graph.static else 2, 3, *ref, device=segmenter.device)
+    dims = None if graph.static else {
+        "images": {0: Dim("batch", min=1, max=1024), 2: Dim("height", min=graph.min_side, max=16384),
+                   3: Dim("width", min=graph.min_side, max=16384)}}
     meta = expected_metadata(segmenter, graph)
     dtype = next(graph.module.parameters()).dtype
     spec = getattr(segmenter.config, segmenter.primary_model_field)
@@ -242,11 +250,19 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, opset_version=opset, input_names=["images"],
-            output_names=list(graph.outputs), dynamic_shapes={"images": dims}, verbose=False,
-        )
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # the optimizer's per-node notes ("Skipping constant folding ...") are not for users
+        q.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=opset, input_names=["images"],
+                output_names=list(graph.outputs), dynamic_shapes=dims, verbose=False,
+            )
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
     model = program.model_proto
     del model.metadata_props[:]
     for k, v in meta.items():

@@ -252,3 +252,40 @@ def test_export_tool_and_segment_cli_backend(tiny_vit_checkpoint, tmp_path, caps
     assert "does not match the configured model" in capsys.readouterr().err
     assert tool.main(["--segmenter", "color_key", "-o", str(tmp_path / "c.onnx")]) == 2
     assert "no exportable image encoder" in capsys.readouterr().err
+
+
+def test_fcclip_image_part_equals_torch(tmp_path) -> None:
+    """FC-CLIP: backbone, pixel decoder and decoder exported (one static size), text head and panoptic
+    post-processing in torch: same labels, panoptic ids and class probabilities, across a vocabulary change."""
+    from test_fcclip_segmenter import TINY_ARCH, TINY_CLIP, _tiny_network
+
+    from ovseg_ros.core.fcclip import convert
+
+    full = convert.save_authors_checkpoint(_tiny_network(), tmp_path / "fcclip.pth", include_text_tower=True)
+    over = {"model": {"name": TINY_CLIP, "pretrained": "", "precision": "fp32"}, "checkpoint": str(full),
+            "arch": TINY_ARCH, "min_size": 64, "max_size": 96}
+    seg = build_segmenter("fcclip", "realtime", over, "cpu")
+    meta = export_onnx(seg, tmp_path / "fc.onnx", preset="realtime", camera_sizes=[(60, 80)])
+    assert json.loads(meta["input_sizes"]) == [[64, 96]]  # 64x85 padded to 32
+    ort_seg = build_segmenter("fcclip", "realtime", over, "cpu",
+                              backend=BackendOptions("onnxruntime", str(tmp_path / "fc.onnx"), providers=CPU))
+    img = _image(60, 80)
+    for vocab in (VOCAB, VOCAB2):
+        st_t, st_o = seg.encode_vocabulary(vocab), ort_seg.encode_vocabulary(vocab)
+        a, b = seg.segment(img, st_t), ort_seg.segment(img, st_o)
+        assert _agreement(a.labels, b.labels) >= LABEL_AGREEMENT
+        assert _agreement(a.panoptic.segment_ids, b.panoptic.segment_ids) >= LABEL_AGREEMENT
+        with torch.inference_mode():
+            x, _ = seg._prepare(img)
+            ref = seg.network.model(x, st_t.text, st_t.owner, st_t.seen)
+            masks, emb, clip_emb, valid = ort_seg.image_encoder(x)
+            from ovseg_ros.core.fcclip.model import FCCLIPImageOutput
+
+            probs = ort_seg.network.model.classify(FCCLIPImageOutput(masks, emb, clip_emb, valid > 0.5),
+                                                   st_o.text, st_o.owner, st_o.seen)
+        assert float((ref.mask_logits - masks).abs().max()) <= LOGIT_TOL
+        assert float((ref.class_probs - probs).abs().max()) <= LOGIT_TOL
+    with pytest.raises(ImageError, match="exported for input sizes"):
+        ort_seg.segment(_image(120, 90), st_o)
+    with pytest.raises(DeployError, match="one input size per file"):
+        export_onnx(seg, tmp_path / "fc2.onnx", camera_sizes=[(60, 80), (120, 90)])
