@@ -354,6 +354,14 @@ class OrtImageEncoder:
         outs = self.session.run(None, {self._input: x})
         return [torch.from_numpy(o).to(images.device) for o in outs]
 
+    def warm_up(self) -> float:
+        """One run per declared input size (batch 1): TensorRT builds or loads its engines now, at configure,
+        not at the first camera frame. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        for h, w in sorted(self.sizes or ()):
+            self.session.run(None, {self._input: torch.zeros(1, 3, h, w).numpy()})
+        return time.perf_counter() - t0
+
     def describe(self) -> str:
         return f"onnxruntime {os.path.basename(self.path)} ({self.metadata.get('precision', '?')}, " \
                f"{'/'.join(self.providers)})"
@@ -390,17 +398,26 @@ def open_session(options: BackendOptions, expected: Optional[dict[str, str]] = N
     return OrtImageEncoder(session, path, meta, [p.replace("ExecutionProvider", "") for p in active])
 
 
+_GRAD_CAM = ("its Grad-CAM re-runs the last ViT block with a backward pass per class, which an ONNX Runtime "
+             "inference session cannot do")
+_NOT_EXPORTED = {"clip_es": _GRAD_CAM, "car": _GRAD_CAM, "color_key": "it has no model"}
+
+
 def attach_onnx(segmenter: Any, options: BackendOptions) -> Any:
     """Give ``segmenter`` an ONNX Runtime image encoder for ``options``; refuses unsupported methods and files
     that do not match the configured model. Returns the segmenter."""
     graph_fn = getattr(segmenter, "image_graph", None)
     graph = graph_fn() if graph_fn is not None else None
     if graph is None:
-        raise DeployError(f"segmenter {segmenter.name!r} cannot run on the onnxruntime backend "
-                          f"(docs/deploy.md says which methods can); use backend torch")
+        why = _NOT_EXPORTED.get(segmenter.name, "it has no exported image encoder")
+        raise DeployError(f"segmenter {segmenter.name!r} cannot run on the onnxruntime backend: {why} "
+                          f"(docs/deploy.md); use backend torch")
     if segmenter.device.type == "cuda" and options.device_id == 0 and segmenter.device.index:
         options = BackendOptions(**{**options.__dict__, "device_id": segmenter.device.index})
-    segmenter.image_encoder = open_session(options, expected_metadata(segmenter, graph))
+    encoder = open_session(options, expected_metadata(segmenter, graph))
+    if encoder.sizes and any(p in ("Tensorrt", "CUDA") for p in encoder.providers):
+        log.info("%s: engines for %s ready in %.1f s", encoder.describe(), sorted(encoder.sizes), encoder.warm_up())
+    segmenter.image_encoder = encoder
     return segmenter
 
 

@@ -177,6 +177,38 @@ def test_declared_sizes_are_enforced(tiny_model_overrides, tmp_path) -> None:
         parse_sizes("480by640")
 
 
+def test_gpu_providers_build_engines_at_configure(tiny_model_overrides, tmp_path, monkeypatch) -> None:
+    """With a CUDA/TensorRT provider active, every declared size runs once while attaching (engine build at
+    configure, not at the first frame); the CPU provider skips it. The provider list is faked on the CPU."""
+    import types
+
+    from ovseg_ros.core import deploy
+
+    over = {**CASES["dense_clip"][1], **tiny_model_overrides}
+    seg = build_segmenter("dense_clip", "realtime", over, "cpu")
+    export_onnx(seg, tmp_path / "sized.onnx", camera_sizes=parse_sizes("96x128,96x192"))
+    runs: list[tuple[int, ...]] = []
+    real_open = deploy.open_session
+
+    def open_as(providers: list[str]):
+        def fake(options, expected=None, threads=0):
+            enc = real_open(options, expected, threads)
+            session = enc.session
+            enc.providers = providers
+            enc.session = types.SimpleNamespace(
+                run=lambda names, feed: runs.append(feed["images"].shape) or session.run(names, feed))
+            return enc
+        return fake
+
+    opts = BackendOptions("onnxruntime", str(tmp_path / "sized.onnx"), providers=CPU)
+    monkeypatch.setattr(deploy, "open_session", open_as(["CPU"]))
+    attach_onnx(seg, opts)
+    assert runs == []
+    monkeypatch.setattr(deploy, "open_session", open_as(["CUDA", "CPU"]))
+    attach_onnx(seg, opts)
+    assert sorted(runs) == [(1, 3, 96, 128), (1, 3, 96, 192)]
+
+
 def test_fp16_export_within_bound(tiny_model_overrides, tmp_path) -> None:
     """An fp16 export (weights and activations fp16, float32 in/out) against the fp32 torch backend."""
     over32 = {**CASES["dense_clip"][1], **tiny_model_overrides}
