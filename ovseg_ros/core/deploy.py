@@ -379,6 +379,9 @@ def open_session(options: BackendOptions, expected: Optional[dict[str, str]] = N
     providers = resolve_providers(options, ort.get_available_providers())
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # No busy-waiting pool threads between runs: they would take the cores the node's other threads (and torch's
+    # pre/post-processing of the same frame) need.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     try:
@@ -398,9 +401,7 @@ def open_session(options: BackendOptions, expected: Optional[dict[str, str]] = N
     return OrtImageEncoder(session, path, meta, [p.replace("ExecutionProvider", "") for p in active])
 
 
-_GRAD_CAM = ("its Grad-CAM re-runs the last ViT block with a backward pass per class, which an ONNX Runtime "
-             "inference session cannot do")
-_NOT_EXPORTED = {"clip_es": _GRAD_CAM, "car": _GRAD_CAM, "color_key": "it has no model"}
+_NOT_EXPORTED = {"color_key": "it has no model"}
 
 
 def attach_onnx(segmenter: Any, options: BackendOptions) -> Any:

@@ -31,7 +31,7 @@ AUTO_PRESETS = ("realtime", "default")
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ovseg-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--segmenter", default="itaclip", help="dense_clip, itaclip or fcclip")
+    p.add_argument("--segmenter", default="itaclip", help="dense_clip, itaclip, fcclip, clip_es or car")
     p.add_argument("--preset", default="", help="method preset (default: realtime, as the node)")
     p.add_argument("--options", default="", help="YAML/JSON mapping of method options merged onto the preset")
     p.add_argument("--model", default="", help="open_clip architecture (overrides the preset)")
@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     cache_dir=str(Path(args.cache_dir).expanduser()), offline=not args.online)
         if segmenter.image_graph() is None:
             raise DeployError(f"{args.segmenter} has no exportable image encoder; see docs/deploy.md "
-                              f"(exportable: dense_clip, itaclip, fcclip)")
+                              f"(exportable: dense_clip, itaclip, fcclip, clip_es, car)")
         out = Path(args.output).expanduser()
         meta = export_onnx(segmenter, out, preset=preset, camera_sizes=sizes, opset=args.opset)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")

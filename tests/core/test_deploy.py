@@ -321,3 +321,40 @@ def test_fcclip_image_part_equals_torch(tmp_path) -> None:
         ort_seg.segment(_image(120, 90), st_o)
     with pytest.raises(DeployError, match="one input size per file"):
         export_onnx(seg, tmp_path / "fc2.onnx", camera_sizes=[(60, 80), (120, 90)])
+
+
+@pytest.fixture(scope="module")
+def vit_l4_checkpoint(tmp_path_factory) -> Path:
+    from ovseg_ros.core.models import save_random_checkpoint
+
+    return save_random_checkpoint("ovseg-tiny-vit-l4", tmp_path_factory.mktemp("l4") / "vit_l4.pt", seed=1)
+
+
+@pytest.mark.parametrize("name", ["clip_es", "car"])
+def test_cam_methods_run_their_vit_pass_exported(name, tiny_model_overrides, vit_l4_checkpoint, tmp_path) -> None:
+    """CLIP-ES and CaR: the ViT pass (blocks, attention maps, image embedding) from the graph, the Grad-CAM's
+    last-block backward in torch on its output: same CAM scores and labels, across a vocabulary change."""
+    model = tiny_model_overrides["model"]
+    if name == "clip_es":
+        over = {"model": model, "short_side": 64, "crf": False}
+    else:
+        over = {"cam_model": model, "classifier_model": {"name": "ovseg-tiny-vit-l4", "pretrained": "",
+                                                          "checkpoint": str(vit_l4_checkpoint), "precision": "fp32"},
+                "cam_max_side": 64, "prompt_max_side": 64, "classifier_input_size": 56, "crf": False, "max_steps": 2}
+    seg = build_segmenter(name, "realtime", over, "cpu")
+    img = _image(48, 64)
+    meta = export_onnx(seg, tmp_path / f"{name}.onnx", preset="realtime", camera_sizes=[img.shape[:2]])
+    assert meta["outputs"] == "block_input,attention,embedding"
+    ort_seg = build_segmenter(name, "realtime", over, "cpu",
+                              backend=BackendOptions("onnxruntime", str(tmp_path / f"{name}.onnx"), providers=CPU))
+    for vocab in (VOCAB, VOCAB2):
+        st_t, st_o = seg.encode_vocabulary(vocab), ort_seg.encode_vocabulary(vocab)
+        a, b = seg.segment(img, st_t), ort_seg.segment(img, st_o)
+        assert _agreement(a.labels, b.labels) >= LABEL_AGREEMENT
+        same = a.labels == b.labels  # a pixel at a mask threshold may flip; its confidence then differs
+        assert np.abs(a.confidence - b.confidence)[same].max() <= LOGIT_TOL * 10  # CAM min-max scaling amplifies
+        if name == "clip_es":
+            ma, mb = seg.compute_maps(img, st_t), ort_seg.compute_maps(img, st_o)
+            assert ma.present == mb.present
+            assert float((ma.image_probs - mb.image_probs).abs().max()) <= LOGIT_TOL
+            assert float((ma.probs - mb.probs).abs().max()) <= LOGIT_TOL * 10
