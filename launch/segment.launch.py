@@ -13,6 +13,13 @@ manager (an rclpy node has no bond).
 
 ``depth:=`` (registered to the colour camera) turns on ``~/semantic/points``; its camera_info defaults to the
 sibling ``camera_info`` topic. ``rviz:=true`` starts rviz2 with config/ovseg.rviz when rviz2 is installed.
+
+    ros2 bag play my_bag --clock --loop &
+    ros2 launch ovseg_ros segment.launch.py image:=/camera/color/image_raw use_sim_time:=true
+
+``use_sim_time:=true`` makes the node (and rviz2) follow ``/clock``: latency is then in simulated seconds,
+``/diagnostics`` keeps coming while the clock is paused, and a jump back (a loop, a simulator reset) clears the
+depth matching (see ovseg_ros/ros/clock.py).
 """
 
 from __future__ import annotations
@@ -76,6 +83,9 @@ def _arguments() -> list[DeclareLaunchArgument]:
         DeclareLaunchArgument("nav2_compatible", default_value="", choices=BOOL_OR_KEEP,
                               description="Nav2 semantic layer mode: mono8 labels, more than 255 classes refused; "
                                           "empty keeps the params file's (false)."),
+        DeclareLaunchArgument("use_sim_time", default_value="", choices=BOOL_OR_KEEP,
+                              description="Follow the /clock topic (bag replay with --clock, a simulator) instead "
+                                          "of system time; empty keeps the params file's (false)."),
         DeclareLaunchArgument("respawn", default_value="false", choices=["true", "false"],
                               description="Restart the node when its process dies (off by default)."),
         DeclareLaunchArgument("respawn_delay", default_value="2.0",
@@ -134,6 +144,8 @@ def _node(context: LaunchContext) -> list:
         overrides["vocabulary_preset"] = "" if is_file else vocabulary
     if arg("nav2_compatible"):
         overrides["nav2_compatible"] = arg("nav2_compatible") == "true"
+    sim_time = {"use_sim_time": arg("use_sim_time") == "true"} if arg("use_sim_time") else {}
+    overrides.update(sim_time)
     image = arg("image")
     remappings = [("image", image), ("image/compressed", f"{image}/compressed")]
     depth = arg("depth")
@@ -159,7 +171,7 @@ def _node(context: LaunchContext) -> list:
     ]
     if arg("rviz") == "true":
         if _rviz_available():
-            actions.append(Node(package="rviz2", executable="rviz2", name="ovseg_rviz",
+            actions.append(Node(package="rviz2", executable="rviz2", name="ovseg_rviz", parameters=[sim_time],
                                 arguments=["-d", arg("rviz_config")], output="screen"))
         else:
             actions.append(LogInfo(msg="rviz:=true but rviz2 is not installed: not starting it "

@@ -130,28 +130,42 @@ def write_query(stem: Path, path: Path, result: QueryResult) -> None:
     Path(f"{stem}_query.json").write_text(json.dumps({"image": str(path), "queries": entries}, indent=2))
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ovseg-segment", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="image files or folders")
-    p.add_argument("-o", "--output", default="ovseg_out", help="output folder")
-    p.add_argument("--segmenter", default="dense_clip", help="segmentation method (--list shows them)")
-    p.add_argument("--preset", default="", help="method preset; default: the paper settings")
+def add_model_arguments(p: argparse.ArgumentParser, segmenter: str = "dense_clip",
+                        preset_help: str = "method preset; default: the paper settings") -> None:
+    """The segmenter, model, device and vocabulary options shared by the offline tools (ovseg-segment, ovseg-bag)."""
+    p.add_argument("--segmenter", default=segmenter, help="segmentation method (--list shows them)")
+    p.add_argument("--preset", default="", help=preset_help)
     p.add_argument("--model", default="", help="open_clip architecture (overrides the preset)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (overrides the preset)")
     p.add_argument("--checkpoint", default="", help="local weights file (wins over --pretrained)")
     p.add_argument("--precision", default="", choices=["", "auto", "fp32", "fp16", "bf16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--options", default="", help="YAML/JSON mapping of method options merged onto the preset")
+    add_vocabulary_arguments(p)
+
+
+def add_vocabulary_arguments(p: argparse.ArgumentParser) -> None:
     voc = p.add_mutually_exclusive_group()
     voc.add_argument("--vocabulary", nargs="+", help='class names, each "name, synonym, ..."')
     voc.add_argument("--vocabulary-file", help="vocabulary YAML (classes: [...])")
     voc.add_argument("--vocabulary-preset", default="indoor_robot", help="a file stem in config/vocabularies")
+
+
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default="~/.cache/ovseg_ros", help="text-embedding and weights cache")
+    p.add_argument("--online", action="store_true", help="allow downloading weights from the hub")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ovseg-segment", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="image files or folders")
+    p.add_argument("-o", "--output", default="ovseg_out", help="output folder")
+    add_model_arguments(p)
     p.add_argument("--query", nargs="+", metavar="TEXT",
                    help="free-form texts: write one mask per text (<name>_query<i>.png) and scores to <name>_query.json "
                         "instead of the semantic outputs (CaR answers in its referring mode)")
-    p.add_argument("--cache-dir", default="~/.cache/ovseg_ros", help="text-embedding and weights cache")
-    p.add_argument("--online", action="store_true", help="allow downloading weights from the hub")
+    add_cache_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: skip them)")
     p.add_argument("--list", action="store_true", help="list segmenters and presets, then exit")
     p.add_argument("-v", "--verbose", action="store_true")

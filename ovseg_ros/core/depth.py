@@ -180,7 +180,10 @@ def intrinsics_from_camera_info(
     else ``K``. Distortion is not undone: a raw, distorted depth image gives approximate points.
 
     Raises:
-        DepthError: zero size, or focal lengths that are not positive finite numbers.
+        DepthError: zero size, focal lengths that are not positive finite numbers or outside
+            :data:`FOCAL_RANGE` times the image side, or a principal point farther than
+            :data:`MAX_CENTRE_OFFSET` image sides from the centre (``fx=1e-300`` or ``cx=1e30`` would give
+            infinite points).
     """
     width, height = int(width), int(height)
     if width <= 0 or height <= 0:
@@ -197,7 +200,26 @@ def intrinsics_from_camera_info(
         source = "K"
     if not all(np.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
         raise DepthError(f"camera_info {source} has invalid focal lengths (fx={fx}, fy={fy}): not calibrated")
+    lo, hi = FOCAL_RANGE
+    for name, f, side in (("fx", fx, width), ("fy", fy, height)):
+        if not lo * side <= f <= hi * side:
+            raise DepthError(
+                f"camera_info {source} has {name}={f:g}: focal lengths must be within [{lo * side:g}, "
+                f"{hi * side:g}] px for a {width}x{height} image (a field of view between ~0.06 and ~179 "
+                "degrees); not a calibration")
+    for name, c, side in (("cx", cx, width), ("cy", cy, height)):
+        if abs(c - side / 2) > MAX_CENTRE_OFFSET * side:
+            raise DepthError(
+                f"camera_info {source} has {name}={c:g}: the principal point must lie within "
+                f"{MAX_CENTRE_OFFSET:g} image sides of the image centre; not a calibration")
     return Intrinsics(fx, fy, cx, cy, width, height)
+
+
+#: Focal lengths accepted, in image sides (width for fx, height for fy): a field of view from ~179 degrees
+#: (0.01) down to ~0.06 degrees (1000). Beyond, the "calibration" is garbage and rays overflow float32.
+FOCAL_RANGE = (0.01, 1000.0)
+#: How far (in image sides) the principal point may lie from the image centre (crops move it off the image).
+MAX_CENTRE_OFFSET = 10.0
 
 
 def _p_set(p: Sequence[float]) -> bool:

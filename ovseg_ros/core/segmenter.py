@@ -363,6 +363,9 @@ class Pattern:
 
 
 Constraint = Union[Range, OneOf, Template, PlainName, Pattern]
+#: Largest finite float32: every float option must stay below it in magnitude (checked for all of them).
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: Numbers without a declared constraint must be finite and >= 0 (sizes, counts, thresholds, scales);
 #: a field that may be negative declares its Range.
 DEFAULT_RANGE = Range()
@@ -377,8 +380,8 @@ def declare_constraints(cls: type, **constraints: Constraint) -> None:
     """Declare the value rules of config dataclass ``cls``: ``field=Range(...)`` or ``field=OneOf(...)``.
 
     Every config is checked by :func:`validate_config` (from :func:`make_config`), field by field: the type
-    from the annotation (bool, int, float, str, tuples, nested configs), finiteness of every number, and the
-    declared rule (numbers without one: >= 0).
+    from the annotation (bool, int, float, str, tuples, nested configs), finiteness of every number (floats as
+    float32, integers as int64: they become tensors), and the declared rule (numbers without one: >= 0).
     """
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(constraints) - fields)
@@ -454,7 +457,13 @@ def _check_value(path: str, hint: Any, value: Any, rule: Optional[Constraint]) -
         fail("must be a mapping of options")
     else:
         return  # annotations without a rule (Any, callables)
+    if hint is int and not INT64_MIN <= value <= INT64_MAX:
+        fail("must fit in a 64-bit integer")
     if hint in (int, float):
+        finite = not isinstance(value, float) or math.isfinite(value)  # NaN/inf: the range's own reason
+        if hint is float and finite and abs(value) > FLOAT32_MAX:
+            # Options become float32 tensors (or multiply them): beyond this they turn into inf/NaN silently.
+            fail(f"must be a finite float32 number (|x| <= {FLOAT32_MAX:.4g})")
         why = (rule if isinstance(rule, Range) else DEFAULT_RANGE).reason(float(value))
         if why is None and isinstance(rule, OneOf):
             why = rule.reason(value)
@@ -495,8 +504,8 @@ def make_config(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
             value = make_config(ftype, value, prefix=f"{prefix}{key}.")
         elif isinstance(value, list):
             value = tuple(value)
-        if ftype is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if ftype is float and isinstance(value, int) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX:
+            value = float(value)  # (a larger int stays one, for the check to refuse with the reason)
         if ftype is not None and not (dataclasses.is_dataclass(ftype) and isinstance(value, ftype)):
             # Before construction: a config's own __post_init__ may compare values of the wrong type.
             _check_value(prefix + key, ftype, value, rules.get(key))

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass, replace
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -256,7 +257,7 @@ def _validate_classes(classes: Sequence[ClassSpec]) -> None:
                     f"class {i} ({short_repr(c.name[:40])}...): a text of {len(text)} characters exceeds "
                     f"{MAX_TEXT_CHARS}"
                 )
-            if any(ch in text for ch in "\x00\n\r"):
+            if _has_control(text):
                 raise VocabularyError(
                     f"class {i} ({short_repr(c.name)}): control characters are not allowed in names"
                 )
@@ -323,8 +324,14 @@ def check_query_texts(texts: Sequence[str]) -> None:
             raise VocabularyError(
                 f"query text {i} has {len(t)} characters; at most {MAX_QUERY_TEXT_CHARS} are accepted"
             )
-        if any(ch in t for ch in "\x00\n\r"):
+        if _has_control(t):
             raise VocabularyError(f"query text {i} contains control characters")
+
+
+def _has_control(text: str) -> bool:
+    """Any C0/C1 control character (NUL, newlines, ESC of ANSI sequences like ``\x1b[2J``, DEL): such a
+    name would reach logs and terminals of every consumer (Nav2 logs LabelInfo names it does not know)."""
+    return not text.isprintable() and any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def merge_descriptions(vocabulary: Vocabulary, descriptions: Mapping[str, str]) -> Vocabulary:

@@ -22,7 +22,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from . import messages
 from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge
 from .diagnostics import CameraStats
-from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason
+from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason, sanitize
 from .mailbox import Frame, LatestFrameMailbox
 from .points import PointsOptions, SemanticPointsOutput
 from .qos import output_qos
@@ -167,6 +167,7 @@ class Camera:
         self.mailbox.put(frame)
 
     def refuse(self, why: str) -> None:
+        why = sanitize(why)  # encodings, frame ids: untrusted text
         self.stats.refuse(why)
         where = f" on camera {self.spec.name}" if self.spec.name else ""
         self.node.get_logger().warning(f"frame refused{where}: {why}", throttle_duration_sec=LOG_THROTTLE_S)

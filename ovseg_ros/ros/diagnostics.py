@@ -128,9 +128,12 @@ def make_status(name: str, hardware_id: str, level: int, message: str, kv: dict[
     from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
     status = DiagnosticStatus()
-    status.name = name
-    status.hardware_id = hardware_id
+    from .guard import sanitize
+
+    # Values quote input (refusal reasons, frame ids, class names): escaped, as in the logs.
+    status.name = sanitize(name)
+    status.hardware_id = sanitize(hardware_id)
     status.level = level
-    status.message = message
-    status.values = [KeyValue(key=k, value=str(v)) for k, v in kv.items()]
+    status.message = sanitize(message)
+    status.values = [KeyValue(key=k, value=sanitize(v)) for k, v in kv.items()]
     return status

@@ -9,6 +9,7 @@ frame error), and the node keeps serving its last good state.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 import traceback
@@ -21,14 +22,55 @@ LOG_THROTTLE_S = 5.0
 MAX_REASON_CHARS = 400
 
 
+def sanitize(text: Any) -> str:
+    """``text`` with every non-printable character escaped (``\x1b[2J`` -> ``\\x1b[2J``; newlines, bidi
+    overrides, zero-width characters alike): untrusted text - class names, frame ids, encodings, reasons -
+    must never drive the operator's terminal or forge log lines. Used by :func:`reason` and every logging
+    path that quotes input; never raises."""
+    try:
+        text = text if isinstance(text, str) else str(text)
+    except Exception:  # noqa: BLE001
+        return "<unprintable>"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class _SanitizingFilter(logging.Filter):
+    """Escapes control characters in Python log records (the core logs through ``logging``: LLM endpoint
+    errors, cache warnings, with text from outside)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+            clean = sanitize(message)
+            if clean != message:
+                record.msg, record.args = clean, ()
+        except Exception:  # noqa: BLE001  (a broken record is still logged as it is)
+            pass
+        return True
+
+
+_FILTER = _SanitizingFilter()
+
+
+def sanitize_python_logging() -> None:
+    """Install :func:`sanitize` on Python logging's output (the last-resort stderr handler and the root
+    logger's handlers present now); idempotent."""
+    for handler in (logging.lastResort, *logging.getLogger().handlers):
+        if handler is not None and _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
 def reason(exc: BaseException) -> str:
-    """The exception's message (KeyError's quotes dropped), or its type name when it has none; bounded."""
+    """The exception's message (KeyError's quotes dropped), or its type name when it has none; control
+    characters escaped (:func:`sanitize`); bounded."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
     try:
         out = str(text)
     except Exception:  # noqa: BLE001  (a __str__ that raises)
         out = ""
-    out = out or type(exc).__name__
+    out = sanitize(out or type(exc).__name__)
     return out if len(out) <= MAX_REASON_CHARS else out[: MAX_REASON_CHARS - 3] + "..."
 
 
@@ -44,7 +86,7 @@ class ErrorLog:
     def record(self, where: str, text: str) -> None:
         with self._lock:
             self.counts[where] += 1
-            self.last = f"{where}: {text}"
+            self.last = sanitize(f"{where}: {text}")
             self.last_time = time.monotonic()
 
     def snapshot(self) -> tuple[int, str, Optional[float]]:
@@ -56,10 +98,11 @@ class ErrorLog:
 
 def _report(node: Any, errors: ErrorLog, where: str, exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {reason(exc)}"
+    where = sanitize(where)
     errors.record(where, text)
     try:
         node.get_logger().error(f"{where} failed: {text}", throttle_duration_sec=LOG_THROTTLE_S)
-        node.get_logger().debug(traceback.format_exc())
+        node.get_logger().debug("\n".join(sanitize(line) for line in traceback.format_exc().splitlines()))
     except Exception:  # noqa: BLE001  (logging during shutdown)
         pass
     return text

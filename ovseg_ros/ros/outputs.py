@@ -15,6 +15,25 @@ from . import messages
 from .conversions import numpy_to_image
 
 
+#: Output name -> (topic under the node's ``~/`` (a named camera's under ``~/<camera>/``), message type): the
+#: names build_outputs returns, plus the semantic cloud (points.py), as published by camera.py and written
+#: by ovseg-bag.
+OUTPUT_TOPICS: dict[str, tuple[str, str]] = {
+    "labels": ("semantic/labels", "sensor_msgs/msg/Image"),
+    "confidence": ("semantic/confidence", "sensor_msgs/msg/Image"),
+    "color": ("semantic/color", "sensor_msgs/msg/Image"),
+    "overlay": ("overlay", "sensor_msgs/msg/Image"),
+    "panoptic": ("panoptic", "ovseg_ros/msg/PanopticSegmentation"),
+    "info": ("info", "ovseg_ros/msg/SegmentationInfo"),
+    "points": ("semantic/points", "sensor_msgs/msg/PointCloud2"),
+}
+#: The node-wide latched outputs (``~/vocabulary``, ``~/label_info``).
+LATCHED_TOPICS: dict[str, tuple[str, str]] = {
+    "vocabulary": ("vocabulary", "ovseg_ros/msg/Vocabulary"),
+    "label_info": ("label_info", "vision_msgs/msg/LabelInfo"),
+}
+
+
 class Palette:
     """Class colours for ``n`` classes, rebuilt only when ``n`` changes."""
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..core.untrusted import UntrustedInputError, load_yaml, short_repr
 from ..core.vocabulary import MAX_QUERY_TEXTS, find_vocabulary_preset, list_vocabulary_presets  # noqa: F401
+from .guard import sanitize
 from .qos import RELIABILITIES
 
 #: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
@@ -139,15 +140,28 @@ def _check_options(value: str, values: Mapping[str, Any]) -> Optional[str]:
 
 
 _CAMERA_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*")
+#: ROS's longest topic name (rmw: 255 minus 8 reserved for the middleware's prefixes).
+MAX_TOPIC_CHARS = 255 - 8
+#: The longest topic under a camera's output prefix ``~/<camera>/`` (the inputs ``<camera>/...`` sit in the
+#: node's namespace, always shorter than under the node's own name).
+LONGEST_CAMERA_TOPIC = "semantic/confidence"
+#: Key of :func:`current_values` holding the node's fully qualified name (not a parameter).
+NODE_NAME_KEY = "__node__"
 
 
 def _check_cameras(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
     names = list(value or [])
     if len(names) > 16:
         return f"at most 16 cameras per node, got {len(names)}"
+    node = values.get(NODE_NAME_KEY) or "/segment_node"
     for name in names:
         if not isinstance(name, str) or not _CAMERA_RE.fullmatch(name):
             return f"camera name {short_repr(name)} is not a relative ROS name (letters, digits, _ and /)"
+        # Checked here, not found at configure half-way through creating the camera's publishers.
+        longest = f"{node.rstrip('/')}/{name}/{LONGEST_CAMERA_TOPIC}"
+        if len(longest) > MAX_TOPIC_CHARS:
+            return (f"camera name {short_repr(name)} is too long: its topic {short_repr(longest)} would have "
+                    f"{len(longest)} characters, ROS allows {MAX_TOPIC_CHARS}")
     if len(set(names)) != len(names):
         return "camera names must be unique"
     return None
@@ -262,8 +276,11 @@ def validate(name: str, value: Any, values: Mapping[str, Any]) -> Optional[str]:
     """
     try:
         reason = _validate(name, value, values)
-        # Bounded: a reason goes into a parameter-set reply and the logs.
-        return reason if reason is None or len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+        if reason is None:
+            return None
+        # Escaped and bounded: a reason goes into a parameter-set reply and the logs.
+        reason = sanitize(reason)
+        return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
     except Exception as exc:  # noqa: BLE001  (any input must end in a reason, never in a traceback)
         return f"{name}: value {short_repr(value)} could not be checked ({type(exc).__name__}: {short_repr(str(exc))})"
 
@@ -379,6 +396,9 @@ class NodeConfig:
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> "NodeConfig":
         kwargs = {p.name: values.get(p.name, p.default) for p in PARAMS}
+        for p in PARAMS:
+            if p.type == "float" and isinstance(kwargs[p.name], int) and not isinstance(kwargs[p.name], bool):
+                kwargs[p.name] = float(kwargs[p.name])
         kwargs["vocabulary"] = tuple(kwargs["vocabulary"] or ())
         kwargs["cameras"] = tuple(kwargs["cameras"] or ())
         kwargs["onnx_providers"] = tuple(kwargs["onnx_providers"] or ())
@@ -482,22 +502,62 @@ def declare_parameters(node: Any) -> dict[str, str]:
     declared with its default instead and the reason is returned, so configure can fail with it (until the
     parameter is set to a valid value).
     """
-    from rclpy.exceptions import ParameterException
+    from rclpy.exceptions import InvalidParameterTypeException, ParameterException
     from rclpy.parameter import Parameter
 
     errors = {}
     for spec in PARAMS:
         default: Any = Parameter.Type.STRING_ARRAY if spec.type == "list" else spec.default
         try:
-            node.declare_parameter(spec.name, default, descriptor(spec))
-        except (ParameterException, TypeError, ValueError) as exc:
+            try:
+                node.declare_parameter(spec.name, default, descriptor(spec))
+            except InvalidParameterTypeException:
+                value = _integer_override(node, spec)
+                if value is None:
+                    raise
+                # ``max_depth: 10`` in a params file: YAML reads an integer where a double is declared.
+                node.declare_parameter(spec.name, float(value), descriptor(spec), ignore_override=True)
+        except (ParameterException, TypeError, ValueError, OverflowError) as exc:
             errors[spec.name] = f"parameter {spec.name}: {exc}"
             node.declare_parameter(spec.name, default, descriptor(spec), ignore_override=True)
+    add_pre_set = getattr(node, "add_pre_set_parameters_callback", None)  # rclpy >= Iron
+    if add_pre_set is not None:
+        add_pre_set(integers_as_doubles)
     return errors
 
 
+def _integer_override(node: Any, spec: ParamSpec) -> Optional[int]:
+    """The integer given (params file, ``-p``) for a double parameter, else None."""
+    if spec.type != "float":
+        return None
+    override = getattr(node, "_parameter_overrides", {}).get(spec.name)  # rclpy has no public accessor
+    value = getattr(override, "value", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def integers_as_doubles(params: list) -> list:
+    """rclpy pre-set callback: an integer set on a double parameter (``ros2 param set ... depth_slop 0``)
+    becomes that double, instead of rclpy's refusal "expected '3' got '2'". Never raises (an entry point)."""
+    try:
+        from rclpy.parameter import Parameter
+
+        out = []
+        for p in params:
+            spec = SPECS.get(p.name)
+            if spec is not None and spec.type == "float" and p.type_ == Parameter.Type.INTEGER:
+                try:
+                    p = Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+                except OverflowError:
+                    pass  # left as it is: refused by rclpy's type check, with its reason
+            out.append(p)
+        return out
+    except Exception:  # noqa: BLE001
+        return list(params)
+
+
 def current_values(node: Any) -> dict[str, Any]:
-    """The node's values of every parameter (an unset string array reads as empty)."""
+    """The node's values of every parameter (an unset string array reads as empty), and its fully qualified
+    name under :data:`NODE_NAME_KEY` (checks of names derived from it need it)."""
     from rclpy.exceptions import ParameterUninitializedException
 
     values = {}
@@ -509,4 +569,8 @@ def current_values(node: Any) -> dict[str, Any]:
         if spec.type == "list":
             value = list(value or [])
         values[spec.name] = value
+    try:
+        values[NODE_NAME_KEY] = node.get_fully_qualified_name()
+    except Exception:  # noqa: BLE001  (a stand-in node in tests)
+        pass
     return values

@@ -27,8 +27,9 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 
 from ..core import depth as dp
+from .guard import sanitize
 from .qos import output_qos
-from .sync import ApproximateTimeMatcher
+from .sync import DEFAULT_MAX_BYTES, ApproximateTimeMatcher
 
 LOG_THROTTLE_S = 5.0
 
@@ -42,7 +43,9 @@ class PointsOptions:
     rgb: bool = False
     slop: float = 0.05
     max_pixels: int = 4096 * 4096
-    depth_capacity: int = 32
+    depth_capacity: int = 256
+    #: bound of the buffered depth images in bytes (the image bound alone allowed ~2 GiB of large images)
+    depth_bytes: int = DEFAULT_MAX_BYTES
     max_wait: float = 0.5
 
     def __post_init__(self) -> None:
@@ -74,6 +77,67 @@ def stamp_ns(header: Any) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
 
+def camera_model(msg: CameraInfo) -> _CameraModel:
+    """The projection of a depth camera_info; raises DepthError for an unusable one."""
+    intr = dp.intrinsics_from_camera_info(msg.k, msg.p, msg.width, msg.height, msg.d)
+    return _CameraModel(intr, dp.intrinsics_source(msg.p, msg.d), msg.header.frame_id)
+
+
+class CloudBuilder:
+    """Builds the semantic ``PointCloud2`` of one frame; shared by the node and ``ovseg-bag`` (one implementation).
+
+    The message buffer is reused frame to frame: a message is valid until the next ``build`` (the node
+    publishes it, ovseg-bag serializes it, before building the next one).
+    """
+
+    def __init__(self, options: PointsOptions, warn: Callable[[str], None] = lambda text: None) -> None:
+        self._opts = options
+        self._warn = warn
+        self._frame_warned = False
+        self._data = array.array("B")
+        self._data_f32: Optional[np.ndarray] = None
+
+    def build(self, header: Any, labels: np.ndarray, confidence: np.ndarray, rgb: Optional[np.ndarray],
+              unlabeled_id: int, depth_msg: Image, camera: Optional[_CameraModel], info_topic: str) -> PointCloud2:
+        """The cloud of a frame (``rgb`` None: no colour field); raises DepthError for unusable inputs."""
+        if camera is None:
+            raise dp.DepthError(f"no valid camera_info received on {info_topic}: cannot project depth")
+        h, w = labels.shape
+        if confidence.shape != (h, w):
+            raise dp.DepthError(f"confidence {confidence.shape} and labels {(h, w)} differ")
+        dh, dw = int(depth_msg.height), int(depth_msg.width)
+        dp.check_aspect((dh, dw), (h, w), f"depth {depth_msg.encoding}")
+        intr = camera.intrinsics
+        dp.check_aspect((intr.height, intr.width), (h, w), "camera_info")
+        if depth_msg.header.frame_id != header.frame_id and not self._frame_warned:
+            self._frame_warned = True
+            self._warn(
+                f"depth frame {depth_msg.header.frame_id!r} differs from the colour frame "
+                f"{header.frame_id!r}: the cloud uses the colour frame; the depth must be registered to it")
+        metres = dp.depth_msg_to_metres(depth_msg, self._opts.max_pixels)
+        metres = dp.resample_nearest(metres, h, w)
+        if rgb is not None and rgb.shape[:2] != (h, w):
+            rgb = dp.resample_nearest(rgb, h, w)
+        layout = dp.cloud_layout(rgb is not None)
+        size = h * w * layout.point_step
+        if len(self._data) != size:
+            self._data_f32 = None  # release the exported view before resizing
+            self._data = array.array("B", bytes(size))
+            self._data_f32 = np.frombuffer(self._data, dtype=np.float32)
+        dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth, labels,
+                          confidence.astype(np.float32, copy=False), unlabeled_id, rgb, out=self._data_f32)
+        msg = PointCloud2()
+        msg.header = header
+        msg.height, msg.width = h, w
+        msg.fields = [PointField(name=n, offset=o, datatype=t, count=c) for n, o, t, c in layout.fields]
+        msg.is_bigendian = dp.is_bigendian()
+        msg.point_step = layout.point_step
+        msg.row_step = layout.point_step * w
+        msg.is_dense = False
+        msg.data = self._data  # by reference: the setter keeps an array('B') as is
+        return msg
+
+
 class SemanticPointsOutput:
     """Depth + camera_info subscriptions, the time matcher and the ``PointCloud2`` publisher of one camera."""
 
@@ -100,7 +164,8 @@ class SemanticPointsOutput:
         self._closed = False
         self._camera: Optional[_CameraModel] = None
         self._matcher: ApproximateTimeMatcher[_Frame, tuple[Any, float]] = ApproximateTimeMatcher(
-            int(self._opts.slop * 1e9), self._opts.depth_capacity, max_wait_s=self._opts.max_wait)
+            int(self._opts.slop * 1e9), self._opts.depth_capacity, max_wait_s=self._opts.max_wait,
+            max_bytes=self._opts.depth_bytes)
         self._published = 0
         self._refused = 0
         self._info_refused = 0
@@ -108,15 +173,13 @@ class SemanticPointsOutput:
         self._stale = 0  # late clouds whose vocabulary was replaced before their depth image came
         self._last_refusal = ""
         self._last_error = ""
-        self._frame_warned = False
         self._health_mark = (0, 0, 0)  # (matched, unmatched, published) at the last health() call
         self._ms: deque = deque(maxlen=100)
-        # The message buffer, reused frame to frame (publish copies it into the middleware synchronously); the
-        # emit lock serialises building + publishing (frames are emitted from the publishing thread and from
-        # the depth callback).
+        # The builder reuses its message buffer frame to frame (publish copies it into the middleware
+        # synchronously); the emit lock serialises building + publishing (frames are emitted from the publishing
+        # thread and from the depth callback).
         self._emit_lock = threading.Lock()
-        self._data = array.array("B")
-        self._data_f32: Optional[np.ndarray] = None
+        self._builder = CloudBuilder(self._opts, lambda text: self._log.warning(text))
         qos = qos if qos is not None else input_qos()
         self._depth_topic, self._info_topic = depth_topic, camera_info_topic
         self._pub = node.create_publisher(PointCloud2, points_topic, output_qos())
@@ -137,10 +200,9 @@ class SemanticPointsOutput:
     # --- callbacks ---------------------------------------------------------------------------------------
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
-            intr = dp.intrinsics_from_camera_info(msg.k, msg.p, msg.width, msg.height, msg.d)
-            source = dp.intrinsics_source(msg.p, msg.d)
+            camera = camera_model(msg)
             with self._lock:
-                self._camera = _CameraModel(intr, source, msg.header.frame_id)
+                self._camera = camera
         except dp.DepthError as exc:
             self._refuse(f"camera_info refused: {exc}", info=True)
         except Exception as exc:  # noqa: BLE001  (a malformed message must not take the node down)
@@ -156,7 +218,8 @@ class SemanticPointsOutput:
             self._error(f"depth: {type(exc).__name__}: {exc}")
             return
         try:
-            resolved = self._matcher.push_depth(stamp_ns(msg.header), (msg, time.monotonic()), time.monotonic())
+            now = time.monotonic()
+            resolved = self._matcher.push_depth(stamp_ns(msg.header), (msg, now), now, nbytes=len(msg.data))
             if not resolved:
                 return
             # Frames that waited for this depth image: published like the node's other outputs, under its
@@ -181,10 +244,12 @@ class SemanticPointsOutput:
         rgb: Optional[np.ndarray] = None,
         unlabeled_id: int = 65535,
         current: Callable[[], bool] = lambda: True,
+        received: Optional[float] = None,
     ) -> bool:
         """Queue one processed frame: (H, W) int32 labels (-1 unlabeled), (H, W) float32 confidence, the
         camera's (H, W, 3) uint8 RGB when the ``rgb`` field is on (else ignored). The caller holds the publish
-        lock; ``current`` tells later (for a depth image still to come) whether the frame may still go out.
+        lock; ``current`` tells later (for a depth image still to come) whether the frame may still go out;
+        ``received``: the monotonic time the colour image arrived (estimates a clock offset between the streams).
 
         Returns True when the frame's cloud was published, or waits (at most ``max_wait`` s) for a depth image
         that may still arrive; False when it was refused or no depth image matched (counted). Never raises.
@@ -193,7 +258,7 @@ class SemanticPointsOutput:
             if self._closed:
                 return False
             frame = _Frame(header, labels, confidence, rgb if self._opts.rgb else None, int(unlabeled_id), current)
-            resolved = self._matcher.push_frame(stamp_ns(header), frame, time.monotonic())
+            resolved = self._matcher.push_frame(stamp_ns(header), frame, time.monotonic(), received)
             results = self._emit_all(resolved)
             for (done, _), ok in zip(resolved, results):
                 if done is frame:
@@ -209,9 +274,9 @@ class SemanticPointsOutput:
     def _emit(self, frame: _Frame, depth: Optional[tuple[Any, float]]) -> bool:
         if depth is None:
             self._log.warning(
-                f"no depth image within depth_slop={self._opts.slop} s of the frame stamped "
-                f"{frame.header.stamp.sec}.{frame.header.stamp.nanosec:09d} on {self._depth_topic}: "
-                "no cloud for it", throttle_duration_sec=LOG_THROTTLE_S)
+                f"no cloud for the frame stamped {frame.header.stamp.sec}.{frame.header.stamp.nanosec:09d}: "
+                f"{self._matcher.stats().last_unmatched_cause} on {self._depth_topic}",
+                throttle_duration_sec=LOG_THROTTLE_S)
             return False
         with self._emit_lock:
             try:
@@ -234,47 +299,12 @@ class SemanticPointsOutput:
     def _cloud(self, frame: _Frame, depth_msg: Image) -> PointCloud2:
         with self._lock:
             camera = self._camera
-        if camera is None:
-            raise dp.DepthError(f"no valid camera_info received on {self._info_topic}: cannot project depth")
-        h, w = frame.labels.shape
-        if frame.confidence.shape != (h, w):
-            raise dp.DepthError(f"confidence {frame.confidence.shape} and labels {(h, w)} differ")
-        dh, dw = int(depth_msg.height), int(depth_msg.width)
-        dp.check_aspect((dh, dw), (h, w), f"depth {depth_msg.encoding}")
-        intr = camera.intrinsics
-        dp.check_aspect((intr.height, intr.width), (h, w), "camera_info")
-        if depth_msg.header.frame_id != frame.header.frame_id and not self._frame_warned:
-            self._frame_warned = True
-            self._log.warning(
-                f"depth frame {depth_msg.header.frame_id!r} differs from the colour frame "
-                f"{frame.header.frame_id!r}: the cloud uses the colour frame; the depth must be registered to it")
-        metres = dp.depth_msg_to_metres(depth_msg, self._opts.max_pixels)
-        metres = dp.resample_nearest(metres, h, w)
-        rgb = frame.rgb
-        if rgb is not None and rgb.shape[:2] != (h, w):
-            rgb = dp.resample_nearest(rgb, h, w)
-        layout = dp.cloud_layout(rgb is not None)
-        size = h * w * layout.point_step
-        if len(self._data) != size:
-            self._data_f32 = None  # release the exported view before resizing
-            self._data = array.array("B", bytes(size))
-            self._data_f32 = np.frombuffer(self._data, dtype=np.float32)
-        dp.semantic_cloud(metres, intr.scaled(w, h), self._opts.min_depth, self._opts.max_depth, frame.labels,
-                          frame.confidence.astype(np.float32, copy=False), frame.unlabeled_id, rgb,
-                          out=self._data_f32)
-        msg = PointCloud2()
-        msg.header = frame.header
-        msg.height, msg.width = h, w
-        msg.fields = [PointField(name=n, offset=o, datatype=t, count=c) for n, o, t, c in layout.fields]
-        msg.is_bigendian = dp.is_bigendian()
-        msg.point_step = layout.point_step
-        msg.row_step = layout.point_step * w
-        msg.is_dense = False
-        msg.data = self._data  # by reference: the setter keeps an array('B') as is
-        return msg
+        return self._builder.build(frame.header, frame.labels, frame.confidence, frame.rgb, frame.unlabeled_id,
+                                   depth_msg, camera, self._info_topic)
 
     # --- bookkeeping -----------------------------------------------------------------------------------
     def _refuse(self, reason: str, info: bool = False) -> None:
+        reason = sanitize(reason)  # encodings, frame ids: untrusted text
         with self._lock:
             if info:
                 self._info_refused += 1
@@ -284,6 +314,7 @@ class SemanticPointsOutput:
         self._log.warning(f"semantic points: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
 
     def _error(self, reason: str) -> None:
+        reason = sanitize(reason)
         with self._lock:
             self._errors += 1
             self._last_error = reason
@@ -308,6 +339,13 @@ class SemanticPointsOutput:
                 "points_errors": str(self._errors),
                 "points_stale_vocabulary": str(self._stale),
                 "points_last_error": self._last_error,
+                "depth_buffered": str(st.buffered),
+                "depth_buffered_mb": f"{st.buffered_bytes / 2**20:.3f}",
+                "depth_evicted_by_bound": str(st.depth_evicted),
+                "depth_stamp_offset_s": f"{st.depth_offset_s:+.3f}" if st.depth_offset_s is not None else "",
+                "stamps_backwards_depth": str(st.depth_rewinds),
+                "stamps_backwards_colour": str(st.frame_rewinds),
+                "points_last_unmatched_cause": st.last_unmatched_cause,
             }
         out["camera_info"] = (f"{camera.intrinsics.width}x{camera.intrinsics.height} ({camera.source})"
                               if camera is not None else "missing")
@@ -325,9 +363,13 @@ class SemanticPointsOutput:
         if now[:2] == before[:2] or now[2] > before[2]:
             return None
         if now[1] > before[1]:
-            return (f"no semantic points: no depth image within depth_slop={self._opts.slop} s on "
-                    f"{self._depth_topic} ({st.depth_received} received)")
+            return (f"no semantic points: {st.last_unmatched_cause} on {self._depth_topic} "
+                    f"({st.depth_received} received)")
         return f"no semantic points: {last}"
+
+    def reset(self) -> None:
+        """The ROS clock jumped: forget every buffered depth image and waiting frame (:meth:`.sync.reset`)."""
+        self._matcher.reset()
 
     def destroy(self) -> None:
         """Stop publishing and remove the subscriptions and the publisher (idempotent)."""

@@ -39,13 +39,24 @@ from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .camera import Camera, camera_specs, convert_image
+from .clock import ClockWatch, latency_ms, steady_clock
 from .conversions import make_cv_bridge
 from .diagnostics import camera_values, cuda_memory, make_status, status_level
-from .guard import LOG_THROTTLE_S, ErrorLog, guarded, guarded_service, guarded_transition, reason
+from .guard import (
+    LOG_THROTTLE_S,
+    ErrorLog,
+    guarded,
+    guarded_service,
+    guarded_transition,
+    reason,
+    sanitize,
+    sanitize_python_logging,
+)
 from .outputs import Palette, build_outputs
 from .params import (
     LIVE,
     ON_ACTIVATE,
+    SPECS,
     NodeConfig,
     current_values,
     declare_parameters,
@@ -70,6 +81,7 @@ class SegmentNode(LifecycleNode):
 
     def __init__(self, node_name: str = "segment_node", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
+        sanitize_python_logging()  # the core's own log lines quote outside text too
         self.errors = ErrorLog()
         self._param_errors = declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -111,7 +123,11 @@ class SegmentNode(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self._diag_period = float(self.get_parameter("diagnostics_period").value)
         self._diag_cb = guarded(self, self.errors, "diagnostics timer", self._publish_diagnostics)
-        self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
+        # Steady clock: /diagnostics keeps coming while /clock is paused or absent (see .clock).
+        self._steady = steady_clock()
+        self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer, clock=self._steady)
+        self._latency_clock = ""
+        self._clock_watch = ClockWatch(self, self._on_time_jump)
         if self._bridge is None:
             self.get_logger().debug("cv_bridge not importable: using ovseg_ros's own image conversion")
 
@@ -137,7 +153,11 @@ class SegmentNode(LifecycleNode):
                     return SetParametersResult(successful=False, reason=why)
             for p in params:
                 self._param_errors.pop(p.name, None)  # a bad startup override is fixed by a valid value
-            changed = [p.name for p in params if p.name not in LIVE]
+            # Only our own table says when; rclpy's use_sim_time takes effect at once (its TimeSource).
+            changed = [p.name for p in params if p.name in SPECS and p.name not in LIVE]
+            for p in params:
+                if p.name == "use_sim_time":
+                    self.get_logger().info(f"use_sim_time set to {p.value}: takes effect now")
             if changed and self._cfg is not None:
                 when = "activate" if set(changed) <= ON_ACTIVATE else "configure"
                 self.get_logger().info(f"parameters {changed} take effect at the next {when}")
@@ -221,7 +241,8 @@ class SegmentNode(LifecycleNode):
         if cfg.diagnostics_period != self._diag_period:
             self.destroy_timer(self._diag_timer)
             self._diag_period = cfg.diagnostics_period
-            self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer)
+            self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer,
+                                                 clock=self._steady)
         self.get_logger().info(
             f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocabulary)} classes, "
             f"{len(self._cameras)} camera(s)"
@@ -279,7 +300,7 @@ class SegmentNode(LifecycleNode):
         return SUCCESS
 
     def _fail(self, why: str, transition: str = "configure") -> TransitionCallbackReturn:
-        self._last_transition_error = f"{transition} failed: {why}"
+        self._last_transition_error = sanitize(f"{transition} failed: {why}")
         self.get_logger().error(self._last_transition_error)
         return FAILURE
 
@@ -346,10 +367,10 @@ class SegmentNode(LifecycleNode):
                 cam.stats.stale += 1
             return
         t0 = time.perf_counter()
-        latency_ms = self._latency_ms(item.frame)
+        latency = self._latency_ms(item.frame)
         outputs = build_outputs(
             item, cam.wants, self._palette, float(self.get_parameter("overlay_alpha").value),
-            bool(self.get_parameter("publish_panoptic").value), latency_ms,
+            bool(self.get_parameter("publish_panoptic").value), latency,
             int(self.get_parameter("panoptic_min_area").value),
         )
         t1 = time.perf_counter()
@@ -366,19 +387,31 @@ class SegmentNode(LifecycleNode):
                 binding = item.binding
                 cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
                                    unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1],
-                                   current=lambda: self._is_active and binding is self.vocab.binding)
+                                   current=lambda: self._is_active and binding is self.vocab.binding,
+                                   received=item.frame.received)
         t2 = time.perf_counter()
         with cam.stats.lock:
             cam.stats.processed += 1
-            cam.stats.latencies_ms.append(latency_ms)
+            cam.stats.latencies_ms.append(latency)
             cam.stats.stage_ms["postprocess"].append((t1 - t0) * 1e3)
             cam.stats.stage_ms["publish"].append((t2 - t1) * 1e3)
 
     def _latency_ms(self, frame: Any) -> float:
+        """Against the image stamp's clock (simulated seconds under use_sim_time); see :func:`.clock.latency_ms`."""
         stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
-        if stamp_ns == 0:
-            return (time.monotonic() - frame.received) * 1e3
-        return (self.get_clock().now().nanoseconds - stamp_ns) / 1e6
+        ms, self._latency_clock = latency_ms(self.get_clock().now().nanoseconds, stamp_ns, frame.received)
+        return ms
+
+    def _on_time_jump(self, what: str) -> None:
+        """The ROS clock jumped back or changed source: per-stream state ordered by stamps starts afresh."""
+        for cam in list(self._cameras):
+            points = cam.points
+            if points is not None:
+                points.reset()
+            with cam.stats.lock:
+                cam.stats.latencies_ms.clear()
+        self.get_logger().warning(f"{what}: depth matching and latency history cleared",
+                                  throttle_duration_sec=LOG_THROTTLE_S)
 
     # --- diagnostics ---------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -397,6 +430,8 @@ class SegmentNode(LifecycleNode):
             "errors": str(n_errors),
             "last_error": last_error,
             "last_error_age_s": f"{error_age:.1f}" if error_age is not None else "",
+            **self._clock_watch.values(),
+            "latency_clock": self._latency_clock,
             **cuda_memory(self._device),
         }
         if self._last_transition_error:
@@ -455,6 +490,7 @@ class SegmentNode(LifecycleNode):
     def destroy_node(self) -> None:
         self.stop_outputs()
         self._release_all()
+        self._clock_watch.destroy()
         super().destroy_node()
 
 

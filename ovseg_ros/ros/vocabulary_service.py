@@ -30,7 +30,7 @@ from ..core.cancel import cancellable
 from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
-from .guard import reason
+from .guard import reason, sanitize
 
 
 @dataclass(frozen=True)
@@ -214,11 +214,11 @@ class VocabularyService:
         resp.message = f"vocabulary revision {revision}: {n} classes ({preview}); labels {encoding}"
         resp.class_ids = list(range(n))
         resp.revision = revision
-        self.node.get_logger().info(resp.message)
+        self.node.get_logger().info(sanitize(resp.message))  # class names: untrusted text
         return resp
 
     def _refused(self, resp: Any) -> Any:
-        self.node.get_logger().warning(f"set_vocabulary refused: {resp.message}")
+        self.node.get_logger().warning(sanitize(f"set_vocabulary refused: {resp.message}"))
         return resp
 
     def srv_get_vocabulary(self, req: Any, resp: Any) -> Any:

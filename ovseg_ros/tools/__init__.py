@@ -2,6 +2,8 @@
 
 * :mod:`.clipes_pseudo_labels` - CLIP-ES pseudo-masks for a folder of images (VOC PNGs, 255 = ignore).
 * :mod:`.prompt_sharpness` - rank prompt templates by CLIP-ES's sharpness criterion on your images.
+* :mod:`.bag` - ``ovseg-bag``: rosbag2 recordings -> a bag of segment_node's outputs (needs rclpy and the built
+  interfaces: its messages are the node's, :mod:`ovseg_ros.ros.offline`); :mod:`.bag_io` reads and writes bags.
 
 The small helpers below are shared by the tools (model arguments, image listing, ``--set`` overrides).
 """

@@ -16,9 +16,10 @@ import pytest
 LAUNCH_FILE = Path(__file__).resolve().parents[2] / "launch" / "segment.launch.py"
 EXPECTED_ARGS = {"image", "use_compressed", "image_reliability", "segmenter", "preset", "model", "pretrained",
                  "checkpoint", "device", "params_file", "vocabulary", "namespace", "node_name", "log_level",
-                 "depth", "camera_info", "nav2_compatible", "respawn", "respawn_delay", "rviz", "rviz_config"}
+                 "depth", "camera_info", "nav2_compatible", "respawn", "respawn_delay", "rviz", "rviz_config",
+                 "use_sim_time"}
 WITH_CHOICES = {"use_compressed", "image_reliability", "segmenter", "log_level", "nav2_compatible", "respawn",
-                "rviz"}
+                "rviz", "use_sim_time"}
 
 
 class _Record:
@@ -113,7 +114,7 @@ BASE_VALUES = {"image": "/camera/color/image_raw", "use_compressed": "true", "im
                "device": "cpu", "params_file": "/p.yaml", "vocabulary": "", "namespace": "front",
                "node_name": "segment_node", "log_level": "debug", "depth": "", "camera_info": "",
                "nav2_compatible": "", "respawn": "false", "respawn_delay": "2.0", "rviz": "false",
-               "rviz_config": "/share/ovseg.rviz"}
+               "rviz_config": "/share/ovseg.rviz", "use_sim_time": ""}
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, **values: str) -> list:
@@ -188,3 +189,15 @@ def test_rviz_config_and_nav2_example_are_installed_files() -> None:
     root = LAUNCH_FILE.parents[1]
     assert (root / "config" / "ovseg.rviz").is_file()
     assert (root / "config" / "nav2" / "semantic_layer.yaml").is_file()
+
+
+@pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("", None)])
+def test_use_sim_time_reaches_the_node_and_rviz(monkeypatch: pytest.MonkeyPatch, value: str, expected: Any) -> None:
+    module, real = _load(monkeypatch)
+    if real:
+        pytest.skip("checked with the stand-ins only")
+    monkeypatch.setattr(module, "_rviz_available", lambda: True)
+    node, rviz = module._node(types.SimpleNamespace(values={**BASE_VALUES, "use_sim_time": value, "rviz": "true"}))
+    _, overrides = node.kwargs["parameters"]
+    assert overrides.get("use_sim_time") is expected  # empty: the params file's value stays
+    assert rviz.kwargs["parameters"] == ([{"use_sim_time": expected}] if expected is not None else [{}])

@@ -1,0 +1,333 @@
+"""segment_node's outputs produced offline (``ovseg-bag``), through the node's own code.
+
+Nothing here re-implements an output: the segmenter is configured from the node's parameter table
+(:mod:`.params`, same defaults, same validation, same preset and model resolution), frames are converted by
+:mod:`.conversions`, the messages are built by :func:`.outputs.build_outputs` / :mod:`.messages` and the cloud by
+:class:`.points.CloudBuilder`, all as rclpy messages, and serialized with ``rclpy.serialization`` - so a message
+in a bag is byte for byte the one the node publishes for the same frame (tests/ros/test_bag_tool.py).
+
+Differences from a live node, by necessity: no frame is dropped (``dropped_frames`` is 0), and
+``latency_ms`` of ``~/info`` is the frame's processing time (inference + message building; there is no live
+clock to measure against). The depth pairing is the node's matcher (:mod:`.sync`) fed in recording order
+without a wall-clock wait, i.e. the pairing of a node that receives the depth stream in order and on time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from rclpy.serialization import deserialize_message, serialize_message
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+
+from ..core import depth as dp
+from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
+from . import messages
+from .conversions import compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge, make_cv_bridge
+from .outputs import LATCHED_TOPICS, OUTPUT_TOPICS, Palette, build_outputs
+from .params import PARAMS, NodeConfig, find_vocabulary_preset, validate_all
+from .points import CloudBuilder, PointsOptions, camera_model, stamp_ns
+from .sync import ApproximateTimeMatcher
+from .vocabulary_service import Binding, _with_revision
+
+#: Per-frame outputs in the node's publishing order (build_outputs' order, the cloud after them).
+FRAME_OUTPUTS = ("labels", "confidence", "color", "overlay", "panoptic", "info")
+POINTS_INDEX = len(FRAME_OUTPUTS)  # the cloud's output index (sorted after the frame's other outputs)
+#: Depth images buffered and frames waiting for a depth image, per camera (recording order, no wall clock).
+DEPTH_CAPACITY = 64
+PENDING_CAPACITY = 64
+
+
+def node_values(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """segment_node's parameter values: the node's defaults with ``overrides``; ValueError with every reason."""
+    unknown = sorted(set(overrides) - {p.name for p in PARAMS})
+    if unknown:
+        raise ValueError(f"unknown segment_node parameters: {', '.join(unknown)}")
+    values = {p.name: (list(p.default) if p.type == "list" else p.default) for p in PARAMS}
+    values.update(overrides)
+    reasons = validate_all(values)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return values
+
+
+def initial_vocabulary(cfg: NodeConfig) -> Vocabulary:
+    """The node's initial vocabulary: ``vocabulary``, else ``vocabulary_file``, else ``vocabulary_preset``."""
+    if cfg.vocabulary:
+        return Vocabulary.from_request(list(cfg.vocabulary), source="parameter")
+    if cfg.vocabulary_file:
+        return load_vocabulary_file(os.path.expanduser(cfg.vocabulary_file))
+    path = find_vocabulary_preset(cfg.vocabulary_preset) if cfg.vocabulary_preset else None
+    if path is None:
+        raise VocabularyError("no vocabulary: set vocabulary, vocabulary_file or vocabulary_preset")
+    return load_vocabulary_file(path)
+
+
+def configure(cfg: NodeConfig, device: Any) -> Binding:
+    """What the node's configure builds: the segmenter, its encoded vocabulary (revision 1) and identity."""
+    from ..core.segmenter import build_segmenter
+
+    vocabulary = initial_vocabulary(cfg)
+    why = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
+    if why:
+        raise VocabularyError(why)
+    segmenter = build_segmenter(cfg.segmenter, cfg.resolved_preset(), cfg.segmenter_overrides(), device=device,
+                                cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "",
+                                offline=cfg.offline)
+    state = _with_revision(segmenter.encode_vocabulary(vocabulary), 1)  # a node's first revision
+    return Binding(1, segmenter, state, cfg.segmenter, cfg.model_identity(segmenter))
+
+
+def cdr_stamp_ns(raw: bytes) -> int:
+    """The header stamp of a serialized message that starts with a std_msgs/Header (Image, CompressedImage),
+    read without deserializing the payload; ValueError for a message too short to hold one."""
+    if len(raw) < 12 or raw[0] != 0 or raw[1] not in (0, 1):
+        raise ValueError("not a CDR message with a header")
+    order = "<" if raw[1] == 1 else ">"
+    sec, nanosec = struct.unpack_from(order + "iI", raw, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
+def output_prefix(node_name: str, camera: str) -> str:
+    """``/<node>/`` (or ``/<node>/<camera>/``): where the node's ``~/`` outputs resolve."""
+    base = "/" + node_name.strip("/")
+    return f"{base}/{camera}/" if camera else f"{base}/"
+
+
+@dataclass(frozen=True)
+class CameraTopics:
+    """One camera of the recording: its input topics and the node camera name its outputs go under."""
+
+    name: str  # "" = the node's default camera (outputs under ~/)
+    image: str
+    compressed: bool
+    depth: str = ""
+    camera_info: str = ""
+
+
+@dataclass
+class _Item:  # what build_outputs reads of a pipeline item
+    frame: Any
+    result: Any
+    binding: Binding
+    inference_ms: float
+    dropped: int = 0
+
+
+@dataclass
+class _FrameRef:
+    header: Any
+    image: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class _Pending:
+    """A frame in the depth matcher; only the frames this process segments carry their result."""
+
+    index: int
+    log_time: int
+    stamp: int
+    header: Any = None
+    labels: Optional[np.ndarray] = None
+    confidence: Optional[np.ndarray] = None
+    rgb: Optional[np.ndarray] = None
+    unlabeled_id: int = 0
+
+
+class OfflineNode:
+    """Builds one frame's outputs as the node would publish them, serialized (CDR bytes).
+
+    ``outputs``: the per-frame outputs wanted (the node computes colour and overlay only while subscribed:
+    here they are written only when asked for). ``timings=False`` writes 0 for the measured timings of
+    ``~/info``, so runs can be compared byte for byte.
+    """
+
+    def __init__(self, cfg: NodeConfig, binding: Binding, node_name: str, cameras: list[CameraTopics],
+                 outputs: set[str], timings: bool = True, log: Any = None) -> None:
+        self.cfg, self.binding, self.node_name = cfg, binding, node_name
+        self.cameras = {c.name: c for c in cameras}
+        self.outputs = set(outputs) | {"labels", "confidence", "info"}
+        if cfg.publish_panoptic:
+            self.outputs.add("panoptic")
+        self.timings = timings
+        self._log = log
+        self._palette = Palette()
+        self._bridge = make_cv_bridge()
+        self._label_info_cls = messages.label_info_type()
+        self._points = {c.name: _CameraPoints(c, self._points_options(), log) for c in cameras if c.depth}
+
+    def _points_options(self) -> PointsOptions:
+        c = self.cfg
+        return PointsOptions(c.min_depth, c.max_depth, c.points_rgb, c.depth_slop, c.max_image_pixels)
+
+    # --- topics --------------------------------------------------------------------------------------------
+    def topic(self, camera: str, output: str) -> str:
+        return output_prefix(self.node_name, camera) + OUTPUT_TOPICS[output][0]
+
+    def output_topics(self, with_label_info: bool) -> list[tuple[str, str, bool]]:
+        """(topic, message type, latched) of everything this run writes, latched ones first."""
+        out = [(output_prefix(self.node_name, "") + LATCHED_TOPICS[n][0], LATCHED_TOPICS[n][1], True)
+               for n in ("vocabulary", "label_info") if n == "vocabulary" or with_label_info]
+        for cam in self.cameras.values():
+            names = [n for n in FRAME_OUTPUTS if n in self.outputs] + (["points"] if cam.depth else [])
+            out += [(self.topic(cam.name, n), OUTPUT_TOPICS[n][1], False) for n in names]
+        return out
+
+    @property
+    def has_label_info(self) -> bool:
+        return self._label_info_cls is not None
+
+    def drop_label_info(self) -> None:
+        """Write no ``~/label_info`` (vision_msgs importable, but its .msg definitions are not installed)."""
+        self._label_info_cls = None
+
+    # --- latched ---------------------------------------------------------------------------------------------
+    def latched(self, stamp_ns_: int) -> list[tuple[str, bytes]]:
+        """``~/vocabulary`` (and ``~/label_info`` when vision_msgs is installed), stamped ``stamp_ns_``."""
+        from builtin_interfaces.msg import Time
+
+        stamp = Time(sec=stamp_ns_ // 1_000_000_000, nanosec=stamp_ns_ % 1_000_000_000)
+        b = self.binding
+        try:
+            prompts = b.segmenter.describe_prompts(b.state)
+        except Exception:  # noqa: BLE001  (optional introspection, as in the node)
+            prompts = None
+        prefix = output_prefix(self.node_name, "")
+        out = [(prefix + "vocabulary", serialize_message(
+            messages.vocabulary_msg(b.vocabulary, stamp, b.segmenter_name, b.model_identity, prompts)))]
+        if self._label_info_cls is not None:
+            threshold = float(getattr(b.segmenter.config, "prob_threshold", 0.0) or 0.0)
+            out.append((prefix + "label_info", serialize_message(
+                messages.label_info_msg(self._label_info_cls, b.vocabulary, stamp, threshold))))
+        return out
+
+    # --- frames ----------------------------------------------------------------------------------------------
+    def decode(self, camera: str, raw: bytes) -> tuple[Any, np.ndarray]:
+        """(header, RGB image) of a recorded frame; ConversionError (a frame the node refuses) or ValueError."""
+        cam = self.cameras[camera]
+        limit = self.cfg.max_image_pixels
+        if cam.compressed:
+            msg = deserialize_message(raw, CompressedImage)
+            return msg.header, compressed_to_rgb(msg, limit)
+        msg = deserialize_message(raw, Image)
+        if self._bridge is not None:
+            return msg.header, image_msg_to_rgb_bridge(self._bridge, msg, limit)
+        return msg.header, image_msg_to_rgb(msg, limit)
+
+    def segment(self, image: np.ndarray) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        result = self.binding.segmenter.segment(image, self.binding.state)
+        return result, (time.perf_counter() - t0) * 1e3
+
+    def frame_outputs(self, camera: str, header: Any, image: np.ndarray, result: Any,
+                      inference_ms: float) -> list[tuple[int, str, bytes]]:
+        """(output index, topic, CDR) of one segmented frame, in the node's publishing order (the cloud apart)."""
+        t0 = time.perf_counter()
+        wants = self.outputs.__contains__
+        latency = inference_ms if self.timings else 0.0
+        item = _Item(_FrameRef(header, image), result, self.binding, inference_ms if self.timings else 0.0)
+        built = build_outputs(item, wants, self._palette, self.cfg.overlay_alpha, self.cfg.publish_panoptic,
+                              latency, self.cfg.panoptic_min_area)
+        if self.timings:  # latency: inference + building these messages (no live clock offline)
+            for name, msg in built:
+                if name == "info":
+                    msg.latency_ms = float(inference_ms + (time.perf_counter() - t0) * 1e3)
+        return [(FRAME_OUTPUTS.index(name), self.topic(camera, name), serialize_message(msg)) for name, msg in built]
+
+    # --- the semantic cloud ------------------------------------------------------------------------------------
+    def push_camera_info(self, camera: str, raw: bytes) -> None:
+        self._points[camera].camera_info(raw)
+
+    def push_depth(self, camera: str, raw: bytes) -> list[tuple[int, int, str, Optional[bytes]]]:
+        return self._points[camera].depth(raw, self.topic(camera, "points"))
+
+    def push_frame(self, camera: str, index: int, log_time: int, stamp: int, header: Any = None,
+                   image: Optional[np.ndarray] = None, result: Any = None) -> list[tuple[int, int, str, Optional[bytes]]]:
+        """Give a selected frame to the camera's depth matcher; returns the clouds completed now as
+        (frame index, log time, topic, CDR). ``result`` None: a frame without a cloud (segmented by another
+        process, or refused) - every process gives every frame, so all pair depth images alike."""
+        points = self._points.get(camera)
+        if points is None:
+            return []
+        if result is None:
+            pending = _Pending(index, log_time, stamp)
+        else:
+            pending = _Pending(index, log_time, stamp, header, result.labels, result.confidence,
+                               image if self.cfg.points_rgb else None,
+                               messages.label_encoding(len(result.vocabulary))[1])
+        return points.frame(pending, self.topic(camera, "points"))
+
+    def flush(self) -> list[tuple[int, int, str, Optional[bytes]]]:
+        """Clouds of frames still waiting for depth at the end of the recording."""
+        return [c for cam, p in self._points.items() for c in p.flush(self.topic(cam, "points"))]
+
+    def points_stats(self) -> dict[str, dict[str, int]]:
+        return {cam: p.stats() for cam, p in self._points.items()}
+
+
+class _CameraPoints:
+    """The node's depth matcher + camera model + cloud builder for one camera, fed in recording order."""
+
+    def __init__(self, cam: CameraTopics, options: PointsOptions, log: Any) -> None:
+        self.cam, self.opts = cam, options
+        warn = (lambda text: log.warning(text)) if log is not None else (lambda text: None)
+        self._warn = warn
+        self._builder = CloudBuilder(options, warn)
+        self._camera: Any = None
+        # No wall-clock wait offline: a frame waits until a depth image at or after its stamp (or the end).
+        self._matcher: ApproximateTimeMatcher[_Pending, Image] = ApproximateTimeMatcher(
+            int(options.slop * 1e9), depth_capacity=DEPTH_CAPACITY, pending_capacity=PENDING_CAPACITY,
+            max_wait_s=math.inf)
+        self.refused = 0
+        self.published = 0
+
+    def camera_info(self, raw: bytes) -> None:
+        try:
+            self._camera = camera_model(deserialize_message(raw, CameraInfo))
+        except dp.DepthError as exc:
+            self.refused += 1  # the node keeps its last good camera model too
+            self._warn(f"camera_info refused on {self.cam.camera_info}: {exc}")
+
+    def depth(self, raw: bytes, topic: str) -> list[tuple[int, int, str, Optional[bytes]]]:
+        msg = deserialize_message(raw, Image)
+        try:
+            dp.check_depth_msg(msg, self.opts.max_pixels)
+        except dp.DepthError as exc:
+            self.refused += 1
+            self._warn(f"depth refused on {self.cam.depth}: {exc}")
+            return []
+        return self._emit(self._matcher.push_depth(stamp_ns(msg.header), msg, 0.0), topic)
+
+    def frame(self, pending: _Pending, topic: str) -> list[tuple[int, int, str, Optional[bytes]]]:
+        return self._emit(self._matcher.push_frame(pending.stamp, pending, 0.0), topic)
+
+    def flush(self, topic: str) -> list[tuple[int, int, str, Optional[bytes]]]:
+        return self._emit(self._matcher.flush(), topic)
+
+    def _emit(self, resolved: list[tuple[_Pending, Optional[Image]]], topic: str) -> list[tuple[int, int, str, Optional[bytes]]]:
+        """(frame index, log time, topic, CDR or None) of every resolved frame: None where no cloud is written
+        (another process's frame, no depth within depth_slop, or unusable inputs - the node publishes none)."""
+        out: list[tuple[int, int, str, Optional[bytes]]] = []
+        for frame, depth in resolved:
+            data = None
+            if frame.labels is not None and depth is not None:
+                try:
+                    msg = self._builder.build(frame.header, frame.labels, frame.confidence, frame.rgb,
+                                              frame.unlabeled_id, depth, self._camera, self.cam.camera_info)
+                    data = serialize_message(msg)
+                    self.published += 1
+                except dp.DepthError as exc:
+                    self.refused += 1
+                    self._warn(f"no cloud for frame {frame.index}: {exc}")
+            out.append((frame.index, frame.log_time, topic, data))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        st = self._matcher.stats()
+        return {"matched": st.matched, "unmatched": st.unmatched, "refused": self.refused,
+                "published": self.published}
