@@ -267,7 +267,7 @@ def test_export_tool_and_segment_cli_backend(tiny_vit_checkpoint, tmp_path, caps
     img.parent.mkdir()
     cv2.imwrite(str(img), _image(60, 80))
     common = [str(img.parent), "--segmenter", "dense_clip", "--preset", "realtime", *model, *opts,
-              "--precision", "fp32", "--device", "cpu", "--cache-dir", "", "--vocabulary", "floor", "chair", "door"]
+              "--precision", "fp32", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--vocabulary", "floor", "chair", "door"]
     assert cli.main([*common, "-o", str(tmp_path / "t")]) == 0
     assert cli.main([*common, "-o", str(tmp_path / "o"), "--backend", "onnxruntime", "--onnx-file", str(out),
                      "--onnx-providers", "cpu"]) == 0
