@@ -418,6 +418,7 @@ def attach_onnx(segmenter: Any, options: BackendOptions) -> Any:
     encoder = open_session(options, expected_metadata(segmenter, graph))
     if encoder.sizes and any(p in ("Tensorrt", "CUDA") for p in encoder.providers):
         log.info("%s: engines for %s ready in %.1f s", encoder.describe(), sorted(encoder.sizes), encoder.warm_up())
+    log.info("%s: image encoder %s", segmenter.name, encoder.describe())
     segmenter.image_encoder = encoder
     return segmenter
 
