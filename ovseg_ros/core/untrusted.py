@@ -204,9 +204,11 @@ def read_text_file(path: str | Path, what: str = "file", max_bytes: int = MAX_TE
         ) from None
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes, durable: bool = False) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder renamed into place (readers never
     see half a file); the temp file is removed when anything fails (full disk, permissions, interrupt).
+    ``durable``: fsync the file before the rename and the folder after it, so that the new content (not an
+    empty or old file) is what a power loss or a crash right after the call leaves behind.
 
     Raises:
         OSError: the write failed (nothing is left behind).
@@ -216,7 +218,16 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except BaseException:
         try:
             tmp.unlink()

@@ -2,14 +2,16 @@
 
 A :class:`Vocabulary` is immutable. Changing the vocabulary means building a new one (with a new
 ``revision``) and swapping it in whole, so an output can always say exactly which vocabulary made it.
-Class ids are the positions in ``classes`` (0-based); :data:`UNLABELED` marks pixels that belong to
-no class (background words, low confidence).
+Segmenters label pixels by position in ``classes`` (0-based); :data:`UNLABELED` marks pixels that belong to
+no class (background words, low confidence). The ids *published* for the classes are ``class_ids`` (one per
+position, stable across vocabulary changes, see :mod:`.class_ids`); without them they are the positions.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from functools import cached_property
 import os
 import re
 import unicodedata
@@ -90,9 +92,14 @@ class Vocabulary:
     revision: int = 0
     #: Free-form provenance (preset name, "service", "parameter"), for logs only.
     source: str = ""
+    #: Published id of each class (same order as ``classes``); empty: the positions.
+    class_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _validate_classes(self.classes)
+        if self.class_ids and (len(self.class_ids) != len(self.classes) or len(set(self.class_ids)) != len(
+                self.class_ids) or min(self.class_ids) < 0 or max(self.class_ids) >= MAX_CLASSES):
+            raise VocabularyError(f"class_ids must be {len(self.classes)} distinct ids in 0..{MAX_CLASSES - 1}")
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -103,6 +110,23 @@ class Vocabulary:
 
     def with_revision(self, revision: int) -> "Vocabulary":
         return replace(self, revision=revision)
+
+    def with_ids(self, class_ids: Sequence[int]) -> "Vocabulary":
+        return replace(self, class_ids=tuple(int(i) for i in class_ids))
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The published id of each class (positions when no ids were assigned)."""
+        return self.class_ids or tuple(range(len(self.classes)))
+
+    @property
+    def id_bound(self) -> int:
+        """Largest published id + 1: the label image must hold ids below it (mono8 while <= 255)."""
+        return max(self.class_ids) + 1 if self.class_ids else len(self.classes)
+
+    @cached_property  # read per frame; the dataclass is frozen, so the answer never changes
+    def ids_are_positions(self) -> bool:
+        return not self.class_ids or self.class_ids == tuple(range(len(self.classes)))
 
     def query_names(self) -> tuple[list[str], list[int]]:
         """Flatten every name of every class: (texts, class index of each text).

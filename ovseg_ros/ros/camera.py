@@ -19,6 +19,7 @@ import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from sensor_msgs.msg import CompressedImage, Image
 
+from ..core.video import VideoState
 from . import messages
 from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge
 from .diagnostics import CameraStats
@@ -66,6 +67,7 @@ class Camera:
         self.callback_group = MutuallyExclusiveCallbackGroup()
         self.depth_group = MutuallyExclusiveCallbackGroup()
         self.points: Optional[SemanticPointsOutput] = None  # ~/semantic/points (publish_points)
+        self.video = VideoState()  # temporal filter + instance tracker (publishing stage)
 
     # --- outputs (configure .. cleanup) --------------------------------------------------------------
     def create_outputs(self) -> None:

@@ -3,6 +3,10 @@
 Label conventions (vision_msgs, docs: ros-conventions.md section 3): ``mono8`` while the vocabulary has at
 most 255 classes, 255 = unlabeled; ``mono16`` beyond, 65535 = unlabeled. The unlabeled id is never listed
 in LabelInfo/Vocabulary, so consumers such as Nav2's semantic layer skip it.
+
+Class ids on the wire are the vocabulary's stable ``ids`` (:mod:`ovseg_ros.core.class_ids`), not the positions
+the segmenters label with: :func:`wire_labels` is the one place where positions become ids (a table look-up),
+and every message below takes the ids from the vocabulary the frame was computed with.
 """
 
 from __future__ import annotations
@@ -59,6 +63,36 @@ def encode_labels(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, str
     return labels.astype(dtype), encoding
 
 
+def wire_labels(labels: np.ndarray, vocabulary: Vocabulary) -> tuple[np.ndarray, str, int]:
+    """(H, W) core labels (positions, -1 unlabeled) -> (label image of the published ids, encoding, unlabeled id).
+
+    The ids come from ``vocabulary`` (the one the frame was computed with), so a frame is never encoded with
+    another revision's ids. Identity ids cost one cast; others one 256-entry LUT (mono8) or one gather (mono16).
+    """
+    encoding, unlabeled = label_encoding(vocabulary.id_bound)
+    n = len(vocabulary)
+    if vocabulary.ids_are_positions:
+        return encode_labels(labels, n)[0], encoding, unlabeled
+    ids = np.asarray(vocabulary.ids)
+    codes = class_codes(labels, n) if encoding == "mono8" else None
+    if codes is not None:  # positions as bytes (255 unlabeled) -> ids through a byte table
+        table = np.full(256, 255, np.uint8)
+        table[:n] = ids
+        return cv2.LUT(codes, table), encoding, unlabeled
+    lut = np.empty(n + 1, np.uint8 if encoding == "mono8" else np.uint16)
+    lut[:n] = ids
+    lut[n] = unlabeled  # position -1 indexes the last entry
+    if labels.dtype in (np.int32, np.int16) and labels.ndim == 2 and labels.size:
+        lo, hi, _, _ = cv2.minMaxLoc(labels)
+        if lo >= -1 and hi < n:  # the core's contract: one gather
+            return lut.take(labels), encoding, unlabeled
+    pos = labels.astype(np.int64)  # anything else: unknown values become unlabeled
+    if labels.dtype in (np.uint8, np.uint16):  # already in a wire dtype: its max value is "unlabeled"
+        pos[labels == np.iinfo(labels.dtype).max] = -1
+    pos[(pos < -1) | (pos >= n)] = -1
+    return lut.take(pos), encoding, unlabeled
+
+
 def encode_confidence(confidence: np.ndarray) -> np.ndarray:
     """(H, W) float in [0, 1] -> mono8 0..255 (round half to even, saturated); uint8 passes through."""
     if confidence.dtype == np.uint8:
@@ -91,7 +125,7 @@ def vocabulary_msg(
     model: str,
     prompts: Optional[Sequence[Sequence[str]]] = None,
 ) -> VocabularyMsg:
-    encoding, unlabeled = label_encoding(len(vocabulary))
+    encoding, unlabeled = label_encoding(vocabulary.id_bound)
     msg = VocabularyMsg()
     msg.header.stamp = stamp
     msg.revision = int(vocabulary.revision)
@@ -100,9 +134,9 @@ def vocabulary_msg(
     msg.unlabeled_id = unlabeled
     msg.label_encoding = encoding
     classes = []
-    for i, c in enumerate(vocabulary.classes):
+    for i, (c, class_id) in enumerate(zip(vocabulary.classes, vocabulary.ids)):
         item = VocabularyClass()
-        item.id = i
+        item.id = class_id
         item.name = c.name
         item.synonyms = list(c.synonyms)
         item.prompts = list(prompts[i]) if prompts is not None and i < len(prompts) else list(c.names)
@@ -123,33 +157,38 @@ def label_info_type() -> Optional[type]:
 
 
 def label_info_msg(label_info_cls: type, vocabulary: Vocabulary, stamp: Any, threshold: float = 0.0) -> Any:
-    """LabelInfo with one VisionClass per class; the unlabeled id is absent."""
+    """LabelInfo with one VisionClass per live class id (exactly those); the unlabeled id is absent."""
     from vision_msgs.msg import VisionClass  # type: ignore[import-not-found]
 
     msg = label_info_cls()
     msg.header.stamp = stamp
-    msg.class_map = [VisionClass(class_id=i, class_name=c.name) for i, c in enumerate(vocabulary.classes)]
+    msg.class_map = [VisionClass(class_id=i, class_name=c.name)
+                     for i, c in zip(vocabulary.ids, vocabulary.classes)]
     msg.threshold = float(threshold)
     return msg
 
 
-def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any) -> PanopticSegmentation:
-    """A core PanopticResult -> PanopticSegmentation (32SC1 id image + segment list)."""
+def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any,
+                 track_ids: Optional[Sequence[int]] = None) -> PanopticSegmentation:
+    """A core PanopticResult -> PanopticSegmentation (32SC1 id image + segment list); ``track_ids``: one per
+    segment (0 = untracked), or None (all 0)."""
     msg = PanopticSegmentation()
     msg.header = header
     msg.vocabulary_revision = int(vocabulary.revision)
     msg.segment_ids = numpy_to_image(panoptic.segment_ids.astype(np.int32, copy=False), "32SC1", header)
     segments = []
-    for s in panoptic.segments:
+    for k, s in enumerate(panoptic.segments):
         seg = PanopticSegment()
         seg.id = int(s.id)
-        seg.class_id = int(s.class_id)
-        seg.class_name = vocabulary.classes[s.class_id].name if 0 <= s.class_id < len(vocabulary) else ""
+        known = 0 <= s.class_id < len(vocabulary)  # core segments carry positions; the message the id
+        seg.class_id = int(vocabulary.ids[s.class_id]) if known else int(s.class_id)
+        seg.class_name = vocabulary.classes[s.class_id].name if known else ""
         seg.is_thing = bool(s.is_thing)
         seg.score = float(s.score)
         seg.area = int(s.area)
         x, y, w, h = (int(v) for v in s.bbox)
         seg.bbox = RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h, do_rectify=False)
+        seg.track_id = int(track_ids[k]) if track_ids is not None else 0
         segments.append(seg)
     msg.segments = segments
     return msg
@@ -164,6 +203,7 @@ def info_msg(
     dropped: int,
     labels: np.ndarray,
 ) -> SegmentationInfo:
+    """``labels``: the published label image (:func:`wire_labels`), so ``class_ids`` are published ids."""
     msg = SegmentationInfo()
     msg.header = header
     msg.vocabulary_revision = int(vocabulary.revision)
@@ -171,7 +211,7 @@ def info_msg(
     msg.latency_ms = float(latency_ms)
     msg.inference_ms = float(inference_ms)
     msg.dropped_frames = int(min(dropped, 2**32 - 1))
-    ids, areas = class_areas(labels, len(vocabulary))
+    ids, areas = class_areas(labels, vocabulary.id_bound)
     msg.class_ids = ids
     msg.class_areas = areas
     return msg

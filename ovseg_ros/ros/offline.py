@@ -257,9 +257,9 @@ class OfflineNode:
         if result is None:
             pending = _Pending(index, log_time, stamp)
         else:
-            pending = _Pending(index, log_time, stamp, header, result.labels, result.confidence,
-                               image if self.cfg.points_rgb else None,
-                               messages.label_encoding(len(result.vocabulary))[1])
+            labels, _, unlabeled = messages.wire_labels(result.labels, result.vocabulary)  # as the node
+            pending = _Pending(index, log_time, stamp, header, labels, result.confidence,
+                               image if self.cfg.points_rgb else None, unlabeled)
         return points.frame(pending, self.topic(camera, "points"))
 
     def flush(self) -> list[tuple[int, int, str, Optional[bytes]]]:

@@ -6,11 +6,12 @@ when ``publish_panoptic`` is true. Every message carries the input image's heade
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..core import postprocess
+from ..core.video import VideoState
 from . import messages
 from .conversions import numpy_to_image
 
@@ -54,16 +55,26 @@ def build_outputs(
     publish_panoptic: bool,
     latency_ms: float,
     panoptic_min_area: int = 0,
+    video: Optional[VideoState] = None,
+    stamp_ns: int = 0,
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
 
     ``panoptic_min_area``: segments derived from the labels smaller than this many pixels get no panoptic
     segment (their pixels keep id 0); a method's own instances (FC-CLIP) are published as predicted.
+
+    ``video``: the camera's :class:`~ovseg_ros.core.video.VideoState` (temporal filter, tracker), run at
+    ``stamp_ns`` (ROS time of the frame): the filtered labels replace ``item.result`` (so that every output of
+    the frame, the semantic cloud too, carries them), the panoptic segments get their track ids. The context
+    of both is the binding's vocabulary revision and model generation: a new one resets them.
     """
+    if video is not None:
+        context = (item.result.vocabulary.revision, getattr(item.binding, "generation", 0))
+        item.result = video.filter_result(item.result, item.frame.image, stamp_ns, context)
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
     n = len(vocab)
-    labels, encoding = messages.encode_labels(result.labels, n)
+    labels, encoding, _ = messages.wire_labels(result.labels, vocab)  # positions -> the frame's own ids
     outputs: list[tuple[str, Any]] = [
         ("labels", numpy_to_image(labels, encoding, header)),
         ("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)),
@@ -81,7 +92,8 @@ def build_outputs(
         if panoptic is None:
             panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
-        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic)))
+        track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
+        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids)))
     outputs.append(("info", messages.info_msg(
-        header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, result.labels)))
+        header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs

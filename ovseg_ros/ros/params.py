@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ..core.temporal import FILTERS, MAX_FRAMES
 from ..core.untrusted import UntrustedInputError, load_yaml, short_repr
 from ..core.vocabulary import MAX_QUERY_TEXTS, find_vocabulary_preset, list_vocabulary_presets  # noqa: F401
 from .guard import sanitize
@@ -42,7 +43,9 @@ MAX_PIXELS_LIMIT = 8192 * 8192
 MAX_REASON_CHARS = 1000
 
 LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "panoptic_min_area",
-                  "max_vocabulary_classes", "vocabulary_timeout", "max_query_texts"})
+                  "max_vocabulary_classes", "vocabulary_timeout", "max_query_texts",
+                  "track_instances", "track_max_age", "temporal_filter", "temporal_frames",
+                  "temporal_image_threshold"})
 ON_ACTIVATE = frozenset({"image_reliability", "image_queue_depth", "use_compressed", "publish_points", "min_depth",
                          "max_depth", "points_rgb", "depth_slop"})
 
@@ -249,6 +252,19 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("points_rgb", False, "bool", "Add the camera colour as a packed 'rgb' field to ~/semantic/points."),
     ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
               "paired with it.", range=(0.0, 10.0)),
+    ParamSpec("track_instances", True, "bool", "Give each thing segment of ~/panoptic a persistent track_id "
+              "(per camera; 0 = untracked). Switching it resets the tracks."),
+    ParamSpec("track_max_age", 3.0, "float", "Seconds (ROS time of the frame stamps) a track not seen is kept, so "
+              "that an occlusion, a missed or dropped frame or a short exit from the view keeps the id.",
+              range=(0.0, 3600.0)),
+    ParamSpec("temporal_filter", "none", "str", "Temporal filter of the labels: none, or vote (per pixel, a "
+              "confidence-weighted vote over the last temporal_frames frames that restarts where the image "
+              "changes: less flicker on still parts, no smearing behind motion). Changing it restarts the filter.",
+              choices=FILTERS),
+    ParamSpec("temporal_frames", 3, "int", "Frames in the vote of temporal_filter=vote; a label change without an "
+              "image change is followed after temporal_frames // 2 frames.", range=(1, MAX_FRAMES)),
+    ParamSpec("temporal_image_threshold", 10, "int", "Colour difference (0..255, largest channel) above which a "
+              "pixel counts as changed for temporal_filter=vote (its older votes are dropped).", range=(0, 255)),
     ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
               "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
     # Deployment (ovseg_ros/core/deploy.py): the image encoder on ONNX Runtime; read at configure.
@@ -261,6 +277,10 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("trt_cache_dir", "", "str", "TensorRT engine cache folder (empty: <onnx_file>.trt_cache); engines "
               "are built at the first frame of each input size, then loaded from here."),
     ParamSpec("trt_fp16", True, "bool", "Let TensorRT build fp16 engines."),
+    ParamSpec("persist_vocabulary", True, "bool", "Restore the vocabulary set at run time (~/set_vocabulary) and "
+              "its class ids at configure, e.g. after a crash or a respawn; it is saved in cache_dir/runtime, one "
+              "file per node name. Revisions continue from the saved counter either way (empty cache_dir: "
+              "nothing is saved)."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
 
@@ -391,6 +411,12 @@ class NodeConfig:
     onnx_providers: tuple[str, ...] = ()
     trt_cache_dir: str = ""
     trt_fp16: bool = True
+    track_instances: bool = True
+    track_max_age: float = 3.0
+    temporal_filter: str = "none"
+    temporal_frames: int = 3
+    temporal_image_threshold: int = 10
+    persist_vocabulary: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -574,3 +600,13 @@ def current_values(node: Any) -> dict[str, Any]:
     except Exception:  # noqa: BLE001  (a stand-in node in tests)
         pass
     return values
+
+
+def video_options(node: Any) -> tuple[bool, float, Any]:
+    """(track_instances, track_max_age, FilterConfig) from the node's live parameters (read every frame)."""
+    from ..core.temporal import FilterConfig
+
+    get = node.get_parameter
+    return (bool(get("track_instances").value), float(get("track_max_age").value),
+            FilterConfig(str(get("temporal_filter").value), int(get("temporal_frames").value),
+                         int(get("temporal_image_threshold").value)))

@@ -22,6 +22,7 @@ destroys a handle that a running callback may use (a call during cleanup is answ
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -36,7 +37,7 @@ from rclpy.qos import QoSProfile
 
 from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
-from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
+from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .camera import Camera, camera_specs, convert_image
 from .clock import ClockWatch, latency_ms, steady_clock
@@ -55,6 +56,7 @@ from .guard import (
 from .outputs import Palette, build_outputs
 from .params import (
     LIVE,
+    video_options,
     ON_ACTIVATE,
     SPECS,
     NodeConfig,
@@ -68,6 +70,7 @@ from .pipeline import Item, Pipeline
 from .points import PointsOptions
 from .qos import input_qos, latched_qos
 from .vocabulary_service import Binding, VocabularyService
+from .vocabulary_store import VocabularyStore, fingerprint, restore
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
@@ -223,7 +226,16 @@ class SegmentNode(LifecycleNode):
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
                 backend=cfg.backend_options(device),
             )
-            vocab_state = segmenter.encode_vocabulary(vocabulary)
+            restored = self._restore_vocabulary(cfg, vocabulary)
+            vocab_state = None
+            if restored.vocabulary is not None:
+                try:
+                    vocab_state = segmenter.encode_vocabulary(restored.vocabulary)
+                except VocabularyError as exc:  # e.g. another segmenter whose limits it exceeds
+                    self.get_logger().warning(f"the restored vocabulary is refused by {cfg.segmenter}: "
+                                              f"{reason(exc)}; using the configured one")
+            if vocab_state is None:
+                vocab_state = segmenter.encode_vocabulary(vocabulary)
             identity = cfg.model_identity(segmenter)
         except Exception as exc:  # noqa: BLE001  (say what it was, stay unconfigured)
             prefix = "" if isinstance(exc, (VocabularyError, ValueError, OSError)) else f"{type(exc).__name__}: "
@@ -244,8 +256,8 @@ class SegmentNode(LifecycleNode):
             self._diag_timer = self.create_timer(self._diag_period, self._diag_cb, self._cb_timer,
                                                  clock=self._steady)
         self.get_logger().info(
-            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, {len(vocabulary)} classes, "
-            f"{len(self._cameras)} camera(s)"
+            f"configured in {time.monotonic() - t0:.1f} s: {cfg.segmenter} {identity}, "
+            f"{len(vocab_state.vocabulary)} classes, {len(self._cameras)} camera(s)"
         )
         self._last_transition_error = ""
         return SUCCESS
@@ -304,6 +316,21 @@ class SegmentNode(LifecycleNode):
         self.get_logger().error(self._last_transition_error)
         return FAILURE
 
+    def _restore_vocabulary(self, cfg: NodeConfig, configured: Vocabulary) -> Any:
+        """Continue revisions, class ids and (persist_vocabulary) the runtime vocabulary of a previous run."""
+        store = VocabularyStore(os.path.expanduser(cfg.cache_dir), self.get_fully_qualified_name()) \
+            if cfg.cache_dir else None
+        id_limit = messages.MONO8_MAX_CLASSES if cfg.nav2_compatible else MAX_CLASSES
+        restored = restore(store, configured, cfg.persist_vocabulary, id_limit)
+        if restored.vocabulary is not None and messages.nav2_vocabulary_error(len(restored.vocabulary),
+                                                                              cfg.nav2_compatible):
+            restored = dataclasses.replace(restored, vocabulary=None)
+        if restored.note:
+            log = self.get_logger().warning if restored.warning else self.get_logger().info
+            log(restored.note)
+        self.vocab.seed(store, restored.revision, restored.table, id_limit, fingerprint(configured))
+        return restored
+
     def _initial_vocabulary(self, cfg: NodeConfig) -> Vocabulary:
         if cfg.vocabulary:
             return Vocabulary.from_request(list(cfg.vocabulary), source="parameter")
@@ -320,6 +347,7 @@ class SegmentNode(LifecycleNode):
             self._is_active = False
         for cam in self._cameras:
             cam.unsubscribe()
+            cam.video.reset("deactivate")  # tracks and filter start again at the next activate
         if self._pipeline is not None and not self._pipeline.stop(STOP_TIMEOUT_S):
             # Nothing of it can be published any more; activate refuses to start a second one meanwhile.
             self.get_logger().warning(
@@ -368,10 +396,11 @@ class SegmentNode(LifecycleNode):
             return
         t0 = time.perf_counter()
         latency = self._latency_ms(item.frame)
+        cam.video.configure(*video_options(self))
         outputs = build_outputs(
             item, cam.wants, self._palette, float(self.get_parameter("overlay_alpha").value),
             bool(self.get_parameter("publish_panoptic").value), latency,
-            int(self.get_parameter("panoptic_min_area").value),
+            int(self.get_parameter("panoptic_min_area").value), cam.video, self._stamp_ns(item.frame),
         )
         t1 = time.perf_counter()
         with self._publish_lock:
@@ -383,10 +412,10 @@ class SegmentNode(LifecycleNode):
                 return
             cam.publish(outputs)
             if cam.points is not None:  # never raises; counts and logs its own refusals
-                labels = item.result.labels
+                labels, _, unlabeled_id = messages.wire_labels(item.result.labels, item.result.vocabulary)
                 binding = item.binding
                 cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
-                                   unlabeled_id=messages.label_encoding(len(item.result.vocabulary))[1],
+                                   unlabeled_id=unlabeled_id,
                                    current=lambda: self._is_active and binding is self.vocab.binding,
                                    received=item.frame.received)
         t2 = time.perf_counter()
@@ -395,6 +424,11 @@ class SegmentNode(LifecycleNode):
             cam.stats.latencies_ms.append(latency)
             cam.stats.stage_ms["postprocess"].append((t1 - t0) * 1e3)
             cam.stats.stage_ms["publish"].append((t2 - t1) * 1e3)
+
+    def _stamp_ns(self, frame: Any) -> int:
+        """The frame's stamp (ROS time); the node's clock for an unset stamp."""
+        stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
+        return stamp_ns if stamp_ns else self.get_clock().now().nanoseconds
 
     def _latency_ms(self, frame: Any) -> float:
         """Against the image stamp's clock (simulated seconds under use_sim_time); see :func:`.clock.latency_ms`."""
@@ -410,7 +444,8 @@ class SegmentNode(LifecycleNode):
                 points.reset()
             with cam.stats.lock:
                 cam.stats.latencies_ms.clear()
-        self.get_logger().warning(f"{what}: depth matching and latency history cleared",
+            cam.video.reset("time_jump_back")  # tracks and label votes belong to the old timeline
+        self.get_logger().warning(f"{what}: depth matching, latency history, tracks and label votes cleared",
                                   throttle_duration_sec=LOG_THROTTLE_S)
 
     # --- diagnostics ---------------------------------------------------------------------------------
@@ -446,6 +481,7 @@ class SegmentNode(LifecycleNode):
                 total_rates[k] = total_rates.get(k, 0.0) + v
             level, message = status_level(configured, active, self._last_transition_error, rates,
                                           kv["last_refusal_reason"], error_age, last_error)
+            kv.update(cam.video.diagnostics())
             points = cam.points
             if points is not None:
                 kv.update(points.diagnostics())

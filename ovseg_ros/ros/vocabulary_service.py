@@ -7,6 +7,11 @@ state), swapped as a single reference:
   was replaced while it encoded) is dropped at swap time and the caller is told so: embeddings of an old model
   never reach a frame.
 * Revisions are handed out at swap time under one lock, so two different vocabularies never share a revision.
+  With a :class:`~.vocabulary_store.VocabularyStore` each new revision is saved (with its vocabulary and ids)
+  before it is published, so revisions also never repeat across restarts and a respawn restores it.
+* Class ids are assigned at swap time too (:func:`~ovseg_ros.core.class_ids.assign_class_ids`): names that stay
+  keep their id, removed ids are quarantined; the ids travel inside the vocabulary of the binding, so every
+  frame is encoded with the ids of the revision it was computed with.
 * The latched ``~/vocabulary`` (and ``~/label_info``) of the new revision is published *before* the swap, under
   the node's publish lock: no frame of a new revision precedes its vocabulary, and frames computed with the old
   state are dropped, never published after it.
@@ -27,7 +32,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..core.cancel import cancellable
-from ..core.vocabulary import Vocabulary, VocabularyError, check_query_texts
+from ..core.class_ids import Assignment, ClassIdError, ClassIdTable, assign_class_ids
+from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
 from .guard import reason, sanitize
@@ -123,6 +129,20 @@ class VocabularyService:
         self.convert: Callable[[Any], np.ndarray] = _no_converter  # the node sets its image conversion
         self.publish_latched: Callable[[Binding, Any], None] = lambda binding, stamp: None
         self.check_vocabulary: Callable[[Vocabulary], Optional[str]] = lambda v: None
+        # Class ids and persistence (set at configure by the node: seed()).
+        self.id_table: Optional[ClassIdTable] = None  # the ids of the current revision; kept across configures
+        self.id_limit = MAX_CLASSES  # ids must be below it (255 with nav2_compatible: mono8)
+        self.store: Any = None  # a VocabularyStore, or None (cache_dir empty)
+        self.configured_key = ""  # fingerprint of the configured vocabulary, saved with the runtime one
+
+    def seed(self, store: Any, revision: int, table: Optional[ClassIdTable], id_limit: int, configured_key: str
+             ) -> None:
+        """Before install(): continue revisions and ids from a previous run (:mod:`.vocabulary_store`)."""
+        with self._lock:
+            self.store, self.id_limit, self.configured_key = store, id_limit, configured_key
+            self.revision = max(self.revision, revision)
+            if table is not None and (self.id_table is None or table.revision > self.id_table.revision):
+                self.id_table = table
 
     # --- model lifetime (transitions) ----------------------------------------------------------------
     def install(self, segmenter: Any, state: Any, segmenter_name: str, model_identity: str) -> Binding:
@@ -130,9 +150,16 @@ class VocabularyService:
         with self._lock:
             self.generation += 1
             self.jobs.release.clear()
-            self.revision += 1
-            state = _with_revision(state, self.revision)
+            revision = self.revision + 1
+            try:
+                state, table = self._with_ids(state, revision)
+            except ClassIdError as exc:  # nothing of the old generation is in flight any more: renumber
+                self.node.get_logger().warning(f"class ids renumbered from 0 at configure: {exc}")
+                self.id_table = None
+                state, table = self._with_ids(state, revision)
+            self.revision = revision
             binding = Binding(self.generation, segmenter, state, segmenter_name, model_identity)
+            self._commit_ids(binding.vocabulary, table)
             self._swap(binding)
         return binding
 
@@ -149,6 +176,28 @@ class VocabularyService:
         with self._lock:
             self.generation += 1
             self.binding = None
+
+    def _with_ids(self, state: Any, revision: int) -> tuple[Any, ClassIdTable]:
+        """``state`` with revision ``revision`` and the class ids following the current table (caller holds
+        ``_lock``). Raises ClassIdError when the ids would run out (nothing changes then)."""
+        vocab = state.vocabulary
+        assignment: Assignment = assign_class_ids(self.id_table, vocab.names, revision, self.id_limit)
+        for warning in assignment.warnings:
+            self.node.get_logger().warning(warning)
+        vocab = vocab.with_revision(revision).with_ids(assignment.table.ids)
+        return dataclasses.replace(state, vocabulary=vocab), assignment.table
+
+    def _commit_ids(self, vocabulary: Vocabulary, table: ClassIdTable) -> None:
+        """Make ``table`` the current ids and save revision ``vocabulary.revision`` (caller holds ``_lock``). Call
+        it before the revision is published: a crash can then never have published an unsaved revision."""
+        self.id_table = table
+        if self.store is not None:
+            try:
+                self.store.save(vocabulary, table, self.configured_key)
+            except OSError as exc:
+                self.node.get_logger().warning(
+                    f"could not persist vocabulary revision {vocabulary.revision} to {self.store.path}: "
+                    f"{exc.strerror or type(exc).__name__}; it is in use but will not survive a restart")
 
     def _swap(self, binding: Binding) -> None:
         """Publish the latched vocabulary of ``binding``, then make it current (caller holds ``_lock``)."""
@@ -203,16 +252,22 @@ class VocabularyService:
                                 "embeddings belong to the old model); send the request again")
                 resp.revision = self.revision
                 return self._refused(resp)
+            try:
+                state, table = self._with_ids(job.result, self.revision + 1)
+            except ClassIdError as exc:
+                resp.message = f"vocabulary not applied: {reason(exc)}; the vocabulary in use is unchanged"
+                resp.revision = self.revision
+                return self._refused(resp)
             self.revision += 1
-            state = _with_revision(job.result, self.revision)
+            self._commit_ids(state.vocabulary, table)
             self._swap(dataclasses.replace(current, state=state))
             revision = self.revision
         n = len(vocab)
         preview = ", ".join(vocab.names[:8]) + (", ..." if n > 8 else "")
-        encoding, _ = messages.label_encoding(n)
+        encoding, _ = messages.label_encoding(state.vocabulary.id_bound)
         resp.success = True
         resp.message = f"vocabulary revision {revision}: {n} classes ({preview}); labels {encoding}"
-        resp.class_ids = list(range(n))
+        resp.class_ids = list(state.vocabulary.ids)
         resp.revision = revision
         self.node.get_logger().info(sanitize(resp.message))  # class names: untrusted text
         return resp

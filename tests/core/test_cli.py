@@ -28,6 +28,7 @@ def test_cli_writes_labels_color_and_json(tmp_path, tiny_vit_checkpoint, rgb_ima
     meta = json.loads((out / "b.json").read_text())
     assert meta["unlabeled_id"] == 255 and [c["name"] for c in meta["classes"]] == ["floor", "chair", "person"]
     assert meta["classes"][2]["synonyms"] == ["people"]
+    assert meta["class_ids"] == "positions" and [c["id"] for c in meta["classes"]] == [0, 1, 2]  # documented
 
 
 def test_cli_uint16_labels_beyond_255_classes() -> None:

@@ -161,6 +161,7 @@ class FrameChecker:
         self.labels, self.info, self.vocab = labels, info, vocab
         self.camera, self.oracle = camera, oracle
         self.known: dict[int, tuple[str, ...]] = {}  # revision -> class names (published or answered)
+        self.ids: dict[int, tuple[int, ...]] = {}  # revision -> published class id of each name (issue 17)
         self.conflicts: list[str] = []
         self.checked = 0
         self.unmatched_revisions: set[int] = set()
@@ -168,8 +169,11 @@ class FrameChecker:
         self._stamps: set[tuple[int, int]] = set()  # every labels stamp scanned for duplicates
         self._scanned = 0
 
-    def learn(self, revision: int, names: tuple[str, ...]) -> None:
-        """Record what ``revision`` means; a second, different meaning is a defect (issue 9, item 4)."""
+    def learn(self, revision: int, names: tuple[str, ...], ids: Optional[tuple[int, ...]] = None) -> None:
+        """Record what ``revision`` means (names, and the ids labels carry when known); a second, different
+        meaning is a defect (issue 9, item 4)."""
+        if ids is not None:
+            self.ids.setdefault(revision, tuple(int(i) for i in ids))
         old = self.known.get(revision)
         if old is not None and old != names:
             self.conflicts.append(f"revision {revision} named two vocabularies: {old[:4]}... ({len(old)}) and "
@@ -178,7 +182,7 @@ class FrameChecker:
 
     def _learn_published(self) -> None:
         for msg in self.vocab.snapshot():
-            self.learn(int(msg.revision), tuple(c.name for c in msg.classes))
+            self.learn(int(msg.revision), tuple(c.name for c in msg.classes), tuple(c.id for c in msg.classes))
 
     def problems(self) -> list[str]:
         """Check all frames received so far (each once); the list of violations."""
@@ -200,26 +204,31 @@ class FrameChecker:
             key = stamp_of(lab.header)
             if key in self._done or key not in infos:
                 continue  # checked already, or its info is not here yet
-            self._done.add(key)
             revision = int(infos[key].vocabulary_revision)
+            if revision in self.known and revision not in self.ids:
+                continue  # its ids are not known yet (its ~/vocabulary is still to come)
+            self._done.add(key)
             names = self.known.get(revision)
             if names is None:
                 self.unmatched_revisions.add(revision)
                 continue
             n = len(names)
-            encoding, unlabeled = ("mono8", 255) if n <= 255 else ("mono16", 65535)
+            ids = np.asarray(self.ids[revision])  # stable class ids: not the positions
+            encoding, unlabeled = ("mono8", 255) if int(ids.max()) < 255 else ("mono16", 65535)
             if lab.encoding != encoding:
-                out.append(f"frame {key}: revision {revision} has {n} classes but labels are {lab.encoding}")
+                out.append(f"frame {key}: revision {revision} has ids up to {int(ids.max())} but labels are "
+                           f"{lab.encoding}")
                 continue
             arr = image_array(lab)
-            bad = arr[(arr >= n) & (arr != unlabeled)]
+            bad = arr[~np.isin(arr, ids) & (arr != unlabeled)]
             if bad.size:
                 out.append(f"frame {key}: labels {sorted(set(bad.tolist()))[:5]} outside revision {revision} "
                            f"({n} classes)")
                 continue
             variant = self.camera.variant_of(key) if self.camera is not None else None
             if self.oracle is not None and variant is not None:
-                want = self.oracle.expected(n, variant, unlabeled)
+                positions = self.oracle.expected(n, variant, unlabeled)
+                want = np.where(positions == unlabeled, unlabeled, ids[np.minimum(positions, n - 1)])
                 if arr.shape != want.shape or not np.array_equal(arr, want):
                     diff = int((arr != want).sum()) if arr.shape == want.shape else -1
                     out.append(f"frame {key}: labels differ from color_key's for revision {revision} ({n} classes) "
@@ -338,7 +347,8 @@ class Target:
         resp = self.client.call(SetVocabulary, self.srv("set_vocabulary"),
                                 SetVocabulary.Request(classes=list(classes)), timeout)
         if resp.success:
-            self.checker.learn(int(resp.revision), tuple(c.split(",")[0].strip() for c in classes))
+            self.checker.learn(int(resp.revision), tuple(c.split(",")[0].strip() for c in classes),
+                               tuple(resp.class_ids))
         return resp
 
     def set_vocabulary_when_free(self, classes: list[str], timeout: float = 90.0) -> Any:

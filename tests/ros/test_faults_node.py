@@ -63,7 +63,7 @@ def test_frame_checker_reports_wrong_labels_revisions_and_duplicates() -> None:
     labels, info, vocab = Collector(), Collector(), Collector()
     oracle = ColorKeyOracle({})
     checker = FrameChecker(labels, info, vocab, Stamps(), oracle)  # type: ignore[arg-type]
-    vocab(Vocabulary(revision=3, classes=[VocabularyClass(name=n) for n in INITIAL]))
+    vocab(Vocabulary(revision=3, classes=[VocabularyClass(id=i, name=n) for i, n in enumerate(INITIAL)]))
 
     def frame(sec: int, arr: Any, revision: int = 3) -> None:
         msg = Image()

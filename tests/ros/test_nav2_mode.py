@@ -134,3 +134,25 @@ def test_points_output_follows_the_lifecycle(ros_session: None, namespace: str) 
             assert cam.points is None and points._closed
     finally:
         n.destroy_node()
+
+
+def test_class_ids_at_the_255_limit(node: SegmentNode) -> None:
+    """Stable ids in Nav2 mode: a change that would have to rename ids of the previous revision is refused with
+    the reason and changes nothing; through a smaller vocabulary it works, with every id below 255."""
+    def change(classes: list[str]) -> Any:
+        req = SetVocabulary.Request()
+        req.classes = classes
+        return node.vocab.srv_set_vocabulary(req, SetVocabulary.Response())
+
+    first = change([f"a{i}" for i in range(200)])
+    assert first.success, first.message
+    before = node.vocab.binding.vocabulary
+    refused = change([f"b{i}" for i in range(200)])
+    assert not refused.success and "two steps" in refused.message and refused.revision == first.revision
+    assert node.vocab.binding.vocabulary is before  # nothing changed
+    step = change(["a7"])
+    assert step.success and list(step.class_ids) == [first.class_ids[7]]
+    done = change([f"b{i}" for i in range(200)])
+    assert done.success, done.message
+    assert max(done.class_ids) < 255 and first.class_ids[7] not in done.class_ids
+    assert node.vocab.binding.vocabulary.ids == tuple(done.class_ids)

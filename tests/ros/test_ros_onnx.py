@@ -79,11 +79,13 @@ def _labels_for_revision(client: RosClient, namespace: str, fqn: str, revision: 
     return frame, image_array(out)
 
 
-def _torch_labels(seg: Any, frame: np.ndarray, classes: list[str]) -> np.ndarray:
+def _torch_labels(seg: Any, frame: np.ndarray, classes: list[str], ids: list[int]) -> np.ndarray:
+    """The torch backend's labels for ``frame`` in the node's wire ids (``ids``: the stable id of each class)."""
     from ovseg_ros.core.vocabulary import Vocabulary
 
     lab = seg.segment(frame, seg.encode_vocabulary(Vocabulary.from_request(classes))).labels
-    return np.where(lab < 0, 255, lab).astype(np.uint8)
+    lut = np.asarray(list(ids) + [255], dtype=np.uint8)  # position -> id; UNLABELED (-1) -> 255
+    return lut[np.where(lab < 0, len(ids), lab)]
 
 
 def test_onnx_node_equals_torch_before_and_after_vocabulary_change(
@@ -94,12 +96,14 @@ def test_onnx_node_equals_torch_before_and_after_vocabulary_change(
                        SetVocabulary.Request(classes=list(fast_params["vocabulary"])), timeout=60.0)
     assert rev0.success, rev0.message
     frame, got = _labels_for_revision(client, namespace, fqn, rev0.revision, seed=1)
-    assert (got == _torch_labels(torch_segmenter, frame, list(fast_params["vocabulary"]))).mean() >= LABEL_AGREEMENT
+    ids0 = list(rev0.class_ids)
+    assert (got == _torch_labels(torch_segmenter, frame, list(fast_params["vocabulary"]), ids0)).mean() \
+        >= LABEL_AGREEMENT
     resp = client.call(SetVocabulary, f"{fqn}/set_vocabulary", SetVocabulary.Request(classes=NEW_CLASSES),
                        timeout=60.0)
     assert resp.success and resp.revision > rev0.revision, resp.message
     frame, got = _labels_for_revision(client, namespace, fqn, resp.revision, seed=2)
-    assert (got == _torch_labels(torch_segmenter, frame, NEW_CLASSES)).mean() >= LABEL_AGREEMENT
+    assert (got == _torch_labels(torch_segmenter, frame, NEW_CLASSES, list(resp.class_ids))).mean() >= LABEL_AGREEMENT
 
 
 def test_mismatched_file_fails_configure_with_reason(ros_session: None, onnx_params: dict, tmp_path: Path) -> None:
