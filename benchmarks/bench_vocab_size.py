@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--size", default="480x640")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--paths", nargs="*", default=None, help="only these rows (fast, exact, nopamr, -)")
+    ap.add_argument("--paths", nargs="*", default=None, help="only these rows (fast, exact, nopamr, uncap, -)")
     ap.add_argument("--seed", type=int, default=0, help="torch seed of the random weights (same for every row)")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -72,7 +72,8 @@ def main() -> int:
     vocabs = vocabularies(args.classes)
     small, large = args.classes
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"machine={platform.machine()} cpus={os.cpu_count()} size={args.size}")
+          f"machine={platform.machine()} cpus={os.cpu_count()} size={args.size} seed={args.seed} "
+          f"affinity={sorted(os.sched_getaffinity(0))} load={os.getloadavg()[0]:.2f}")
     print(f"{'segmenter':<11} {'path':<7} {f'{small} cls ms':>10} {f'{large} cls ms':>11} {'ratio':>6}")
     for name in args.segmenters:
         own = {f.name for f in dataclasses.fields(get_segmenter_class(name).config_cls)}
@@ -80,6 +81,7 @@ def main() -> int:
         paths = [("fast", {}), ("exact", exact)] if "fast_upsample" in own else [("-", {})]
         if name == "itaclip":  # PAMR refines every name's logits: the part of ITACLIP that grows with K
             paths.append(("nopamr", {"pamr_steps": 0}))
+            paths.append(("uncap", {"prune_rows": 0}))  # the fast path without the cap on refined rows
         if args.paths:
             paths = [p for p in paths if p[0] in args.paths]
         for label, extra in paths:
@@ -100,7 +102,8 @@ def main() -> int:
                 for i, st in enumerate(states):
                     best[i] = min(best[i], timed(lambda: seg.segment(image, st), 1, device, warmup=0))
             ms = [b * 1e3 for b in best]
-            print(f"{name:<11} {label:<7} {ms[0]:>10.0f} {ms[1]:>11.0f} {ms[1] / ms[0]:>6.2f}", flush=True)
+            print(f"{name:<11} {label:<7} {ms[0]:>10.0f} {ms[1]:>11.0f} {ms[1] / ms[0]:>6.2f}  "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
             del seg
     return 0
 

@@ -44,7 +44,8 @@ def main() -> int:
     from sensor_msgs.msg import Image
 
     from ovseg_ros.msg import PanopticSegmentation, SegmentationInfo, Vocabulary
-    from ovseg_ros.ros.stream_client import (
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # stream_client lives beside this script
+    from stream_client import (
         NodeProcess,
         StreamClient,
         rgb_image_msg,
@@ -155,7 +156,7 @@ def main() -> int:
 
 def print_outputs(recs: dict, sent: int, seconds: float) -> None:
     """One line per output topic: count, type, encoding, size, header/revision facts."""
-    from ovseg_ros.ros.stream_client import stamp_ns
+    from stream_client import stamp_ns
 
     print(f"sent {sent} frames in {seconds:.1f} s")
     for topic, rec in recs.items():

@@ -40,6 +40,8 @@ Typical use (CaR)::
 
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -279,9 +281,13 @@ def block_with_attention(
 
 def _pool(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(B, L, D) last-block output -> (B, E) float32 normalised embedding of the mean patch token."""
-    f = visual.ln_post(tokens)[:, 1:].mean(dim=1)
-    if visual.proj is not None:
-        f = f @ visual.proj
+    return _pool_with(visual.ln_post, visual.proj, tokens)
+
+
+def _pool_with(ln_post: nn.Module, proj: Optional[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    f = ln_post(tokens)[:, 1:].mean(dim=1)
+    if proj is not None:
+        f = f @ proj
     return F.normalize(f.float(), dim=-1)
 
 
@@ -355,10 +361,36 @@ class ClipCam:
         self.max_batch = max(1, int(max_batch))
         self.attention_budget = int(attention_budget)
         self.eps = float(eps)
+        self._head32: Optional[tuple[tuple, tuple[nn.Module, nn.Module, Optional[torch.Tensor]]]] = None
+        self._head_lock = threading.Lock()
 
     @property
     def visual(self) -> nn.Module:
         return self.clip.visual
+
+    def _grad_head(self) -> tuple[nn.Module, nn.Module, Optional[torch.Tensor]]:
+        """(last block, ln_post, proj) in float32: what the Grad-CAM forward and backward run through.
+
+        An fp16 backward is not safe here: the target is a softmax probability at temperature 100, and for a
+        class the image does not favour (p ~ 1e-6 and less) the gradient entering the block is below fp16's
+        smallest subnormal (6e-8), so the CAM comes out all zero (tests/core/test_precision.py shows it).
+        With an fp16/bf16 model (``precision: auto`` on CUDA) an fp32 copy of these three parts is kept
+        (ViT-B/16: 7 M parameters, 28 MB), rebuilt when the weights move or change; the rest of the image
+        pass stays in the model's dtype.
+        """
+        visual = self.visual
+        block = clip_vit.blocks(visual)[-1]
+        w = block.attn.in_proj_weight
+        if w.dtype == torch.float32:
+            self._head32 = None
+            return block, visual.ln_post, visual.proj
+        key = (w.device, w.dtype, w.data_ptr(), w._version)
+        with self._head_lock:
+            if self._head32 is None or self._head32[0] != key:
+                with torch.inference_mode(False), torch.no_grad():
+                    proj = None if visual.proj is None else visual.proj.detach().float().clone()
+                    self._head32 = (key, (copy.deepcopy(block).float(), copy.deepcopy(visual.ln_post).float(), proj))
+            return self._head32[1]
 
     # --- forward without gradients ----------------------------------------------------------------
     @torch.no_grad()
@@ -466,12 +498,12 @@ class ClipCam:
         return torch.cat(chunks)
 
     def _gradcam_batch(self, enc: ImageEncoding, text: torch.Tensor, targets: list[int]) -> torch.Tensor:
-        block = clip_vit.blocks(self.visual)[-1]
+        block, ln_post, proj = self._grad_head()
         b = len(targets)
         h, w = enc.grid
         # inference_mode(False): callers may hold inference mode; clones below are then normal tensors.
         with torch.inference_mode(False), torch.enable_grad():
-            x = enc.block_input.clone()
+            x = enc.block_input.clone().to(block.ln_1.weight.dtype)
             rows = text.clone()
             with torch.no_grad():
                 a0 = block.ln_1(x)
@@ -481,14 +513,14 @@ class ClipCam:
                 # summed target probabilities yields each target's own gradient in its own copy.
                 a = a0.expand(b, -1, -1).clone().requires_grad_(True)
                 out = _last_block_from_ln1(block, x, a)
-                emb = _pool(self.visual, out)  # (B, E)
+                emb = _pool_with(ln_post, proj, out)  # (B, E)
                 probs = torch.softmax(self.logit_scale * emb @ rows.to(emb).T, dim=-1)
                 picked = probs[torch.arange(b, device=probs.device), tgt]
                 (grad,) = torch.autograd.grad(picked.sum(), a)
             else:
                 # One forward; the backward is vmapped over one-hot cotangents, one per target.
                 a = a0.clone().requires_grad_(True)
-                emb = _pool(self.visual, _last_block_from_ln1(block, x, a))  # (1, E)
+                emb = _pool_with(ln_post, proj, _last_block_from_ln1(block, x, a))  # (1, E)
                 probs = torch.softmax(self.logit_scale * emb @ rows.to(emb).T, dim=-1)  # (1, Q)
                 onehot = F.one_hot(tgt, probs.shape[-1]).to(probs.dtype)[:, None, :]  # (B, 1, Q)
                 (grad,) = torch.autograd.grad(probs, a, grad_outputs=onehot, is_grads_batched=True)

@@ -86,6 +86,24 @@ _POS_CACHE_SIZE = 32
 _POS_LOCK = threading.Lock()
 
 
+def clear_pos_cache(keep: Optional[torch.device | str] = None) -> int:
+    """Drop the resized position tables (all, or all but those on device ``keep``); returns how many.
+
+    The entries are keyed by device, so after a model moves to the CPU its CUDA tables are never hit again
+    but would hold GPU memory until evicted: :meth:`Segmenter.release_device_caches` calls this.
+    """
+    keep_dev = torch.device(keep) if keep is not None else None
+    with _POS_LOCK:
+        drop = [k for k, (_, t) in _POS_CACHE.items() if keep_dev is None or not _same_device(t.device, keep_dev)]
+        for k in drop:
+            del _POS_CACHE[k]
+    return len(drop)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
 def embed(visual: nn.Module, images: torch.Tensor, pos_mode: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """Patchify, add CLS and (resized) positional embeddings, apply ``ln_pre``: the input of block 1.
 

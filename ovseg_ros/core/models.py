@@ -64,13 +64,54 @@ def register_model_configs(directory: Path | str = _CONFIG_DIR) -> None:
             open_clip.add_model_config(directory)
 
 
+#: What ``precision: auto`` means per device type (fp32 for types not listed). One table so that every path
+#: (load, move, FC-CLIP's head) resolves alike; tests map ``cpu`` to fp16/bf16 here to play a GPU's state
+#: on the CPU (a "fake fp16 device") and check the moves between it and fp32.
+AUTO_DTYPES: dict[str, torch.dtype] = {"cuda": torch.float16}
+
+
 def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     if precision not in _PRECISIONS:
         raise ModelLoadError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return AUTO_DTYPES.get(device.type, torch.float32)
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+#: Device types whose per-frame paths avoid host synchronisation. On a GPU every data-dependent shape
+#: (``nonzero``, boolean-mask indexing) and every value read (``int(t)``, ``.tolist()``) stalls the host until
+#: the queue drains, so there the segmenters take fixed-shape formulations; on the CPU the sparse shortcuts
+#: cost nothing extra and stay. Tests add ``cpu`` here to run (and count) the GPU formulation on the CPU.
+SYNC_FREE_DEVICE_TYPES: set[str] = {"cuda"}
+
+
+def sync_free(device: torch.device | str) -> bool:
+    """Whether per-frame code on ``device`` must not synchronise with the host (see SYNC_FREE_DEVICE_TYPES)."""
+    return torch.device(device).type in SYNC_FREE_DEVICE_TYPES
+
+
+_THREAD_DEVICE = threading.local()
+
+
+def select_device(device: torch.device | str | None) -> None:
+    """Make ``device`` the calling thread's current CUDA device; a no-op for CPU (and for None).
+
+    CUDA's current device is per thread and starts at 0, so a worker thread of a node configured with
+    ``device:=cuda:1`` would otherwise allocate, and launch kernels that take the current device's stream
+    (FC-CLIP's deformable attention), on GPU 0. Every thread that may touch the model calls this at its entry
+    (and again before work of a possibly re-configured model: the call is free when nothing changes).
+    """
+    if device is None:
+        return
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    index = device.index if device.index is not None else 0
+    if getattr(_THREAD_DEVICE, "index", None) == index:
+        return
+    torch.cuda.set_device(index)
+    _THREAD_DEVICE.index = index
 
 
 def resolve_device(device: str) -> torch.device:
@@ -121,8 +162,16 @@ class ClipModel:
         return mean, std
 
     def to(self, device: torch.device | str) -> "ClipModel":
+        """Move to ``device`` in the dtype its precision means there (``auto``: fp16 on CUDA, fp32 on CPU).
+
+        Keeping the dtype would park a CUDA fp16 model on the CPU in fp16, where text encoding runs several
+        times slower. The casts lose nothing on a round trip: every fp16 (or bf16) value is exactly an fp32
+        value, so fp16 -> fp32 -> fp16 gives back the same bits (tests/core/test_precision.py checks it).
+        Weights loaded in fp32 and first moved to fp16 are rounded once, as any fp16 load would be.
+        """
         self.device = torch.device(device)
-        self.model.to(self.device)
+        self.dtype = resolve_dtype(self.spec.precision, self.device)
+        self.model.to(device=self.device, dtype=self.dtype)
         return self
 
 

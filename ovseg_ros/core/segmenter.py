@@ -132,6 +132,9 @@ class Segmenter(abc.ABC):
     #: The config field holding the main model's ModelSpec: where the node's and the CLI's
     #: ``model``/``pretrained``/``checkpoint`` settings go (CaR has two models; this names the CAM one).
     primary_model_field: ClassVar[str] = "model"
+    #: The config field holding the confidence below which a pixel is left unlabeled (0: none). Methods keep
+    #: their authors' names (ITACLIP: ``prob_thd``); :meth:`label_threshold` is the one way to read it.
+    threshold_field: ClassVar[str] = "prob_threshold"
 
     def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
         self.config = config
@@ -174,6 +177,12 @@ class Segmenter(abc.ABC):
         """
         return [list(c.names) for c in state.vocabulary.classes]
 
+    def label_threshold(self) -> float:
+        """The confidence below which :meth:`segment` leaves a pixel unlabeled (0.0 when it never does);
+        published as ``LabelInfo.threshold``."""
+        value = getattr(self.config, self.threshold_field, 0.0) if self.threshold_field else 0.0
+        return float(value or 0.0)
+
     # --- conveniences -----------------------------------------------------------------------------
     def set_vocabulary(self, vocabulary: Vocabulary) -> VocabularyState:
         """Encode and keep ``vocabulary`` as the default state (CLI and scripts; the node swaps its own)."""
@@ -200,9 +209,22 @@ class Segmenter(abc.ABC):
         raise NotImplementedError
 
     def to(self, device: torch.device | str) -> "Segmenter":
-        """Move models to ``device`` (the node moves to CPU on deactivate to free GPU memory)."""
+        """Move models to ``device`` (the node moves to CPU on deactivate to free GPU memory).
+
+        Models re-resolve their dtype for the new device (:meth:`ClipModel.to`: ``precision: auto`` is fp16
+        on CUDA and fp32 on the CPU), so a deactivated node does not run text encodings in fp16 on the CPU.
+        """
         self.device = torch.device(device)
         return self
+
+    def release_device_caches(self) -> None:
+        """Drop what shared caches hold on devices other than this segmenter's (the node calls it after
+        moving the model, so a deactivated node frees its GPU memory): the resized position tables of
+        :mod:`clip_vit`. Text-embedding memory caches hold host copies only (:class:`TextEncoder`), and
+        per-segmenter device caches are cleared by :meth:`to`."""
+        from .clip_vit import clear_pos_cache
+
+        clear_pos_cache(keep=self.device)
 
 
 # --- registry ---------------------------------------------------------------------------------------

@@ -77,22 +77,51 @@ def count_tokens(tokenizer, text: str) -> int:
     return 0
 
 
+#: Default bound of a :class:`TextEncoder`'s memory cache: 64 MB holds the 80-template groups of ~400 classes
+#: of a ViT-B/16 (160 kB each), several vocabularies' worth; beyond it the disk cache serves them.
+DEFAULT_MEMORY_BYTES = 64 << 20
+#: The same bound in MB: the ``text_cache_mb`` option of every segmenter's ``from_config`` and of the node.
+DEFAULT_TEXT_CACHE_MB = 64.0
+
+
+def text_cache_bytes(mb: float) -> int:
+    """``text_cache_mb`` -> bytes (0 disables the memory cache).
+
+    Raises:
+        ValueError: a negative or non-finite value.
+    """
+    import math
+
+    if not isinstance(mb, (int, float)) or isinstance(mb, bool) or not math.isfinite(mb) or mb < 0:
+        raise ValueError(f"text_cache_mb must be a finite number >= 0, got {mb!r}")
+    return int(mb * (1 << 20))
+
+
 class TextEncoder:
     """Encode prompt groups with a frozen CLIP; cache results in memory (LRU) and on disk.
 
     Args:
         clip: the model whose text tower encodes.
         cache_dir: folder for the disk cache ("" disables it); one sub-folder per model weights key.
-        max_memory_groups: LRU size of the in-memory cache.
+        max_memory_groups: LRU size of the in-memory cache, in groups.
         batch_size: prompts per forward of the text tower.
+        max_memory_bytes: bound of the in-memory cache in bytes (:data:`DEFAULT_MEMORY_BYTES`; 0 = no memory
+            cache). Groups differ in size by 80x (one prompt or 80 templates), so a count alone bounds
+            nothing: 4096 groups of ViT-B/16 templated prompts are ~650 MB of host RAM.
+
+    The memory cache holds host (CPU) copies, so moving the model between devices never leaves text
+    embeddings in GPU memory; :meth:`clear_memory` empties it (the node calls it on deactivate).
     """
 
     def __init__(
-        self, clip: ClipModel, cache_dir: str | Path = "", max_memory_groups: int = 4096, batch_size: int = 256
+        self, clip: ClipModel, cache_dir: str | Path = "", max_memory_groups: int = 4096, batch_size: int = 256,
+        max_memory_bytes: Optional[int] = None,
     ) -> None:
         self.clip = clip
         self.batch_size = batch_size
         self.max_memory_groups = max_memory_groups
+        self.max_memory_bytes = DEFAULT_MEMORY_BYTES if max_memory_bytes is None else int(max_memory_bytes)
+        self._memory_bytes = 0
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._disk: Optional[Path] = None
@@ -144,11 +173,35 @@ class TextEncoder:
                 self._save_disk(key, emb)  # a non-finite encoding (broken weights) is never cached
         else:
             self.stats["disk_hits"] += 1
-        with self._lock:
-            self._memory[key] = emb.cpu()
-            while len(self._memory) > self.max_memory_groups:
-                self._memory.popitem(last=False)
+        self._remember(key, emb.cpu())
         return emb.to(self.clip.device)
+
+    def _remember(self, key: str, emb: torch.Tensor) -> None:
+        """Keep ``emb`` (host) in the LRU, evicting the oldest groups past the group and byte bounds."""
+        size = emb.numel() * emb.element_size()
+        with self._lock:
+            old = self._memory.pop(key, None)
+            if old is not None:
+                self._memory_bytes -= old.numel() * old.element_size()
+            if size > self.max_memory_bytes:
+                return  # larger than the whole bound: served, not kept
+            self._memory[key] = emb
+            self._memory_bytes += size
+            while len(self._memory) > self.max_memory_groups or self._memory_bytes > self.max_memory_bytes:
+                _, dropped = self._memory.popitem(last=False)
+                self._memory_bytes -= dropped.numel() * dropped.element_size()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the in-memory cache now."""
+        with self._lock:
+            return self._memory_bytes
+
+    def clear_memory(self) -> None:
+        """Drop the in-memory cache (the disk cache stays: a later vocabulary reads it back)."""
+        with self._lock:
+            self._memory.clear()
+            self._memory_bytes = 0
 
     def encode_templated(self, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """(len(names), D): per name, the mean of its normalised template prompts, renormalised."""

@@ -5,6 +5,9 @@
 * :mod:`.params` - parameter declarations, descriptors and validation.
 * :mod:`.mailbox` - the one-slot latest-frame mailbox between the subscription and the worker.
 * :mod:`.messages` - core results -> ovseg_ros / vision_msgs / diagnostic messages.
+* :mod:`.gate` - the output gate every output passes (publish lock, active flag, current binding).
 * :mod:`.segment_node` - the node and ``main()``.
-* :mod:`.stream_client` - client side for the demo and benchmarks (synthetic camera, node subprocess).
+
+The demo and benchmark clients (synthetic camera, node subprocess) are not part of the package:
+``scripts/stream_client.py``.
 """

@@ -6,13 +6,18 @@ so one node serves several cameras with one model (``cameras`` parameter) and ea
 QoS, drop counters and diagnostics.
 
 Callbacks here only convert and hand the frame to the mailbox: they never wait for the model.
+
+Publishing one segmented frame (:meth:`Camera.publish_item`, called by the pipeline's publishing thread) builds
+the messages outside any lock and publishes them through the node's :class:`~ovseg_ros.ros.gate.OutputGate`:
+nothing goes out unless the frame's binding is current and the node active. The camera gets everything it needs
+from the node when it is built (:class:`CameraHooks`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -23,10 +28,42 @@ from ..core.video import VideoState
 from . import messages
 from .conversions import ConversionError, compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge
 from .diagnostics import CameraStats
+from .gate import OutputGate
 from .guard import LOG_THROTTLE_S, ErrorLog, guarded, reason, sanitize
 from .mailbox import Frame, LatestFrameMailbox
+from .outputs import Palette, build_outputs
 from .points import PointsOptions, SemanticPointsOutput
 from .qos import output_qos
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """The live parameters of the per-frame outputs (read once per frame)."""
+
+    overlay_alpha: float = 0.5
+    publish_panoptic: bool = True
+    panoptic_min_area: int = 0
+    panoptic_format: str = "int32"
+
+
+@dataclass(frozen=True)
+class CameraHooks:
+    """What a camera needs from its node, given when it is built (never patched afterwards)."""
+
+    gate: OutputGate
+    errors: ErrorLog
+    #: set when any camera's mailbox receives a frame (wakes the inference thread)
+    ready: threading.Event
+    bridge: Any = None
+    max_pixels: Callable[[], int] = lambda: 4096 * 4096
+    output_options: Callable[[], OutputOptions] = OutputOptions
+    #: latency of a frame in ms against the node's clock (the stamp's clock; see :func:`.clock.latency_ms`)
+    latency_ms: Callable[[Frame], float] = lambda frame: (time.monotonic() - frame.received) * 1e3
+    palette: Palette = field(default_factory=Palette)
+    #: (track_instances, track_max_age, FilterConfig) of the video stage, read every frame (live parameters)
+    video_options: Optional[Callable[[], tuple]] = None
+    #: a frame's stamp in ns (ROS time), the node's clock for an unset stamp (tracks and label votes)
+    stamp_ns: Callable[[Frame], int] = lambda frame: frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
 
 @dataclass(frozen=True)
 class CameraSpec:
@@ -51,18 +88,19 @@ def camera_specs(names: list[str]) -> list[CameraSpec]:
 class Camera:
     """Subscriptions, mailbox, publishers and counters of one camera."""
 
-    def __init__(self, node: Any, spec: CameraSpec, errors: ErrorLog, ready: Any, bridge: Any = None) -> None:
+    def __init__(self, node: Any, spec: CameraSpec, hooks: CameraHooks) -> None:
         self.node = node
         self.spec = spec
-        self.errors = errors
-        self.bridge = bridge
+        self.hooks = hooks
+        self.gate = hooks.gate
+        self.errors = hooks.errors
+        self.bridge = hooks.bridge
         self.stats = CameraStats()
-        self.mailbox = LatestFrameMailbox(ready)
-        self.latest: Optional[Frame] = None  # newest good frame, for ~/query
+        self.mailbox = LatestFrameMailbox(hooks.ready)
+        self.latest: Optional[Frame] = None  # newest good frame since activate, for ~/query
         self.pubs: dict[str, Any] = {}
         self.subs: list[Any] = []
         self.extras: list[Any] = []  # optional per-camera outputs (e.g. the semantic point cloud)
-        self.max_pixels: Callable[[], int] = lambda: 4096 * 4096
         # One group per camera: cameras convert in parallel, each camera's frames in order.
         self.callback_group = MutuallyExclusiveCallbackGroup()
         self.depth_group = MutuallyExclusiveCallbackGroup()
@@ -99,14 +137,60 @@ class Camera:
             return False
 
     def publish(self, outputs: list[tuple[str, Any]]) -> None:
+        """Publish built messages (the caller went through the gate)."""
         for name, msg in outputs:
             pub = self.pubs.get(name)
             if pub is not None:
                 pub.publish(msg)
 
+    def publish_item(self, item: Any) -> bool:
+        """Build and publish one segmented frame (a :class:`~ovseg_ros.ros.pipeline.Item`) through the gate;
+        False (counted as stale) when its binding was replaced or the node is inactive."""
+        if not self.gate.current(item.binding):
+            self._stale()
+            return False
+        t0 = time.perf_counter()
+        latency_ms = self.hooks.latency_ms(item.frame)
+        opts = self.hooks.output_options()
+        if self.hooks.video_options is not None:
+            self.video.configure(*self.hooks.video_options())
+        outputs = build_outputs(item, self.wants, self.hooks.palette, opts.overlay_alpha, opts.publish_panoptic,
+                                latency_ms, opts.panoptic_min_area, self.video, self.hooks.stamp_ns(item.frame),
+                                panoptic_format=opts.panoptic_format)
+        t1 = time.perf_counter()
+        ran, _ = self.gate.emit(item.binding, lambda: self.publish(outputs))
+        if not ran:  # a vocabulary was swapped in (or the node deactivated) while the messages were built
+            self._stale()
+            return False
+        points = self.points
+        if points is not None:  # never raises; counts its own refusals; publishes through the gate itself
+            labels, _, unlabeled_id = messages.wire_labels(item.result.labels, item.result.vocabulary)
+            points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
+                           unlabeled_id=unlabeled_id, binding=item.binding, received=item.frame.received)
+        t2 = time.perf_counter()
+        with self.stats.lock:
+            self.stats.processed += 1
+            self.stats.latencies_ms.append(latency_ms)
+            self.stats.stage_ms["postprocess"].append((t1 - t0) * 1e3)
+            self.stats.stage_ms["publish"].append((t2 - t1) * 1e3)
+        return True
+
+    def poll_outputs(self) -> None:
+        """Let outputs that wait for another input (a cloud waiting for its depth image) time out; called by the
+        publishing stage, so every output leaves from there or from its input's callback, never a timer."""
+        points = self.points
+        if points is not None:
+            points.poll()
+
+    def _stale(self) -> None:
+        with self.stats.lock:
+            self.stats.stale += 1
+
+
     # --- inputs (activate .. deactivate) -------------------------------------------------------------
     def subscribe(self, qos: Any, use_compressed: bool, group: Any, events: Any) -> None:
         self.mailbox.reopen()
+        self.latest = None  # a callback that ran during the last deactivate may have left a frame here
         topic = f"{self.spec.input_prefix}image"
         on_image = guarded(self.node, self.errors, f"image callback ({topic})", self._on_image)
         self.subs.append(self.node.create_subscription(
@@ -117,17 +201,18 @@ class Camera:
                 CompressedImage, f"{topic}/compressed", on_compressed, qos, callback_group=group,
                 event_callbacks=events))
 
-    def start_points(self, qos: Any, options: PointsOptions, publish_lock: threading.Lock) -> None:
+    def start_points(self, qos: Any, options: PointsOptions) -> None:
         """Subscribe ``depth/image`` + ``depth/camera_info`` and publish ``semantic/points`` (activate)."""
         p = self.spec.input_prefix
         self.points = SemanticPointsOutput(self.node, f"{p}depth/image", f"{p}depth/camera_info",
                                            f"{self.spec.output_prefix}semantic/points", qos, self.depth_group, options,
-                                           publish_lock)
+                                           self.gate)
         depth, info, cloud = self.points.topics
         self.node.get_logger().info(f"semantic points: {depth} + {info} -> {cloud}")
 
     def unsubscribe(self) -> None:
         self.mailbox.close()
+        self.latest = None  # a query while inactive must not answer on a frame from before
         for sub in self.subs:
             _quietly(lambda s=sub: self.node.destroy_subscription(s))
         self.subs = []
@@ -141,7 +226,7 @@ class Camera:
         return [s.topic_name for s in self.subs]
 
     def convert(self, msg: Image) -> np.ndarray:
-        return convert_image(msg, self.bridge, self.max_pixels())
+        return convert_image(msg, self.bridge, self.hooks.max_pixels())
 
     def _on_image(self, msg: Image) -> None:
         received = time.monotonic()
@@ -155,7 +240,7 @@ class Camera:
     def _on_compressed(self, msg: CompressedImage) -> None:
         received = time.monotonic()
         try:
-            image = compressed_to_rgb(msg, self.max_pixels())
+            image = compressed_to_rgb(msg, self.hooks.max_pixels())
         except ConversionError as exc:
             self.refuse(str(exc))
             return

@@ -76,6 +76,7 @@ ENCODINGS: dict[str, EncodingInfo] = {
 _OUTPUT = {
     "mono8": (np.uint8, 1),
     "mono16": (np.uint16, 1),
+    "16UC1": (np.uint16, 1),  # ~/panoptic ids in 16 bits (panoptic_format: uint16)
     "rgb8": (np.uint8, 3),
     "bgr8": (np.uint8, 3),
     "32SC1": (np.int32, 1),

@@ -137,3 +137,76 @@ def make_status(name: str, hardware_id: str, level: int, message: str, kv: dict[
     status.message = sanitize(message)
     status.values = [KeyValue(key=k, value=sanitize(v)) for k, v in kv.items()]
     return status
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the node's status is built from (read by the node's diagnostics timer, passed in one piece)."""
+
+    base: str  # the node's fully qualified name
+    binding: Any  # the current binding or None
+    configured: bool
+    active: bool
+    device: Any
+    cameras: list[Any]  # ovseg_ros.ros.camera.Camera
+    errors: tuple[int, str, Optional[float]]  # ErrorLog.snapshot()
+    recovered: int  # executor faults recovered from (counted, never a warning)
+    transition_error: str
+    extra: dict[str, str] = field(default_factory=dict)  # node-level values of other parts (e.g. the clock)
+
+
+def node_diagnostics(view: NodeView) -> list[Any]:
+    """The whole ``/diagnostics`` status list of the node: one status, or one per camera plus the node's.
+
+    Only reads counters (and advances their rate windows); nothing here publishes an output.
+    """
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    binding = view.binding
+    n_errors, last_error, error_age = view.errors
+    node_kv = {
+        "state": "active" if view.active else ("inactive" if view.configured else "unconfigured"),
+        "segmenter": binding.segmenter_name if binding else "",
+        "model": binding.model_identity if binding else "",
+        "model_generation": str(binding.generation if binding else 0),
+        "device": str(view.device or ""),
+        "vocabulary_revision": str(binding.vocabulary.revision if binding else 0),
+        "classes": str(len(binding.vocabulary) if binding else 0),
+        "cameras": str(len(view.cameras)),
+        "errors": str(n_errors),
+        "last_error": last_error,
+        "last_error_age_s": f"{error_age:.1f}" if error_age is not None else "",
+        "executor_recovered": str(view.recovered),
+        **view.extra,
+        **cuda_memory(view.device),
+    }
+    if view.transition_error:
+        node_kv["last_transition_error"] = view.transition_error
+    statuses = []
+    total_rates: dict[str, float] = {}
+    hw = str(view.device or "none")
+    level, message = 0, ""
+    for cam in view.cameras:
+        kv, rates = camera_values(cam.spec.name, cam.stats, cam.mailbox.dropped_total)
+        for k, v in rates.items():
+            total_rates[k] = total_rates.get(k, 0.0) + v
+        level, message = status_level(view.configured, view.active, view.transition_error, rates,
+                                      kv["last_refusal_reason"], error_age, last_error)
+        video = getattr(cam, "video", None)
+        if video is not None:
+            kv.update(video.diagnostics())
+        points = cam.points
+        if points is not None:
+            kv.update(points.diagnostics())
+            problem = points.health()
+            if problem and level == DiagnosticStatus.OK:
+                level, message = DiagnosticStatus.WARN, problem
+        if len(view.cameras) == 1:
+            node_kv.update(kv)  # one camera: one status, as before
+        else:
+            statuses.append(make_status(f"{view.base}: camera {cam.spec.name}", hw, level, message, kv))
+    if len(view.cameras) != 1:
+        level, message = status_level(view.configured, view.active, view.transition_error, total_rates,
+                                      node_kv.get("last_refusal_reason", ""), error_age, last_error)
+    statuses.insert(0, make_status(f"{view.base}: segmentation", hw, level, message, node_kv))
+    return statuses

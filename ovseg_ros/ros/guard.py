@@ -82,6 +82,13 @@ class ErrorLog:
         self.counts: Counter[str] = Counter()
         self.last: str = ""
         self.last_time: float = 0.0
+        #: faults outside our callbacks that were recovered from without effect (e.g. rclpy's InvalidHandle when
+        #: a transition destroys an entity the executor was about to wait on): counted, never a warning
+        self.recovered: Counter[str] = Counter()
+
+    def record_recovered(self, where: str) -> None:
+        with self._lock:
+            self.recovered[where] += 1
 
     def record(self, where: str, text: str) -> None:
         with self._lock:

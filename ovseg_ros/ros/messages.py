@@ -168,14 +168,28 @@ def label_info_msg(label_info_cls: type, vocabulary: Vocabulary, stamp: Any, thr
     return msg
 
 
+#: Forms of ``~/panoptic`` (parameter ``panoptic_format``); the id image's ``encoding`` says which one a
+#: message has: ``32SC1``; ``16UC1`` (half the bytes; a frame whose ids do not fit 16 bits is sent as
+#: ``32SC1``); or an empty 0x0 image with encoding "" (segments only: class, score, area and box per segment).
+PANOPTIC_FORMATS = ("int32", "uint16", "segments_only")
+
+
 def panoptic_msg(header: Any, vocabulary: Vocabulary, panoptic: Any,
-                 track_ids: Optional[Sequence[int]] = None) -> PanopticSegmentation:
-    """A core PanopticResult -> PanopticSegmentation (32SC1 id image + segment list); ``track_ids``: one per
-    segment (0 = untracked), or None (all 0)."""
+                 track_ids: Optional[Sequence[int]] = None, form: str = "int32") -> PanopticSegmentation:
+    """A core PanopticResult -> PanopticSegmentation (id image in ``form``, see PANOPTIC_FORMATS, + segment
+    list); ``track_ids``: one per segment (0 = untracked), or None (all 0)."""
+    if form not in PANOPTIC_FORMATS:
+        raise ValueError(f"panoptic_format must be one of {', '.join(PANOPTIC_FORMATS)}, got {form!r}")
     msg = PanopticSegmentation()
     msg.header = header
     msg.vocabulary_revision = int(vocabulary.revision)
-    msg.segment_ids = numpy_to_image(panoptic.segment_ids.astype(np.int32, copy=False), "32SC1", header)
+    ids = panoptic.segment_ids
+    if form == "segments_only":
+        msg.segment_ids.header = header  # 0 x 0, encoding "": no id image
+    elif form == "uint16" and (ids.size == 0 or 0 <= int(ids.min()) <= int(ids.max()) <= 0xFFFF):
+        msg.segment_ids = numpy_to_image(ids.astype(np.uint16, copy=False), "16UC1", header)
+    else:
+        msg.segment_ids = numpy_to_image(ids.astype(np.int32, copy=False), "32SC1", header)
     segments = []
     for k, s in enumerate(panoptic.segments):
         seg = PanopticSegment()

@@ -29,7 +29,14 @@ from ..core import depth as dp
 from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
 from .conversions import compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge, make_cv_bridge
-from .outputs import LATCHED_TOPICS, OUTPUT_TOPICS, Palette, build_outputs
+from .outputs import (
+    LATCHED_TOPICS,
+    OUTPUT_TOPICS,
+    Palette,
+    build_outputs,
+    label_info_message,
+    vocabulary_message,
+)
 from .params import PARAMS, NodeConfig, find_vocabulary_preset, validate_all
 from .points import CloudBuilder, PointsOptions, camera_model, stamp_ns
 from .sync import ApproximateTimeMatcher
@@ -78,7 +85,7 @@ def configure(cfg: NodeConfig, device: Any) -> Binding:
         raise VocabularyError(why)
     segmenter = build_segmenter(cfg.segmenter, cfg.resolved_preset(), cfg.segmenter_overrides(), device=device,
                                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "",
-                                offline=cfg.offline)
+                                offline=cfg.offline, text_cache_mb=cfg.text_cache_mb)
     state = _with_revision(segmenter.encode_vocabulary(vocabulary), 1)  # a node's first revision
     return Binding(1, segmenter, state, cfg.segmenter, cfg.model_identity(segmenter))
 
@@ -193,17 +200,11 @@ class OfflineNode:
 
         stamp = Time(sec=stamp_ns_ // 1_000_000_000, nanosec=stamp_ns_ % 1_000_000_000)
         b = self.binding
-        try:
-            prompts = b.segmenter.describe_prompts(b.state)
-        except Exception:  # noqa: BLE001  (optional introspection, as in the node)
-            prompts = None
         prefix = output_prefix(self.node_name, "")
-        out = [(prefix + "vocabulary", serialize_message(
-            messages.vocabulary_msg(b.vocabulary, stamp, b.segmenter_name, b.model_identity, prompts)))]
+        out = [(prefix + "vocabulary", serialize_message(vocabulary_message(b, stamp)))]
         if self._label_info_cls is not None:
-            threshold = float(getattr(b.segmenter.config, "prob_threshold", 0.0) or 0.0)
-            out.append((prefix + "label_info", serialize_message(
-                messages.label_info_msg(self._label_info_cls, b.vocabulary, stamp, threshold))))
+            msg = label_info_message(self._label_info_cls, b, stamp)
+            out.append((prefix + "label_info", serialize_message(msg)))
         return out
 
     # --- frames ----------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class OfflineNode:
         latency = inference_ms if self.timings else 0.0
         item = _Item(_FrameRef(header, image), result, self.binding, inference_ms if self.timings else 0.0)
         built = build_outputs(item, wants, self._palette, self.cfg.overlay_alpha, self.cfg.publish_panoptic,
-                              latency, self.cfg.panoptic_min_area)
+                              latency, self.cfg.panoptic_min_area, panoptic_format=self.cfg.panoptic_format)
         if self.timings:  # latency: inference + building these messages (no live clock offline)
             for name, msg in built:
                 if name == "info":

@@ -57,6 +57,7 @@ def build_outputs(
     panoptic_min_area: int = 0,
     video: Optional[VideoState] = None,
     stamp_ns: int = 0,
+    panoptic_format: str = "int32",
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
 
@@ -67,6 +68,7 @@ def build_outputs(
     ``stamp_ns`` (ROS time of the frame): the filtered labels replace ``item.result`` (so that every output of
     the frame, the semantic cloud too, carries them), the panoptic segments get their track ids. The context
     of both is the binding's vocabulary revision and model generation: a new one resets them.
+    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`).
     """
     if video is not None:
         context = (item.result.vocabulary.revision, getattr(item.binding, "generation", 0))
@@ -74,26 +76,56 @@ def build_outputs(
     header, result = item.frame.header, item.result
     vocab = result.vocabulary
     n = len(vocab)
-    labels, encoding, _ = messages.wire_labels(result.labels, vocab)  # positions -> the frame's own ids
+    # The byte codes (positions, 255 unlabeled) once per frame: every step below takes them as they are instead of
+    # narrowing the int32 labels again (label image, colour, overlay, panoptic runs).
+    codes = postprocess.class_codes(result.labels, n)
+    sem = codes if codes is not None else result.labels
+    labels, encoding, _ = messages.wire_labels(sem, vocab)  # positions -> the frame's own ids
     outputs: list[tuple[str, Any]] = [
         ("labels", numpy_to_image(labels, encoding, header)),
         ("confidence", numpy_to_image(messages.encode_confidence(result.confidence), "mono8", header)),
     ]
     want_color, want_overlay = wants("color"), wants("overlay")
     if want_color or want_overlay:
-        color = postprocess.colorize(result.labels, palette(n))
+        color = postprocess.colorize(sem, palette(n))
         if want_color:
             outputs.append(("color", numpy_to_image(color, "rgb8", header)))
         if want_overlay:
-            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, result.labels)
+            blended = postprocess.overlay(item.frame.image, color, overlay_alpha, sem)
             outputs.append(("overlay", numpy_to_image(blended, "rgb8", header)))
     if publish_panoptic:
         panoptic = result.panoptic
         if panoptic is None:
-            panoptic = postprocess.panoptic_from_semantic(result.labels, result.confidence, vocab,
+            panoptic = postprocess.panoptic_from_semantic(sem, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
         track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
-        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids)))
+        outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids, panoptic_format)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))
     return outputs
+
+
+# --- latched outputs (the node under its gate, ovseg-bag per vocabulary) ---------------------------------------
+def label_threshold(segmenter: Any) -> float:
+    """``LabelInfo.threshold``: the confidence below which the segmenter leaves a pixel unlabeled
+    (``Segmenter.label_threshold``, each method's own field: ITACLIP's ``prob_thd``); 0.0 when it has none."""
+    try:
+        return float(segmenter.label_threshold())
+    except Exception:  # noqa: BLE001  (a segmenter without the method: no threshold)
+        return 0.0
+
+
+def vocabulary_message(binding: Any, stamp: Any) -> Any:
+    """``~/vocabulary`` of a binding (segmenter, vocabulary state, names), with the exact prompts when the
+    segmenter can list them."""
+    try:
+        prompts = binding.segmenter.describe_prompts(binding.state)
+    except Exception:  # noqa: BLE001  (optional introspection; names are the fallback)
+        prompts = None
+    return messages.vocabulary_msg(binding.vocabulary, stamp, binding.segmenter_name, binding.model_identity,
+                                   prompts)
+
+
+def label_info_message(label_info_cls: Any, binding: Any, stamp: Any) -> Any:
+    """``~/label_info`` of a binding (``label_info_cls``: vision_msgs/LabelInfo)."""
+    return messages.label_info_msg(label_info_cls, binding.vocabulary, stamp, label_threshold(binding.segmenter))

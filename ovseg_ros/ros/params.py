@@ -5,8 +5,10 @@ allowed values). Values are validated by :func:`validate` both in the node's on-
 changes are refused with a reason) and by :func:`validate_all` at configure (startup values: configure
 fails with the reasons instead of the process dying with a traceback).
 
-When a value takes effect: ``LIVE`` parameters on the next frame, ``ON_ACTIVATE`` ones at the next
-activate (they shape the subscriptions), all others at the next configure (they shape the model).
+When a value takes effect is part of each spec (``when``, the single source): ``live`` parameters on the next
+frame or request, ``activate`` ones at the next activate (they shape the subscriptions), ``configure`` ones at
+the next configure (they shape the model); ``startup`` ones are read once when the node starts. ``LIVE`` and
+``ON_ACTIVATE`` are derived from the table, and each descriptor's description says it.
 """
 
 from __future__ import annotations
@@ -42,12 +44,10 @@ MAX_PIXELS_LIMIT = 8192 * 8192
 #: Longest refusal reason returned by :func:`validate`.
 MAX_REASON_CHARS = 1000
 
-LIVE = frozenset({"overlay_alpha", "max_image_pixels", "publish_panoptic", "panoptic_min_area",
-                  "max_vocabulary_classes", "vocabulary_timeout", "max_query_texts",
-                  "track_instances", "track_max_age", "temporal_filter", "temporal_frames",
-                  "temporal_image_threshold"})
-ON_ACTIVATE = frozenset({"image_reliability", "image_queue_depth", "use_compressed", "publish_points", "min_depth",
-                         "max_depth", "points_rgb", "depth_slop"})
+#: When a parameter takes effect (ParamSpec.when).
+WHEN = ("live", "activate", "configure", "startup")
+_WHEN_TEXT = {"live": "at once (next frame or request)", "activate": "at the next activate",
+              "configure": "at the next configure", "startup": "at startup only"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ class ParamSpec:
     read_only: bool = False
     #: Extra check: value -> reason or None. Gets the pending values of all parameters as second argument.
     check: Optional[Callable[[Any, Mapping[str, Any]], Optional[str]]] = None
+    #: When a new value takes effect: one of WHEN.
+    when: str = "configure"
 
 
 # --- checks ----------------------------------------------------------------------------------------
@@ -206,6 +208,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("device", "auto", "str", "auto, cpu, cuda or cuda:N.", check=_check_device),
     ParamSpec("offline", True, "bool", "Never download weights; a missing file fails configure with what to get."),
     ParamSpec("cache_dir", "~/.cache/ovseg_ros", "str", "Text-embedding cache folder (empty: memory only)."),
+    ParamSpec("text_cache_mb", 64.0, "float", "Bound of each text encoder's in-memory embedding cache in MB (host RAM; "
+              "0: none, the disk cache still serves).", range=(0.0, 65536.0)),
     ParamSpec("vocabulary", [], "list", "Initial vocabulary, one 'name, synonym, ...' entry per class; "
               "wins over vocabulary_file and vocabulary_preset. Change it at run time with ~/set_vocabulary.",
               check=_check_vocabulary),
@@ -214,57 +218,65 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("vocabulary_preset", "indoor_robot", "str", "Vocabulary preset name (config/vocabularies/<name>.yaml).",
               check=_check_vocabulary_preset),
     ParamSpec("image_reliability", "best_effort", "str", "Reliability of the camera subscriptions.",
-              choices=RELIABILITIES),
+              choices=RELIABILITIES, when="activate"),
     ParamSpec("image_queue_depth", 2, "int", "KEEP_LAST depth of the camera subscriptions: 2 absorbs a short stall "
               "of the executor (the frames are then dropped and counted by the node, newest kept), 1 leaves it to "
-              "DDS to overwrite them uncounted.", range=(1, 10)),
-    ParamSpec("use_compressed", False, "bool", "Also subscribe image/compressed (sensor_msgs/CompressedImage)."),
+              "DDS to overwrite them uncounted.", range=(1, 10), when="activate"),
+    ParamSpec("use_compressed", False, "bool", "Also subscribe image/compressed (sensor_msgs/CompressedImage).",
+              when="activate"),
     ParamSpec("max_image_pixels", 4096 * 4096, "int", "Frames with more pixels are refused.",
-              range=(1, MAX_PIXELS_LIMIT)),
-    ParamSpec("overlay_alpha", 0.5, "float", "Weight of the class colours in ~/overlay.", range=(0.0, 1.0)),
+              range=(1, MAX_PIXELS_LIMIT), when="live"),
+    ParamSpec("overlay_alpha", 0.5, "float", "Weight of the class colours in ~/overlay.", range=(0.0, 1.0),
+              when="live"),
     ParamSpec("publish_panoptic", True, "bool", "Publish ~/panoptic (segments from the labels when the method "
-              "predicts no instances)."),
+              "predicts no instances).", when="live"),
     ParamSpec("panoptic_min_area", 0, "int", "Segments derived from the labels smaller than this many pixels get no "
               "panoptic segment (id 0): speckle from label noise is not published as instances.",
-              range=(0, MAX_PIXELS_LIMIT)),
+              range=(0, MAX_PIXELS_LIMIT), when="live"),
+    ParamSpec("panoptic_format", "int32", "str", "Form of ~/panoptic's id image: int32 (32SC1), uint16 (16UC1 while "
+              "the ids fit, else 32SC1 for that frame: half the bytes) or segments_only (no id image: an empty "
+              "0x0 image with encoding '', the segments with class, score, area and box). The image's encoding says "
+              "which form a message has.", choices=("int32", "uint16", "segments_only"), when="live"),
     ParamSpec("diagnostics_period", 1.0, "float", "Seconds between /diagnostics messages.", range=(0.1, 60.0)),
     ParamSpec("autostart", True, "bool", "Configure and activate at startup (false: wait for a lifecycle manager).",
-              read_only=True),
+              read_only=True, when="startup"),
     ParamSpec("cameras", [], "list", "Camera names served by this node with one model: camera 'front' subscribes "
               "front/image and publishes under ~/front/. Empty: one camera on image, outputs under ~/.",
               check=_check_cameras),
     ParamSpec("max_vocabulary_classes", 2000, "int", "~/set_vocabulary refuses requests with more classes "
-              "(bounds the encoding cost).", range=(1, 65534)),
+              "(bounds the encoding cost).", range=(1, 65534), when="live"),
     ParamSpec("vocabulary_timeout", 60.0, "float", "Seconds a ~/set_vocabulary or ~/query call waits for its "
               "encoding/inference; past it the request is abandoned and the vocabulary stays unchanged.",
-              range=(0.1, 3600.0)),
+              range=(0.1, 3600.0), when="live"),
     ParamSpec("max_query_texts", MAX_QUERY_TEXTS, "int", "~/query refuses requests with more texts.",
-              range=(1, MAX_QUERY_TEXTS)),
+              range=(1, MAX_QUERY_TEXTS), when="live"),
     ParamSpec("segmenter_options", "", "str", "YAML/JSON mapping of segmenter options merged onto the preset, "
               "e.g. '{short_side: 224, templates: photo}'.", check=_check_options),
     ParamSpec("publish_points", False, "bool", "Publish ~/semantic/points, the organised semantic point cloud "
               "pixel-aligned with the labels, from depth/image (registered to the colour camera; 16UC1 mm or "
-              "32FC1 m) and depth/camera_info."),
+              "32FC1 m) and depth/camera_info.", when="activate"),
     ParamSpec("min_depth", 0.1, "float", "Depth below this (m) gives NaN points.", range=(0.0, 1000.0),
-              check=_check_depth_range),
+              check=_check_depth_range, when="activate"),
     ParamSpec("max_depth", 10.0, "float", "Depth beyond this (m) gives NaN points.", range=(0.001, 1000.0),
-              check=_check_depth_range),
-    ParamSpec("points_rgb", False, "bool", "Add the camera colour as a packed 'rgb' field to ~/semantic/points."),
+              check=_check_depth_range, when="activate"),
+    ParamSpec("points_rgb", False, "bool", "Add the camera colour as a packed 'rgb' field to ~/semantic/points.",
+              when="activate"),
     ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
-              "paired with it.", range=(0.0, 10.0)),
+              "paired with it.", range=(0.0, 10.0), when="activate"),
     ParamSpec("track_instances", True, "bool", "Give each thing segment of ~/panoptic a persistent track_id "
-              "(per camera; 0 = untracked). Switching it resets the tracks."),
+              "(per camera; 0 = untracked). Switching it resets the tracks.", when="live"),
     ParamSpec("track_max_age", 3.0, "float", "Seconds (ROS time of the frame stamps) a track not seen is kept, so "
               "that an occlusion, a missed or dropped frame or a short exit from the view keeps the id.",
-              range=(0.0, 3600.0)),
+              range=(0.0, 3600.0), when="live"),
     ParamSpec("temporal_filter", "none", "str", "Temporal filter of the labels: none, or vote (per pixel, a "
               "confidence-weighted vote over the last temporal_frames frames that restarts where the image "
               "changes: less flicker on still parts, no smearing behind motion). Changing it restarts the filter.",
-              choices=FILTERS),
+              choices=FILTERS, when="live"),
     ParamSpec("temporal_frames", 3, "int", "Frames in the vote of temporal_filter=vote; a label change without an "
-              "image change is followed after temporal_frames // 2 frames.", range=(1, MAX_FRAMES)),
+              "image change is followed after temporal_frames // 2 frames.", range=(1, MAX_FRAMES), when="live"),
     ParamSpec("temporal_image_threshold", 10, "int", "Colour difference (0..255, largest channel) above which a "
-              "pixel counts as changed for temporal_filter=vote (its older votes are dropped).", range=(0, 255)),
+              "pixel counts as changed for temporal_filter=vote (its older votes are dropped).", range=(0, 255),
+              when="live"),
     ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
               "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
     # Deployment (ovseg_ros/core/deploy.py): the image encoder on ONNX Runtime; read at configure.
@@ -283,6 +295,8 @@ PARAMS: tuple[ParamSpec, ...] = (
               "nothing is saved)."),
 )
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
+LIVE = frozenset(p.name for p in PARAMS if p.when == "live")
+ON_ACTIVATE = frozenset(p.name for p in PARAMS if p.when == "activate")
 
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "bool": (bool,), "int": (int,), "float": (int, float)}
@@ -383,6 +397,7 @@ class NodeConfig:
     device: str
     offline: bool
     cache_dir: str
+    text_cache_mb: float
     vocabulary: tuple[str, ...]
     vocabulary_file: str
     vocabulary_preset: str
@@ -393,6 +408,7 @@ class NodeConfig:
     overlay_alpha: float
     publish_panoptic: bool
     panoptic_min_area: int
+    panoptic_format: str
     diagnostics_period: float
     autostart: bool
     cameras: tuple[str, ...]
@@ -509,7 +525,8 @@ def descriptor(spec: ParamSpec) -> Any:
         "float": ParameterType.PARAMETER_DOUBLE,
         "list": ParameterType.PARAMETER_STRING_ARRAY,
     }[spec.type]
-    desc = ParameterDescriptor(name=spec.name, type=ptype, description=spec.description, read_only=spec.read_only)
+    description = f"{spec.description} [takes effect: {_WHEN_TEXT[spec.when]}]"
+    desc = ParameterDescriptor(name=spec.name, type=ptype, description=description, read_only=spec.read_only)
     if spec.choices:
         desc.additional_constraints = "one of: " + ", ".join(spec.choices)
     if spec.range is not None and spec.type == "int":

@@ -8,17 +8,22 @@
   on a fast device the model, not our Python, sets the frame rate.
 
 Between stages there is one slot per camera: a newer item replaces an unpublished one (counted), never a
-queue. A result is published only if its binding is still the current one when it is published (checked by
-the node under its publish lock): no output is ever computed with a model or vocabulary that was replaced.
+queue. A result is published by its camera (:meth:`~ovseg_ros.ros.camera.Camera.publish_item`) through the
+node's output gate, only if its binding is still the current one: no output computed with a model or vocabulary
+that was replaced is ever published. When idle, the publishing thread lets outputs that wait for another input
+time out (a cloud waiting for its depth image), so every output leaves from the publishing stage or from its
+input's callback.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..core.models import select_device
 from ..core.segmenter import SegmentationResult
 from .camera import Camera
 from .guard import LOG_THROTTLE_S, ErrorLog, reason
@@ -41,9 +46,19 @@ class Item:
 def segment_frames(binding: Binding, images: list[Any]) -> list[SegmentationResult]:
     """Segment ``images`` with one model call when the segmenter batches, else one call each."""
     batch = getattr(binding.segmenter, "segment_batch", None)
-    if batch is not None and len(images) > 1:
-        return list(batch(images, binding.state))
-    return [binding.segmenter.segment(image, binding.state) for image in images]
+    with binding.model_lock:  # the model's image path is entered by one thread at a time (compile_blocks)
+        if batch is not None and len(images) > 1:
+            return list(batch(images, binding.state))
+        return [binding.segmenter.segment(image, binding.state) for image in images]
+
+
+def name_native_thread(name: str) -> None:
+    """Give the calling thread its name in the OS too (Linux, 15 bytes), so top -H, py-spy and the benchmarks'
+    per-thread CPU times (/proc/<pid>/task) tell the pipeline's threads apart; a no-op where unsupported."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001  (not Linux, or no prctl: names are a convenience)
+        pass
 
 
 class Pipeline:
@@ -55,13 +70,12 @@ class Pipeline:
         cameras: list[Camera],
         frames_ready: threading.Event,
         current: Callable[[], Optional[Binding]],
-        publish: Callable[[Item], None],
         errors: ErrorLog,
     ) -> None:
         self.node, self.cameras, self.errors = node, cameras, errors
         self._frames_ready = frames_ready
         self._results_ready = threading.Event()
-        self._current, self._publish = current, publish
+        self._current = current
         self._slots = {id(c): LatestFrameMailbox(self._results_ready) for c in cameras}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -96,6 +110,8 @@ class Pipeline:
 
     # --- stage 1: inference ----------------------------------------------------------------------------
     def _infer_loop(self) -> None:
+        name_native_thread("ovseg_infer")
+        self._select_device()
         while not self._stop.is_set():
             if not self._frames_ready.wait(0.25):
                 continue
@@ -114,6 +130,7 @@ class Pipeline:
         binding = self._current()
         if not ready or binding is None or self._stop.is_set():
             return
+        select_device(binding.segmenter.device)  # free when unchanged
         t0 = time.perf_counter()
         try:
             results = segment_frames(binding, [frame.image for _, frame, _ in ready])
@@ -129,8 +146,11 @@ class Pipeline:
 
     # --- stage 2: post-process and publish ---------------------------------------------------------------
     def _publish_loop(self) -> None:
+        name_native_thread("ovseg_publish")
+        self._select_device()
         while not self._stop.is_set():
-            if not self._results_ready.wait(0.25):
+            if not self._results_ready.wait(0.1):
+                self._poll()
                 continue
             self._results_ready.clear()
             for cam in self.cameras:
@@ -138,9 +158,25 @@ class Pipeline:
                 if taken is None or self._stop.is_set():
                     continue
                 try:
-                    self._publish(taken[0])
+                    cam.publish_item(taken[0])
                 except Exception as exc:  # noqa: BLE001
                     self._error("publishing", exc)
+            self._poll()
+
+    def _poll(self) -> None:
+        for cam in self.cameras:
+            try:
+                cam.poll_outputs()
+            except Exception as exc:  # noqa: BLE001
+                self._error("publishing", exc)
+
+    def _select_device(self) -> None:
+        """Each thread's entry: make the model's device current (CUDA's current device is per thread)."""
+        binding = self._current()
+        try:
+            select_device(binding.segmenter.device if binding is not None else None)
+        except Exception as exc:  # noqa: BLE001  (counted; the thread keeps serving)
+            self._error("device selection", exc)
 
     def _error(self, where: str, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {reason(exc)}"

@@ -10,6 +10,12 @@ Fields: ``x y z`` float32 (optical frame, NaN where depth is invalid or outside 
 ``confidence`` float32 [0, 1], ``label`` uint16 (the label image's value, its unlabeled id where unlabeled),
 ``rgb`` packed float32 (camera colour, optional). Geometry: :mod:`ovseg_ros.core.depth`.
 
+Every cloud, from every path (the frame's own publish, a late depth image in the depth callback, a pending
+frame resolved by :meth:`SemanticPointsOutput.poll` from the publishing stage), goes out through the node's
+:class:`~ovseg_ros.ros.gate.OutputGate`: only while the frame's binding is current and the node active. The cloud
+is built outside the gate's lock; only the publish call is inside. :meth:`~SemanticPointsOutput.diagnostics`
+only reads counters.
+
 Bad input never escapes as an exception: a refused depth image or camera_info is counted with its reason
 (``diagnostics()``), logged throttled, and the node keeps serving.
 """
@@ -27,6 +33,7 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 
 from ..core import depth as dp
+from .gate import OutputGate
 from .guard import sanitize
 from .qos import output_qos
 from .sync import DEFAULT_MAX_BYTES, ApproximateTimeMatcher
@@ -62,8 +69,8 @@ class _Frame:
     confidence: np.ndarray
     rgb: Optional[np.ndarray]
     unlabeled_id: int
-    #: whether the frame's labels still fit the node's vocabulary (checked again for a late depth image)
-    current: Callable[[], bool]
+    #: what the frame was computed with: its cloud goes out only while this is the gate's current binding
+    binding: Any
 
 
 @dataclass(frozen=True)
@@ -150,17 +157,21 @@ class SemanticPointsOutput:
         qos: Any = None,
         callback_group: Any = None,
         options: Optional[PointsOptions] = None,
-        publish_lock: Optional[threading.Lock] = None,
+        gate: Optional[OutputGate] = None,
     ) -> None:
-        """``publish_lock``: the node's lock around publishing a frame's outputs and swapping vocabularies; a
-        cloud completed by a late depth image is published under it, and only if its frame is still current."""
+        """``gate``: the node's output gate; every cloud is published through it. Without one (a standalone
+        output) a private gate is used that is always open with the binding ``None``."""
         from .qos import input_qos
 
         self._node = node
         self._opts = options or PointsOptions()
         self._log = node.get_logger()
         self._lock = threading.Lock()
-        self._publish_lock = publish_lock if publish_lock is not None else threading.Lock()
+        if gate is None:
+            gate = OutputGate()
+            gate.install(None, None, lambda binding, stamp: None)
+            gate.open()
+        self._gate = gate
         self._closed = False
         self._camera: Optional[_CameraModel] = None
         self._matcher: ApproximateTimeMatcher[_Frame, tuple[Any, float]] = ApproximateTimeMatcher(
@@ -170,7 +181,7 @@ class SemanticPointsOutput:
         self._refused = 0
         self._info_refused = 0
         self._errors = 0
-        self._stale = 0  # late clouds whose vocabulary was replaced before their depth image came
+        self._stale = 0  # clouds refused by the gate: their vocabulary/model was replaced, or the node inactive
         self._last_refusal = ""
         self._last_error = ""
         self._health_mark = (0, 0, 0)  # (matched, unmatched, published) at the last health() call
@@ -222,16 +233,9 @@ class SemanticPointsOutput:
             resolved = self._matcher.push_depth(stamp_ns(msg.header), (msg, now), now, nbytes=len(msg.data))
             if not resolved:
                 return
-            # Frames that waited for this depth image: published like the node's other outputs, under its
-            # publish lock and only while their vocabulary is the current one (else the cloud's labels could
-            # follow a newer LabelInfo).
-            with self._publish_lock:
-                for frame, depth in resolved:
-                    if frame.current():
-                        self._emit(frame, depth)
-                    else:
-                        with self._lock:
-                            self._stale += 1
+            # Frames that waited for this depth image: through the gate like every other output (a cloud of
+            # a replaced vocabulary would follow a newer LabelInfo).
+            self._emit_all(resolved)
         except Exception as exc:  # noqa: BLE001
             self._error(f"depth: {type(exc).__name__}: {exc}")
 
@@ -243,12 +247,12 @@ class SemanticPointsOutput:
         confidence: np.ndarray,
         rgb: Optional[np.ndarray] = None,
         unlabeled_id: int = 65535,
-        current: Callable[[], bool] = lambda: True,
+        binding: Any = None,
         received: Optional[float] = None,
     ) -> bool:
         """Queue one processed frame: (H, W) int32 labels (-1 unlabeled), (H, W) float32 confidence, the
-        camera's (H, W, 3) uint8 RGB when the ``rgb`` field is on (else ignored). The caller holds the publish
-        lock; ``current`` tells later (for a depth image still to come) whether the frame may still go out;
+        camera's (H, W, 3) uint8 RGB when the ``rgb`` field is on (else ignored), and the ``binding`` it was
+        computed with (its cloud, now or when its depth image comes, goes out only while that is current);
         ``received``: the monotonic time the colour image arrived (estimates a clock offset between the streams).
 
         Returns True when the frame's cloud was published, or waits (at most ``max_wait`` s) for a depth image
@@ -257,7 +261,7 @@ class SemanticPointsOutput:
         try:
             if self._closed:
                 return False
-            frame = _Frame(header, labels, confidence, rgb if self._opts.rgb else None, int(unlabeled_id), current)
+            frame = _Frame(header, labels, confidence, rgb if self._opts.rgb else None, int(unlabeled_id), binding)
             resolved = self._matcher.push_frame(stamp_ns(header), frame, time.monotonic(), received)
             results = self._emit_all(resolved)
             for (done, _), ok in zip(resolved, results):
@@ -268,10 +272,22 @@ class SemanticPointsOutput:
             self._error(f"publish: {type(exc).__name__}: {exc}")
             return False
 
+    def poll(self) -> None:
+        """Resolve frames whose wait for a depth image has expired (the publishing stage calls this when idle,
+        so a frame's cloud does not wait for the next frame). Never raises."""
+        try:
+            self._emit_all(self._matcher.poll(time.monotonic()))
+        except Exception as exc:  # noqa: BLE001
+            self._error(f"poll: {type(exc).__name__}: {exc}")
+
     def _emit_all(self, resolved: list[tuple[_Frame, Optional[tuple[Any, float]]]]) -> list[bool]:
         return [self._emit(frame, depth) for frame, depth in resolved]
 
     def _emit(self, frame: _Frame, depth: Optional[tuple[Any, float]]) -> bool:
+        if not self._gate.current(frame.binding):
+            with self._lock:
+                self._stale += 1  # not even built: its vocabulary/model was replaced or the node is inactive
+            return False
         if depth is None:
             self._log.warning(
                 f"no cloud for the frame stamped {frame.header.stamp.sec}.{frame.header.stamp.nanosec:09d}: "
@@ -288,13 +304,24 @@ class SemanticPointsOutput:
             except Exception as exc:  # noqa: BLE001
                 self._error(f"cloud: {type(exc).__name__}: {exc}")
                 return False
-            with self._lock:
-                if self._closed:
-                    return False
-                self._pub.publish(msg)
-                self._published += 1
-                self._ms.append((time.perf_counter() - t0) * 1e3)
-            return True
+            ran, sent = self._gate.emit(frame.binding, lambda: self._publish(msg))
+            if not ran:
+                with self._lock:
+                    self._stale += 1
+                return False
+            if sent:
+                with self._lock:
+                    self._published += 1
+                    self._ms.append((time.perf_counter() - t0) * 1e3)
+            return bool(sent)
+
+    def _publish(self, msg: PointCloud2) -> bool:
+        """Under the gate's lock. False once destroyed (the publisher may be gone)."""
+        with self._lock:
+            if self._closed:
+                return False
+        self._pub.publish(msg)
+        return True
 
     def _cloud(self, frame: _Frame, depth_msg: Image) -> PointCloud2:
         with self._lock:
@@ -321,8 +348,7 @@ class SemanticPointsOutput:
         self._log.error(f"semantic points: {reason}", throttle_duration_sec=LOG_THROTTLE_S)
 
     def diagnostics(self) -> dict[str, str]:
-        """Counters for /diagnostics (string values)."""
-        self._emit_all(self._matcher.poll(time.monotonic()))
+        """Counters for /diagnostics (string values); only reads."""
         st = self._matcher.stats()
         with self._lock:
             camera = self._camera
@@ -372,8 +398,9 @@ class SemanticPointsOutput:
         self._matcher.reset()
 
     def destroy(self) -> None:
-        """Stop publishing and remove the subscriptions and the publisher (idempotent)."""
-        with self._lock:
+        """Stop publishing and remove the subscriptions and the publisher (idempotent). Waits for a cloud being
+        built or published (the emit lock), so the publisher is never destroyed under a publish."""
+        with self._emit_lock, self._lock:
             if self._closed:
                 return
             self._closed = True

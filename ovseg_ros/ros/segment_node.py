@@ -2,18 +2,24 @@
 
 The node wires its parts; nothing per frame happens here:
 
-* :mod:`.camera` - one camera's subscriptions, conversion, latest-frame mailbox, publishers, counters;
+* :mod:`.gate` - the output gate: publish lock, active flag, current binding; every output passes it;
+* :mod:`.camera` - one camera's subscriptions, conversion, latest-frame mailbox, publishers, counters, and
+  publishing one segmented frame through the gate;
 * :mod:`.pipeline` - inference thread -> publishing thread, latest item between stages;
-* :mod:`.vocabulary_service` - set/get vocabulary and query, encoding off the executor, the current binding;
-* :mod:`.diagnostics` - counters and ``/diagnostics``; :mod:`.guard` - no exception escapes a callback;
+* :mod:`.vocabulary_service` - set/get vocabulary and query, encoding off the executor, swaps through the gate;
+* :mod:`.diagnostics` - counters and the whole ``/diagnostics`` message; :mod:`.guard` - no exception escapes
+  a callback;
 * :mod:`.process` - the executable: executor thread, signals, shutdown.
+
+Parts get the node's hooks when they are built (:class:`~.camera.CameraHooks`,
+:class:`~.vocabulary_service.VocabularyHooks`); the node never patches their attributes afterwards.
 
 Lifecycle:
 
 * configure - validate parameters, build the segmenter (loads the model), encode the initial vocabulary,
   create the cameras' publishers. Failure: FAILURE with the reason logged, back to unconfigured.
 * activate - model to its device, subscribe the cameras, start the pipeline.
-* deactivate - outputs stop at once (under the publish lock), unsubscribe, stop the pipeline, model to CPU.
+* deactivate - the gate closes (outputs stop at once), unsubscribe, stop the pipeline, model to CPU.
 * cleanup - waiting service calls are released, publishers destroyed, the model dropped.
 
 Services, the latched vocabulary publishers and diagnostics live as long as the node: a transition never
@@ -29,7 +35,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -39,10 +45,11 @@ from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
 from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, load_vocabulary_file
 from . import messages
-from .camera import Camera, camera_specs, convert_image
+from .camera import Camera, CameraHooks, OutputOptions, camera_specs, convert_image
 from .clock import ClockWatch, latency_ms, steady_clock
 from .conversions import make_cv_bridge
-from .diagnostics import camera_values, cuda_memory, make_status, status_level
+from .diagnostics import NodeView, node_diagnostics
+from .gate import OutputGate
 from .guard import (
     LOG_THROTTLE_S,
     ErrorLog,
@@ -53,7 +60,7 @@ from .guard import (
     sanitize,
     sanitize_python_logging,
 )
-from .outputs import Palette, build_outputs
+from .outputs import Palette, label_info_message, vocabulary_message
 from .params import (
     LIVE,
     video_options,
@@ -66,10 +73,10 @@ from .params import (
     validate,
     validate_all,
 )
-from .pipeline import Item, Pipeline
+from .pipeline import Pipeline
 from .points import PointsOptions
 from .qos import input_qos, latched_qos
-from .vocabulary_service import Binding, VocabularyService
+from .vocabulary_service import Binding, VocabularyHooks, VocabularyService
 from .vocabulary_store import VocabularyStore, fingerprint, restore
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
@@ -77,6 +84,10 @@ FAILURE = TransitionCallbackReturn.FAILURE
 ERROR = TransitionCallbackReturn.ERROR
 #: How long deactivate/cleanup wait for an inference in flight before reporting it (outputs stop at once).
 STOP_TIMEOUT_S = 10.0
+#: How long shutdown (transition, signal, destroy) waits for the pipeline threads: an inference in flight is
+#: abandoned (its result can no longer be published, the gate is closed) rather than waited for, so the process
+#: exits within process.SHUTDOWN_BOUND_S of a signal whatever the model's speed.
+SHUTDOWN_WAIT_S = 0.25
 
 
 class SegmentNode(LifecycleNode):
@@ -91,8 +102,7 @@ class SegmentNode(LifecycleNode):
 
         self._cfg: Optional[NodeConfig] = None
         self._device: Any = None
-        self._publish_lock = threading.Lock()  # "inactive => nothing published" and vocabulary ordering are exact
-        self._is_active = False
+        self.gate = OutputGate()  # "inactive => nothing published", "nothing of an old binding", and their order
         self._frames_ready = threading.Event()
         self._cameras: list[Camera] = []
         self._pipeline: Optional[Pipeline] = None
@@ -102,11 +112,13 @@ class SegmentNode(LifecycleNode):
 
         self._cb_services = ReentrantCallbackGroup()
         self._cb_timer = MutuallyExclusiveCallbackGroup()
-        self.vocab = VocabularyService(self, self._publish_lock)
-        self.vocab.publish_latched = self._publish_latched
-        self.vocab.latest_frame = self._latest_frame
-        self.vocab.convert = lambda msg: convert_image(
-            msg, self._bridge, int(self.get_parameter("max_image_pixels").value))
+        self.vocab = VocabularyService(self, self.gate, VocabularyHooks(
+            announce=self._publish_latched,
+            latest_frame=self._latest_frame,
+            convert=lambda msg: convert_image(msg, self._bridge, self._max_pixels()),
+            check_vocabulary=self._check_vocabulary,
+            now=lambda: self.get_clock().now().to_msg(),
+        ))
         self._label_info_cls = messages.label_info_type()
         self._vocab_pub = self.create_publisher(messages.VocabularyMsg, "~/vocabulary", latched_qos())
         self._label_info_pub = (
@@ -143,6 +155,24 @@ class SegmentNode(LifecycleNode):
     @property
     def cameras(self) -> list[Camera]:
         return list(self._cameras)
+
+    @property
+    def active(self) -> bool:
+        return self.gate.active
+
+    # --- hooks given to the parts ----------------------------------------------------------------------
+    def _max_pixels(self) -> int:
+        return int(self.get_parameter("max_image_pixels").value)
+
+    def _output_options(self) -> OutputOptions:
+        return OutputOptions(float(self.get_parameter("overlay_alpha").value),
+                             bool(self.get_parameter("publish_panoptic").value),
+                             int(self.get_parameter("panoptic_min_area").value),
+                             str(self.get_parameter("panoptic_format").value))
+
+    def _check_vocabulary(self, vocabulary: Vocabulary) -> Optional[str]:
+        cfg = self._cfg
+        return messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible) if cfg is not None else None
 
     # --- parameters ----------------------------------------------------------------------------------
     def _on_set_parameters(self, params: list) -> SetParametersResult:
@@ -208,13 +238,14 @@ class SegmentNode(LifecycleNode):
         reasons = list(self._param_errors.values()) + validate_all(values)
         if reasons:
             return self._fail("invalid parameters: " + "; ".join(reasons))
-        from ..core.models import resolve_device
+        from ..core.models import resolve_device, select_device
         from ..core.segmenter import build_segmenter
 
         t0 = time.monotonic()
         try:
             cfg = NodeConfig.from_values(values)
             device = resolve_device(cfg.device)
+            select_device(device)  # this thread encodes the first vocabulary on it
             vocabulary = self._initial_vocabulary(cfg)
             nav2_reason = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
             if nav2_reason:
@@ -225,6 +256,7 @@ class SegmentNode(LifecycleNode):
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
                 backend=cfg.backend_options(device),
+                text_cache_mb=cfg.text_cache_mb,
             )
             restored = self._restore_vocabulary(cfg, vocabulary)
             vocab_state = None
@@ -243,12 +275,13 @@ class SegmentNode(LifecycleNode):
         self._cfg, self._device = cfg, device
         if identity.endswith("@random"):
             self.get_logger().warning("the model has RANDOM weights: outputs are meaningless (tests/demo only)")
-        self._cameras = [Camera(self, spec, self.errors, self._frames_ready, self._bridge)
-                         for spec in camera_specs(list(cfg.cameras))]
+        hooks = CameraHooks(gate=self.gate, errors=self.errors, ready=self._frames_ready, bridge=self._bridge,
+                            max_pixels=self._max_pixels, output_options=self._output_options,
+                            latency_ms=self._latency_ms, palette=self._palette,
+                            video_options=lambda: video_options(self), stamp_ns=self._stamp_ns)
+        self._cameras = [Camera(self, spec, hooks) for spec in camera_specs(list(cfg.cameras))]
         for cam in self._cameras:
-            cam.max_pixels = lambda: int(self.get_parameter("max_image_pixels").value)
             cam.create_outputs()
-        self.vocab.check_vocabulary = lambda v: messages.nav2_vocabulary_error(len(v), cfg.nav2_compatible)
         self.vocab.install(segmenter, vocab_state, cfg.segmenter, identity)
         if cfg.diagnostics_period != self._diag_period:
             self.destroy_timer(self._diag_timer)
@@ -280,12 +313,10 @@ class SegmentNode(LifecycleNode):
         for cam in self._cameras:
             cam.subscribe(qos, cfg.use_compressed, cam.callback_group, events)
             if points is not None:
-                cam.start_points(qos, points, self._publish_lock)
-        self._pipeline = Pipeline(self, self._cameras, self._frames_ready, lambda: self.vocab.binding,
-                                  self._publish_item, self.errors)
+                cam.start_points(qos, points)
+        self._pipeline = Pipeline(self, self._cameras, self._frames_ready, lambda: self.vocab.binding, self.errors)
         self._pipeline.start()
-        with self._publish_lock:
-            self._is_active = True
+        self.gate.open()
         topics = ", ".join(t for cam in self._cameras for t in cam.topics)
         self.get_logger().info(f"active: segmenting {topics} ({cfg.image_reliability})")
         return super().on_activate(state)
@@ -303,7 +334,7 @@ class SegmentNode(LifecycleNode):
         return SUCCESS
 
     def _shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release_all()
+        self._release_all(SHUTDOWN_WAIT_S)
         return SUCCESS
 
     def _error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -341,20 +372,19 @@ class SegmentNode(LifecycleNode):
             raise VocabularyError("no vocabulary: set vocabulary, vocabulary_file or vocabulary_preset")
         return load_vocabulary_file(path)
 
-    def _stop_processing(self) -> None:
+    def _stop_processing(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Outputs stop at once; inputs and threads after. Safe to call in any state, any number of times."""
-        with self._publish_lock:
-            self._is_active = False
+        self.gate.close()
         for cam in self._cameras:
             cam.unsubscribe()
             cam.video.reset("deactivate")  # tracks and filter start again at the next activate
-        if self._pipeline is not None and not self._pipeline.stop(STOP_TIMEOUT_S):
+        if self._pipeline is not None and not self._pipeline.stop(timeout):
             # Nothing of it can be published any more; activate refuses to start a second one meanwhile.
             self.get_logger().warning(
-                f"an inference is still running after {STOP_TIMEOUT_S:.0f} s; its result will be dropped")
+                f"an inference is still running after {timeout:g} s; its result will be dropped")
 
-    def _release_all(self) -> None:
-        self._stop_processing()
+    def _release_all(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        self._stop_processing(timeout)
         self.vocab.drop()
         for cam in self._cameras:
             cam.destroy_outputs()
@@ -364,66 +394,31 @@ class SegmentNode(LifecycleNode):
         _empty_cuda_cache()
 
     def _move_model(self, device: Any) -> None:
-        """Move segmenter and vocabulary state to ``device``; only does work when CUDA is involved."""
+        """Move segmenter and vocabulary state to ``device`` through the gate (a vocabulary swapped in meanwhile
+        is moved too, never reverted); only does work when the device differs."""
         binding = self.vocab.binding
         if binding is None or device is None:
             return
         if str(getattr(binding.segmenter, "device", "cpu")) == str(device):
-            return
-        binding.segmenter.to(device)
-        self.vocab.rebind(binding.state.to(device))
+            return  # nothing to move (a swap places its state on the model's device); no gc pass per transition
+        if not self.vocab.move(device):
+            raise RuntimeError(f"could not move the model to {device}: the vocabulary kept changing under the move")
         gc.collect()
         _empty_cuda_cache()
 
     def _latest_frame(self) -> Any:
+        """The newest camera frame, only while active (a query while inactive must not use an old frame)."""
+        if not self.gate.active:
+            return None
         frames = [cam.latest for cam in self._cameras if cam.latest is not None]
         return max(frames, key=lambda f: f.received) if frames else None
 
-    # --- publishing (called by the pipeline's publishing thread) ---------------------------------------------
+    # --- latched outputs (called under the gate's lock) ----------------------------------------------------
     def _publish_latched(self, binding: Binding, stamp: Any) -> None:
-        """~/vocabulary and ~/label_info of ``binding`` (the caller holds the publish lock)."""
-        self._vocab_pub.publish(self.vocab.vocabulary_msg(binding, stamp))
+        """~/vocabulary and ~/label_info of ``binding`` (the gate calls this under its lock, before the swap)."""
+        self._vocab_pub.publish(vocabulary_message(binding, stamp))
         if self._label_info_pub is not None:
-            threshold = float(getattr(binding.segmenter.config, "prob_threshold", 0.0) or 0.0)
-            self._label_info_pub.publish(
-                messages.label_info_msg(self._label_info_cls, binding.vocabulary, stamp, threshold))
-
-    def _publish_item(self, item: Item) -> None:
-        cam = item.camera
-        if item.binding is not self.vocab.binding:
-            with cam.stats.lock:
-                cam.stats.stale += 1
-            return
-        t0 = time.perf_counter()
-        latency = self._latency_ms(item.frame)
-        cam.video.configure(*video_options(self))
-        outputs = build_outputs(
-            item, cam.wants, self._palette, float(self.get_parameter("overlay_alpha").value),
-            bool(self.get_parameter("publish_panoptic").value), latency,
-            int(self.get_parameter("panoptic_min_area").value), cam.video, self._stamp_ns(item.frame),
-        )
-        t1 = time.perf_counter()
-        with self._publish_lock:
-            if not self._is_active:
-                return
-            if item.binding is not self.vocab.binding:  # a vocabulary was swapped in meanwhile
-                with cam.stats.lock:
-                    cam.stats.stale += 1
-                return
-            cam.publish(outputs)
-            if cam.points is not None:  # never raises; counts and logs its own refusals
-                labels, _, unlabeled_id = messages.wire_labels(item.result.labels, item.result.vocabulary)
-                binding = item.binding
-                cam.points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,
-                                   unlabeled_id=unlabeled_id,
-                                   current=lambda: self._is_active and binding is self.vocab.binding,
-                                   received=item.frame.received)
-        t2 = time.perf_counter()
-        with cam.stats.lock:
-            cam.stats.processed += 1
-            cam.stats.latencies_ms.append(latency)
-            cam.stats.stage_ms["postprocess"].append((t1 - t0) * 1e3)
-            cam.stats.stage_ms["publish"].append((t2 - t1) * 1e3)
+            self._label_info_pub.publish(label_info_message(self._label_info_cls, binding, stamp))
 
     def _stamp_ns(self, frame: Any) -> int:
         """The frame's stamp (ROS time); the node's clock for an unset stamp."""
@@ -431,7 +426,8 @@ class SegmentNode(LifecycleNode):
         return stamp_ns if stamp_ns else self.get_clock().now().nanoseconds
 
     def _latency_ms(self, frame: Any) -> float:
-        """Against the image stamp's clock (simulated seconds under use_sim_time); see :func:`.clock.latency_ms`."""
+        """Against the image stamp's clock (simulated seconds under use_sim_time); see :func:`.clock.latency_ms`.
+        Given to the cameras as a hook (they time each frame they publish)."""
         stamp_ns = frame.header.stamp.sec * 1_000_000_000 + frame.header.stamp.nanosec
         ms, self._latency_clock = latency_ms(self.get_clock().now().nanoseconds, stamp_ns, frame.received)
         return ms
@@ -448,57 +444,18 @@ class SegmentNode(LifecycleNode):
         self.get_logger().warning(f"{what}: depth matching, latency history, tracks and label votes cleared",
                                   throttle_duration_sec=LOG_THROTTLE_S)
 
-    # --- diagnostics ---------------------------------------------------------------------------------
+    # --- diagnostics (reads counters only) ---------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
-        binding = self.vocab.binding
-        configured, active = self._cfg is not None, self._is_active
         n_errors, last_error, error_age = self.errors.snapshot()
-        node_kv = {
-            "state": "active" if active else ("inactive" if configured else "unconfigured"),
-            "segmenter": binding.segmenter_name if binding else "",
-            "model": binding.model_identity if binding else "",
-            "model_generation": str(binding.generation if binding else 0),
-            "device": str(self._device or ""),
-            "vocabulary_revision": str(binding.vocabulary.revision if binding else 0),
-            "classes": str(len(binding.vocabulary) if binding else 0),
-            "cameras": str(len(self._cameras)),
-            "errors": str(n_errors),
-            "last_error": last_error,
-            "last_error_age_s": f"{error_age:.1f}" if error_age is not None else "",
-            **self._clock_watch.values(),
-            "latency_clock": self._latency_clock,
-            **cuda_memory(self._device),
-        }
-        if self._last_transition_error:
-            node_kv["last_transition_error"] = self._last_transition_error
-        statuses = []
-        total_rates: dict[str, float] = {}
-        hw = str(self._device or "none")
-        base = self.get_fully_qualified_name()
-        for cam in self._cameras:
-            kv, rates = camera_values(cam.spec.name, cam.stats, cam.mailbox.dropped_total)
-            for k, v in rates.items():
-                total_rates[k] = total_rates.get(k, 0.0) + v
-            level, message = status_level(configured, active, self._last_transition_error, rates,
-                                          kv["last_refusal_reason"], error_age, last_error)
-            kv.update(cam.video.diagnostics())
-            points = cam.points
-            if points is not None:
-                kv.update(points.diagnostics())
-                problem = points.health()
-                if problem and level == DiagnosticStatus.OK:
-                    level, message = DiagnosticStatus.WARN, problem
-            if len(self._cameras) == 1:
-                node_kv.update(kv)  # one camera: one status, as before
-            else:
-                statuses.append(make_status(f"{base}: camera {cam.spec.name}", hw, level, message, kv))
-        if len(self._cameras) != 1:
-            level, message = status_level(configured, active, self._last_transition_error, total_rates,
-                                          node_kv.get("last_refusal_reason", ""), error_age, last_error)
-        statuses.insert(0, make_status(f"{base}: segmentation", hw, level, message, node_kv))
+        view = NodeView(
+            base=self.get_fully_qualified_name(), binding=self.vocab.binding, configured=self._cfg is not None,
+            active=self.gate.active, device=self._device, cameras=list(self._cameras),
+            errors=(n_errors, last_error, error_age), recovered=sum(self.errors.recovered.values()),
+            transition_error=self._last_transition_error,
+            extra={**self._clock_watch.values(), "latency_clock": self._latency_clock})
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
-        msg.status = statuses
+        msg.status = node_diagnostics(view)
         self._diag_pub.publish(msg)
 
     # --- startup / shutdown ------------------------------------------------------------------------------
@@ -517,15 +474,14 @@ class SegmentNode(LifecycleNode):
 
     def stop_outputs(self) -> None:
         """First step of shutdown: nothing is published from now on, waiting service calls return."""
-        with self._publish_lock:
-            self._is_active = False
-        self.vocab.jobs.release.set()
+        self.gate.close()
+        self.vocab.jobs.cancel_all()
         if self._pipeline is not None:
-            self._pipeline.stop(0.5)
+            self._pipeline.stop(SHUTDOWN_WAIT_S)
 
     def destroy_node(self) -> None:
         self.stop_outputs()
-        self._release_all()
+        self._release_all(SHUTDOWN_WAIT_S)
         self._clock_watch.destroy()
         super().destroy_node()
 

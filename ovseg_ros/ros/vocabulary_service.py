@@ -12,13 +12,18 @@ state), swapped as a single reference:
 * Class ids are assigned at swap time too (:func:`~ovseg_ros.core.class_ids.assign_class_ids`): names that stay
   keep their id, removed ids are quarantined; the ids travel inside the vocabulary of the binding, so every
   frame is encoded with the ids of the revision it was computed with.
-* The latched ``~/vocabulary`` (and ``~/label_info``) of the new revision is published *before* the swap, under
-  the node's publish lock: no frame of a new revision precedes its vocabulary, and frames computed with the old
-  state are dropped, never published after it.
+* The binding lives in the node's :class:`~ovseg_ros.ros.gate.OutputGate`. A swap is a compare-and-swap there:
+  the latched ``~/vocabulary`` (and ``~/label_info``) of the new revision is published and the binding replaced
+  in one step under the gate's lock, only if the model generation it was encoded for is still current, and its
+  embeddings are placed on the model's *current* device (a model move in between is not undone, and does not
+  undo the swap). No frame of a new revision precedes its vocabulary; frames of the old state are dropped.
 
 Encoding runs on a background thread, one job at a time. A second change while one runs is answered "busy" at
 once; the calling executor thread only waits, bounded by ``vocabulary_timeout``, and a transition or shutdown
-releases it at once. The same runner serves ``~/query``.
+releases it at once. A request past the timeout cancels its job (it stops at its next batch and no longer
+counts as running), so the next request is served, not answered "busy"; at most ``MAX_STOPPING`` cancelled
+jobs may still be stopping beside a live one (work that ignores cancellation cannot pile up threads). The same
+runner serves ``~/query``.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ import numpy as np
 
 from ..core.cancel import cancellable
 from ..core.class_ids import Assignment, ClassIdError, ClassIdTable, assign_class_ids
+from ..core.models import select_device
 from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, check_query_texts
 from . import messages
 from .conversions import ConversionError, numpy_to_image
+from .gate import OutputGate
 from .guard import reason, sanitize
+from .outputs import vocabulary_message
 
 
 @dataclass(frozen=True)
@@ -48,10 +56,30 @@ class Binding:
     state: Any  # the segmenter's VocabularyState (its vocabulary carries the revision)
     segmenter_name: str
     model_identity: str
+    #: One thread at a time runs the model's image path (pipeline inference, ~/query): torch.compile'd blocks
+    #: (``compile_blocks``) must not be entered, or compiled for a new shape, by two threads at once. Shared by
+    #: every binding of one model generation (``dataclasses.replace`` keeps it).
+    model_lock: Any = dataclasses.field(default_factory=threading.Lock, compare=False)
 
     @property
     def vocabulary(self) -> Vocabulary:
         return self.state.vocabulary
+
+
+@dataclass(frozen=True)
+class VocabularyHooks:
+    """What the vocabulary service needs from its node, given when it is built."""
+
+    #: publish the latched ``~/vocabulary`` and ``~/label_info`` of a binding (called under the gate's lock)
+    announce: Callable[[Binding, Any], None] = lambda binding, stamp: None
+    #: the newest camera frame while the node is active, else None (query without an image)
+    latest_frame: Callable[[], Any] = lambda: None
+    #: sensor_msgs/Image -> RGB array (a query's own image); raises ConversionError
+    convert: Callable[[Any], np.ndarray] = lambda msg: _no_converter(msg)
+    #: why a vocabulary cannot be used by the node's outputs (e.g. too many classes for mono8), or None
+    check_vocabulary: Callable[[Vocabulary], Optional[str]] = lambda vocabulary: None
+    #: the node's clock as a builtin_interfaces/Time
+    now: Callable[[], Any] = lambda: None
 
 
 class _Job:
@@ -64,27 +92,44 @@ class _Job:
         self.error: Optional[BaseException] = None
 
 
+#: Cancelled jobs of one kind that may still be stopping while a new one runs. Cooperative work (the text
+#: encoders check between batches) stops within a batch; work that cannot be interrupted (one inference of a
+#: query) runs to its end, so without a bound, requests that keep timing out would pile up threads on the CPU.
+MAX_STOPPING = 1
+
+
 class JobRunner:
-    """At most one background job per kind; callers wait with a bound and can be released."""
+    """At most one live background job per kind (plus MAX_STOPPING cancelled ones still stopping); callers wait
+    with a bound and can be released."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        self._stopping: dict[str, list[_Job]] = {}
         self.release = threading.Event()  # set by transitions/shutdown: waiting callers return at once
 
-    def start(self, kind: str, detail: str, fn: Callable[[], Any]) -> tuple[Optional[_Job], str]:
-        """(job, "") or (None, why busy)."""
+    def start(self, kind: str, detail: str, fn: Callable[[], Any], device: Any = None) -> tuple[Optional[_Job], str]:
+        """(job, "") or (None, why busy). The job's thread selects ``device`` (the model's) first."""
         with self._lock:
             running = self._jobs.get(kind)
             # A cancelled job no longer blocks: it stops at its next batch and its result is never used.
             if running is not None and not running.done.is_set() and not running.cancel.is_set():
                 age = time.monotonic() - running.started
                 return None, f"busy: {running.detail} has been running for {age:.1f} s; try again when it is done"
+            stopping = [j for j in self._stopping.get(kind, []) if not j.done.is_set() and j is not running]
+            if running is not None and not running.done.is_set():
+                stopping.append(running)
+            self._stopping[kind] = stopping
+            if len(stopping) > MAX_STOPPING:
+                age = time.monotonic() - min(j.started for j in stopping)
+                return None, (f"busy: {len(stopping)} cancelled requests are still stopping (the oldest started "
+                              f"{age:.1f} s ago); try again shortly")
             job = _Job(kind, detail)
             self._jobs[kind] = job
 
         def run() -> None:
             try:
+                select_device(device)
                 with cancellable(job.cancel):
                     job.result = fn()
             except BaseException as exc:  # noqa: BLE001  (handed to the waiting caller)
@@ -103,37 +148,45 @@ class JobRunner:
                 job.cancel.set()
 
     def wait(self, job: _Job, timeout: float) -> str:
-        """"" when the job finished, else why the caller stopped waiting."""
+        """"" when the job finished, else why the caller stopped waiting. A job waited for in vain is cancelled:
+        its result would never be used, so it must not make the next request "busy"."""
         deadline = time.monotonic() + timeout
-        while not job.done.wait(0.05):
+        while not job.done.wait(min(0.05, max(timeout, 0.001))):
             if self.release.is_set():
+                job.cancel.set()
                 return "the node is changing state (reconfigure, cleanup or shutdown)"
             if time.monotonic() > deadline:
-                return f"not finished within {timeout:.0f} s (vocabulary_timeout)"
+                job.cancel.set()
+                return f"not finished within {timeout:g} s (vocabulary_timeout); it was cancelled"
         return ""
 
 
 class VocabularyService:
     """Owns the current :class:`Binding`; answers set/get vocabulary and query."""
 
-    def __init__(self, node: Any, publish_lock: threading.Lock) -> None:
+    def __init__(self, node: Any, gate: OutputGate, hooks: VocabularyHooks) -> None:
         self.node = node
-        self.publish_lock = publish_lock
-        self._lock = threading.Lock()  # generation, revision and binding changes
+        self.gate = gate
+        self.hooks = hooks
+        self._lock = threading.Lock()  # generation and revision counters; taken before the gate's lock
         self.generation = 0
         self.revision = 0  # last revision handed out; grows across configure cycles
-        self.binding: Optional[Binding] = None
-        self.stamp: Any = None
         self.jobs = JobRunner()
-        self.latest_frame: Callable[[], Any] = lambda: None
-        self.convert: Callable[[Any], np.ndarray] = _no_converter  # the node sets its image conversion
-        self.publish_latched: Callable[[Binding, Any], None] = lambda binding, stamp: None
-        self.check_vocabulary: Callable[[Vocabulary], Optional[str]] = lambda v: None
         # Class ids and persistence (set at configure by the node: seed()).
         self.id_table: Optional[ClassIdTable] = None  # the ids of the current revision; kept across configures
         self.id_limit = MAX_CLASSES  # ids must be below it (255 with nav2_compatible: mono8)
         self.store: Any = None  # a VocabularyStore, or None (cache_dir empty)
         self.configured_key = ""  # fingerprint of the configured vocabulary, saved with the runtime one
+
+
+    @property
+    def binding(self) -> Optional[Binding]:
+        """The current binding (held by the gate)."""
+        return self.gate.binding
+
+    @property
+    def stamp(self) -> Any:
+        return self.gate.stamp
 
     def seed(self, store: Any, revision: int, table: Optional[ClassIdTable], id_limit: int, configured_key: str
              ) -> None:
@@ -160,14 +213,14 @@ class VocabularyService:
             self.revision = revision
             binding = Binding(self.generation, segmenter, state, segmenter_name, model_identity)
             self._commit_ids(binding.vocabulary, table)
-            self._swap(binding)
+            self.gate.install(binding, self.hooks.now(), self.hooks.announce)
         return binding
 
-    def rebind(self, state: Any) -> None:
-        """Same generation and revision, another state object (the model moved to another device)."""
-        with self._lock:
-            if self.binding is not None:
-                self.binding = dataclasses.replace(self.binding, state=state)
+    def move(self, device: Any) -> bool:
+        """Move the model and its vocabulary state to ``device`` through the gate (compare-and-swap: a
+        vocabulary swapped in during the move is moved too, never reverted). True when done."""
+        return self.gate.move(device, _move_segmenter, _move_state,
+                              lambda binding, state: dataclasses.replace(binding, state=state))
 
     def drop(self) -> None:
         """No model any more (cleanup, shutdown): running jobs are cancelled, waiting callers released, late
@@ -175,7 +228,7 @@ class VocabularyService:
         self.jobs.cancel_all()
         with self._lock:
             self.generation += 1
-            self.binding = None
+            self.gate.install(None, None, self.hooks.announce)
 
     def _with_ids(self, state: Any, revision: int) -> tuple[Any, ClassIdTable]:
         """``state`` with revision ``revision`` and the class ids following the current table (caller holds
@@ -199,14 +252,6 @@ class VocabularyService:
                     f"could not persist vocabulary revision {vocabulary.revision} to {self.store.path}: "
                     f"{exc.strerror or type(exc).__name__}; it is in use but will not survive a restart")
 
-    def _swap(self, binding: Binding) -> None:
-        """Publish the latched vocabulary of ``binding``, then make it current (caller holds ``_lock``)."""
-        stamp = self.node.get_clock().now().to_msg()
-        with self.publish_lock:
-            try:
-                self.publish_latched(binding, stamp)
-            finally:
-                self.binding, self.stamp = binding, stamp
 
     # --- services ------------------------------------------------------------------------------------
     def srv_set_vocabulary(self, req: Any, resp: Any) -> Any:
@@ -226,13 +271,13 @@ class VocabularyService:
             resp.message = (f"{len(vocab)} classes requested; at most {max_classes} (max_vocabulary_classes) "
                             "are encoded per request")
             return self._refused(resp)
-        why = self.check_vocabulary(vocab)
+        why = self.hooks.check_vocabulary(vocab)
         if why:
             resp.message = why
             return self._refused(resp)
         segmenter, generation = binding.segmenter, binding.generation
         job, busy = self.jobs.start("vocabulary", f"encoding a vocabulary of {len(vocab)} classes",
-                                    lambda: segmenter.encode_vocabulary(vocab))
+                                    lambda: segmenter.encode_vocabulary(vocab), segmenter.device)
         if job is None:
             resp.message = busy
             return self._refused(resp)
@@ -252,16 +297,25 @@ class VocabularyService:
                                 "embeddings belong to the old model); send the request again")
                 resp.revision = self.revision
                 return self._refused(resp)
+            revision = self.revision + 1
             try:
-                state, table = self._with_ids(job.result, self.revision + 1)
+                state, table = self._with_ids(job.result, revision)
             except ClassIdError as exc:
                 resp.message = f"vocabulary not applied: {reason(exc)}; the vocabulary in use is unchanged"
                 resp.revision = self.revision
                 return self._refused(resp)
-            self.revision += 1
+            # The generation cannot change while _lock is held (install/drop take it): the swap below succeeds,
+            # so the ids are committed (and saved) before the revision is published.
+            self.revision = revision
             self._commit_ids(state.vocabulary, table)
-            self._swap(dataclasses.replace(current, state=state))
-            revision = self.revision
+
+            def make(current: Binding) -> Binding:
+                # The embeddings go where the model is now (a move may have run while they were encoded).
+                return dataclasses.replace(current, state=_move_state(state, _device_of(current.segmenter)))
+
+            if self.gate.swap(binding, make, self.hooks.now(), self.hooks.announce) is None:  # see above: cannot be
+                resp.message = "vocabulary not applied: the model was reconfigured; send the request again"
+                return self._refused(resp)
         n = len(vocab)
         preview = ", ".join(vocab.names[:8]) + (", ..." if n > 8 else "")
         encoding, _ = messages.label_encoding(state.vocabulary.id_bound)
@@ -283,13 +337,7 @@ class VocabularyService:
         return resp
 
     def vocabulary_msg(self, binding: Binding, stamp: Any) -> Any:
-        prompts = None
-        try:
-            prompts = binding.segmenter.describe_prompts(binding.state)
-        except Exception:  # noqa: BLE001  (optional introspection; names are the fallback)
-            prompts = None
-        return messages.vocabulary_msg(binding.vocabulary, stamp, binding.segmenter_name, binding.model_identity,
-                                       prompts)
+        return vocabulary_message(binding, stamp)
 
     def srv_query(self, req: Any, resp: Any) -> Any:
         resp.success = False
@@ -311,20 +359,24 @@ class VocabularyService:
             resp.message = reason(exc)
             return resp
         if req.image.width == 0 and req.image.height == 0:
-            frame = self.latest_frame()
+            frame = self.hooks.latest_frame()
             if frame is None:
-                resp.message = ("no frame has been received yet and the request has no image: publish a frame "
-                                "first or fill the request's image")
+                resp.message = (
+                    "no frame has been received yet and the request has no image: publish a frame first or fill "
+                    "the request's image" if self.gate.active else
+                    "the node is inactive (camera frames from before the deactivate are not used) and the "
+                    "request has no image: activate the node or fill the request's image")
                 return resp
             header, image = frame.header, frame.image
         else:
             try:
-                header, image = req.image.header, self.convert(req.image)
+                header, image = req.image.header, self.hooks.convert(req.image)
             except ConversionError as exc:
                 resp.message = f"request image refused: {reason(exc)}"
                 return resp
         job, busy = self.jobs.start("query", f"a query of {len(texts)} texts",
-                                    lambda: binding.segmenter.query(image, texts))
+                                    lambda: _locked(binding.model_lock, lambda: binding.segmenter.query(image, texts)),
+                                    binding.segmenter.device)
         if job is None:
             resp.message = busy
             return resp
@@ -337,6 +389,9 @@ class VocabularyService:
             resp.message = text if isinstance(job.error, VocabularyError) else f"query failed: {text}"
             return resp
         result = job.result
+        if not self.gate.same_model(binding):
+            resp.message = "query abandoned: the model was replaced while it ran; send the request again"
+            return resp
         resp.header = header
         resp.masks = [numpy_to_image(np.where(m, 255, 0).astype(np.uint8), "mono8", header) for m in result.masks]
         resp.scores = [float(s) for s in result.scores]
@@ -347,6 +402,31 @@ class VocabularyService:
 
 def _no_converter(msg: Any) -> np.ndarray:
     raise ConversionError("request images cannot be converted here (no converter set)")
+
+
+def _locked(lock: Any, fn: Callable[[], Any]) -> Any:
+    with lock:
+        return fn()
+
+
+def _device_of(segmenter: Any) -> Any:
+    return getattr(segmenter, "device", None)
+
+
+def _move_segmenter(segmenter: Any, device: Any) -> None:
+    """Move the model unless it is there already (compared as strings: "cuda" vs "cuda:0" do move)."""
+    if str(_device_of(segmenter)) != str(device):
+        segmenter.to(device)
+        release = getattr(segmenter, "release_device_caches", None)  # shared caches left on the old device
+        if callable(release):
+            release()
+
+
+def _move_state(state: Any, device: Any) -> Any:
+    """``state`` with its tensors on ``device`` (``state`` itself when nothing moves or no device is known)."""
+    if device is None or not hasattr(state, "to"):
+        return state
+    return state.to(device)
 
 
 def _with_revision(state: Any, revision: int) -> Any:

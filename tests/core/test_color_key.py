@@ -51,3 +51,25 @@ def test_large_vocabulary_labels_stay_in_range() -> None:
     vocab = Vocabulary.from_request([f"class {i}" for i in range(300)])
     result = seg.segment(np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8), seg.encode_vocabulary(vocab))
     assert result.labels.min() >= UNLABELED and result.labels.max() < 300
+
+
+def test_vectorised_lookup_matches_the_per_channel_formula() -> None:
+    """The uint16 cell index (cv2.split + in-place shifts) is the 5-bit RGB cell, for every byte value and for
+    non-contiguous input (a crop of a larger image)."""
+    from ovseg_ros.core.segmenters.color_key import cell_index, lookup
+
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 256, (40, 260, 3), dtype=np.uint8)
+    values = np.arange(256, dtype=np.uint8)
+    big[0, :256] = np.stack([values, values[::-1], rng.permutation(values)], -1)  # every byte in every channel
+    for image in (big, big[:30, 3:250]):
+        q = image.astype(np.int64) >> 3
+        expected = (q[..., 0] << 10) | (q[..., 1] << 5) | q[..., 2]
+        index = cell_index(image)
+        assert index.dtype == np.uint16 and index.shape == image.shape[:2]
+        np.testing.assert_array_equal(index, expected)
+        labels_table = rng.integers(-1, 20, 1 << 15).astype(np.int32)
+        conf_table = rng.random(1 << 15).astype(np.float32)
+        labels, conf = lookup(image, labels_table, conf_table)
+        np.testing.assert_array_equal(labels, labels_table[expected])
+        np.testing.assert_array_equal(conf, conf_table[expected])

@@ -138,3 +138,27 @@ def test_topk_upsampling_and_host_copy_on_cuda() -> None:
         torch.ones(10, device="cuda").sum()
     assert timer.profile and timer.times["x"] > 0
     assert not StageTimer(torch.device("cuda"), profile=False).profile
+
+
+@pytest.mark.parametrize("name", ["dense_clip", "itaclip"])
+def test_realtime_frame_has_no_host_sync_on_cuda(tiny_model_overrides: dict, rgb_image: np.ndarray, name: str) -> None:
+    """The on-device twin of tests/core/test_host_sync.py: ``torch.cuda.set_sync_debug_mode`` warns on every
+    synchronising op; one frame of the realtime preset may only wait in ``to_host`` (an explicit stream sync
+    after pinned copies, which the mode does not report)."""
+    import warnings
+
+    extra = {"templates": "photo"} if name == "itaclip" else {}
+    seg = build_segmenter(name, "realtime", {**_tiny(tiny_model_overrides, "fp16"), **extra}, device="cuda")
+    state = seg.encode_vocabulary(Vocabulary.from_request(VOCAB + [f"thing {i}" for i in range(20)]))
+    seg.segment(rgb_image, state)  # first-frame caches
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            seg.segment(rgb_image, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    record(check=f"{name} realtime host syncs per frame (sync debug mode)", value=len(syncs))
+    assert not syncs, syncs

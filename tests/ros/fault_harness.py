@@ -86,7 +86,7 @@ class Camera:
         self._n = 0
 
     def frame(self) -> Any:
-        from ovseg_ros.ros.stream_client import rgb_image_msg
+        from stream_client import rgb_image_msg  # scripts/ (on sys.path through ros_harness)
         from builtin_interfaces.msg import Time
 
         self._n += 1

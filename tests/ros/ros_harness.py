@@ -14,10 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import sys
+
 import numpy as np
 
-from ovseg_ros.ros import stream_client
-from ovseg_ros.ros.stream_client import NodeProcess, StreamClient
+# The demo's client helpers (synthetic camera, node subprocess) live beside it in scripts/, not in the package.
+_SCRIPTS = str(Path(__file__).resolve().parents[2] / "scripts")
+if _SCRIPTS not in sys.path:
+    sys.path.insert(0, _SCRIPTS)
+
+import stream_client  # noqa: E402
+from stream_client import NodeProcess, StreamClient  # noqa: E402
 
 __all__ = ["NodeProcess", "RosClient", "Collector"]  # NodeProcess: the installed node as a child process
 

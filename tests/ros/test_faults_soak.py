@@ -5,6 +5,12 @@ CI runs a short, seeded version; the long run is the same test with more time::
 
     OVSEG_SOAK_SECONDS=600 OVSEG_SOAK_SEED=1 bash scripts/test.sh tests/ros/test_faults_soak.py
 
+Issue 17 adds: ``vocabulary_timeout`` values short enough for requests to time out (the next one must then be
+served, not "busy" until the abandoned work ends: checked at the end), slow inferences (up to 300 ms a frame,
+in flight across deactivate/cleanup), ``~/query`` without an image while the node is inactive (must be refused:
+no frame from before the deactivate), and a reliable subscriber of the labels that stops reading (a process
+frozen with SIGSTOP for the whole run: publishing must go on).
+
 Throughout: the process stays alive and answers get_state within 1 s (polled every 0.25 s); every call
 is answered (except one whose service was being destroyed by a cleanup at that moment), and every refusal
 carries a reason. At the end the node returns to active and publishes, and every frame published during
@@ -15,6 +21,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -53,6 +63,7 @@ class Soak:
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
         self.teardowns: list[tuple[float, float]] = []  # (start, end) of cleanup/shutdown transitions
+        self.transitions = 0  # bumped before and after every transition (a query sees whether one overlapped)
 
     def note(self, what: str) -> None:
         with self.lock:
@@ -124,6 +135,7 @@ def _query_actor(s: Soak, rng: random.Random, tid: int) -> None:
         roll = rng.random()
         req = Query.Request(texts=[f"thing {i}" for i in range(rng.randint(1, 5))])
         expect_refusal = False
+        before, marks = s.node.state(5.0), s.transitions
         if roll < 0.15:
             req.texts, expect_refusal = [], True
         elif roll < 0.3:
@@ -134,6 +146,9 @@ def _query_actor(s: Soak, rng: random.Random, tid: int) -> None:
         if resp is not None:
             if resp.success and expect_refusal:
                 s.fail("an invalid query was served")
+            inactive = before in ("inactive", "unconfigured") and s.transitions == marks
+            if resp.success and inactive and req.image.width == 0:
+                s.fail("a query while inactive was answered on a frame from before the deactivate")
             if not resp.success and not resp.message.strip():
                 s.fail("query refused without a reason")
             s.note("query: " + ("served" if resp.success else "refused"))
@@ -145,7 +160,8 @@ _GOOD_PARAMS: list[Callable[[random.Random], dict]] = [
     lambda r: {"publish_panoptic": r.random() < 0.5},
     lambda r: {"panoptic_min_area": r.choice([0, 0, 50, 5000])},
     lambda r: {"max_image_pixels": r.choice([100_000, 1000])},
-    lambda r: {"segmenter_options": f"{{cost_ms: {r.choice([0.0, 5.0, 20.0])}}}"},
+    lambda r: {"segmenter_options": f"{{cost_ms: {r.choice([0.0, 5.0, 20.0, 300.0])}}}"},
+    lambda r: {"vocabulary_timeout": r.choice([0.1, 0.3, 60.0, 60.0])},
 ]
 _BAD_PARAMS: list[dict] = [
     {"overlay_alpha": float("nan")},
@@ -187,6 +203,8 @@ def _lifecycle_actor(s: Soak, rng: random.Random, tid: int) -> None:
             continue
         step = rng.choice(choices)
         teardown = step == "cleanup"
+        with s.lock:
+            s.transitions += 1
         if teardown:
             with s.lock:
                 s.teardowns.append((time.monotonic(), float("inf")))
@@ -197,13 +215,49 @@ def _lifecycle_actor(s: Soak, rng: random.Random, tid: int) -> None:
         except AssertionError:
             s.fail(f"transition {step} not answered within {CALL_TIMEOUT_S} s")
         finally:
+            with s.lock:
+                s.transitions += 1
             if teardown:
                 with s.lock:
                     s.teardowns[slot] = (s.teardowns[slot][0], time.monotonic() + 1.0)
         time.sleep(rng.uniform(0.2, 1.5) if step != "deactivate" else rng.uniform(0.0, 0.3))
 
 
-def test_random_interleavings_under_a_30hz_stream(node: Target) -> None:
+_FROZEN_READER = textwrap.dedent("""
+    import sys, rclpy
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, HistoryPolicy
+    from sensor_msgs.msg import Image
+    rclpy.init()
+    n = rclpy.create_node("soak_frozen_reader")
+    q = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+    seen = []
+    def cb(m):
+        if not seen:
+            print("got", flush=True)
+        seen.append(1)
+    n.create_subscription(Image, sys.argv[1], cb, q)
+    rclpy.spin(n)
+""")
+
+
+@pytest.fixture()
+def frozen_reader(node: Target) -> Iterator[None]:
+    """A reliable KEEP_ALL subscriber of the labels in its own process, frozen (SIGSTOP) once it has received a
+    frame: it neither reads nor acknowledges for the rest of the soak."""
+    proc = subprocess.Popen([sys.executable, "-c", _FROZEN_READER, f"{node.fqn}/semantic/labels"],
+                            stdout=subprocess.PIPE, text=True)
+    got = threading.Event()
+    threading.Thread(target=lambda: (proc.stdout.readline(), got.set()), daemon=True).start()
+    try:
+        assert got.wait(60.0), "the frozen reader never received a frame"
+        os.kill(proc.pid, signal.SIGSTOP)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_random_interleavings_under_a_30hz_stream(node: Target, frozen_reader: None) -> None:
     master = random.Random(SEED)
     s = Soak(node, time.monotonic() + SOAK_S)
     actors = [_vocab_actor, _vocab_actor, _query_actor, _param_actor, _lifecycle_actor]
@@ -219,10 +273,12 @@ def test_random_interleavings_under_a_30hz_stream(node: Target) -> None:
         t.join(CALL_TIMEOUT_S + 5)
     probe.check()
     assert not s.violations, f"seed {SEED}: " + "; ".join(s.violations[:10]) + f"\n{node.tail()}"
-    node.set_params({"max_image_pixels": 100_000, "publish_panoptic": True, "panoptic_min_area": 0})
+    node.set_params({"max_image_pixels": 100_000, "publish_panoptic": True, "panoptic_min_area": 0,
+                     "vocabulary_timeout": 60.0, "segmenter_options": "{cost_ms: 5.0}"})
     node.bring_active()
     node.assert_healthy()
-    assert node.set_vocabulary(INITIAL).success
+    resp = node.set_vocabulary(INITIAL)  # served at once, even if a request timed out just before the end
+    assert resp.success, resp.message
     node.assert_healthy()
     print(f"soak {SOAK_S:.0f} s seed {SEED}: {sorted(s.counts.items())}; frames checked {node.checker.checked}")
     assert node.checker.checked >= 20, f"too few frames checked during the soak: {node.checker.checked}"

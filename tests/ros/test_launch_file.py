@@ -191,6 +191,25 @@ def test_rviz_config_and_nav2_example_are_installed_files() -> None:
     assert (root / "config" / "nav2" / "semantic_layer.yaml").is_file()
 
 
+def test_segmenter_choices_are_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch file lists the segmenters for its ``choices``; the registry finds them in the package."""
+    from ovseg_ros.core.segmenter import list_segmenters
+
+    module, _ = _load(monkeypatch)
+    assert sorted(module.SEGMENTERS) == list_segmenters()
+
+
+def test_every_module_of_the_segmenters_package_registers_a_segmenter() -> None:
+    import pkgutil
+
+    from ovseg_ros.core import segmenters
+    from ovseg_ros.core.segmenter import get_segmenter_class, list_segmenters
+
+    modules = {m.name for m in pkgutil.iter_modules(segmenters.__path__) if not m.name.startswith("_")}
+    registered = {get_segmenter_class(n).__module__.rsplit(".", 1)[-1] for n in list_segmenters()}
+    assert modules == registered
+
+
 @pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("", None)])
 def test_use_sim_time_reaches_the_node_and_rviz(monkeypatch: pytest.MonkeyPatch, value: str, expected: Any) -> None:
     module, real = _load(monkeypatch)

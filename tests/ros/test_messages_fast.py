@@ -59,3 +59,52 @@ def test_confidence_equals_reference_including_halves_and_out_of_range(dtype: ty
     assert np.abs(got[tie].astype(int) - want[tie]).max(initial=0) <= 1 and tie.sum() < 0.05 * tie.size
     as_u8 = got.copy()
     assert messages.encode_confidence(as_u8) is as_u8
+
+
+@pytest.mark.parametrize("num_classes, id_offset", [(6, 0), (300, 0), (6, 40), (6, 400)])
+def test_build_outputs_from_byte_codes_equal_the_int32_path(num_classes: int, id_offset: int) -> None:
+    """build_outputs narrows the labels to byte codes once and feeds them to every output: each message equals
+    the one built from the int32 labels directly (mono16 vocabularies keep the int32 path; published ids that
+    are not the positions, mono8 and mono16, go through wire_labels either way)."""
+    import types
+
+    messages_or_skip()
+    from std_msgs.msg import Header
+
+    from ovseg_ros.core import postprocess
+    from ovseg_ros.core.segmenter import SegmentationResult
+    from ovseg_ros.core.vocabulary import Vocabulary
+    from ovseg_ros.ros.outputs import Palette, build_outputs
+
+    rng = np.random.default_rng(num_classes)
+    names = [f"class{i}" for i in range(num_classes)]
+    vocab = Vocabulary.from_request(names, is_thing=[i % 2 == 0 for i in range(num_classes)])
+    if id_offset:
+        vocab = vocab.with_ids([id_offset + 3 * i for i in range(num_classes)])
+    labels = np.repeat(np.repeat(rng.integers(-1, num_classes, (6, 8)), 8, 0), 8, 1).astype(np.int32)
+    confidence = rng.random(labels.shape).astype(np.float32)
+    image = rng.integers(0, 256, (*labels.shape, 3), dtype=np.uint8)
+    header = Header(frame_id="cam")
+    item = types.SimpleNamespace(
+        frame=types.SimpleNamespace(header=header, image=image),
+        result=SegmentationResult(labels, confidence, vocab),
+        binding=types.SimpleNamespace(segmenter_name="test"), inference_ms=1.0, dropped=0)
+    out = dict(build_outputs(item, lambda _name: True, Palette(), 0.5, True, 2.0))
+
+    def pixels(msg, dtype):
+        return np.frombuffer(bytes(msg.data), dtype).reshape(msg.height, -1)
+
+    wire, _, _ = messages_or_skip().wire_labels(labels, vocab)  # from the int32 labels
+    assert np.array_equal(pixels(out["labels"], wire.dtype), wire)
+    palette = postprocess.make_palette(num_classes)
+    color = postprocess.colorize(labels, palette)
+    assert np.array_equal(pixels(out["color"], np.uint8), color.reshape(labels.shape[0], -1))
+    blended = postprocess.overlay(image, color, 0.5, labels)
+    assert np.array_equal(pixels(out["overlay"], np.uint8), blended.reshape(labels.shape[0], -1))
+    panoptic = postprocess.panoptic_from_semantic(labels, confidence, vocab)
+    assert np.array_equal(pixels(out["panoptic"].segment_ids, np.int32), panoptic.segment_ids)
+    got = [(s.id, s.class_id, s.is_thing, s.area) for s in out["panoptic"].segments]
+    assert got == [(s.id, vocab.ids[s.class_id], s.is_thing, s.area) for s in panoptic.segments] and got
+    positions, areas = ref_class_areas(labels, num_classes)
+    ids = [vocab.ids[i] for i in positions]
+    assert (list(out["info"].class_ids), list(out["info"].class_areas)) == (ids, areas)

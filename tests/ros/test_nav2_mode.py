@@ -75,8 +75,7 @@ def test_labels_never_use_ids_missing_from_the_last_label_map(node: SegmentNode)
     cam = node.cameras[0]
     cam.pubs = {k: Recorder(k, v) for k, v in cam.pubs.items()}
     node._vocab_pub = Recorder("vocabulary", node._vocab_pub)
-    with node._publish_lock:
-        node._is_active = True  # publish without subscribing to a camera
+    node.gate.open()  # publish without subscribing to a camera
     segmenter = node.segmenter
     from ovseg_ros.core.segmenters.color_key import key_colors
 
@@ -91,10 +90,10 @@ def test_labels_never_use_ids_missing_from_the_last_label_map(node: SegmentNode)
     resp = node.vocab.srv_set_vocabulary(req, SetVocabulary.Response())
     assert resp.success, resp.message
     frame = Frame(_header(), image, time.monotonic())
-    node._publish_item(Item(cam, frame, old_result, old_binding, 0, 1.0))  # in flight across the change: dropped
+    assert not cam.publish_item(Item(cam, frame, old_result, old_binding, 0, 1.0))  # in flight across the change
     new_binding = node.vocab.binding
     new_result = segmenter.segment(image, new_binding.state)
-    node._publish_item(Item(cam, frame, new_result, new_binding, 0, 1.0))
+    assert cam.publish_item(Item(cam, frame, new_result, new_binding, 0, 1.0))
     assert [e for e in log if e[0] == "labels"] == [("labels", 1)]  # only the new revision's frame
     n_classes = None
     for kind, value in log:

@@ -3,7 +3,6 @@ or camera_info input refused with its reason, counted, and followed by a good fr
 
 from __future__ import annotations
 
-import threading
 
 import array
 import types
@@ -20,6 +19,7 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from ovseg_ros.core import depth as dp  # noqa: E402
 from ovseg_ros.ros import messages  # noqa: E402
+from ovseg_ros.ros.gate import OutputGate  # noqa: E402
 from ovseg_ros.ros.params import validate  # noqa: E402
 from ovseg_ros.ros.points import PointsOptions, SemanticPointsOutput  # noqa: E402
 
@@ -223,27 +223,29 @@ def test_no_depth_within_slop_is_counted(out: tuple[SemanticPointsOutput, Captur
     assert o.diagnostics()["points_unmatched"] == "1" and cap.msgs == []
 
 
-def test_a_late_depth_image_publishes_only_a_still_current_frame_under_the_publish_lock(ros_session: None) -> None:
-    """A frame waits for its depth image; when it comes, the cloud goes out under the node's publish lock and
-    only if the frame's vocabulary is still the current one (else it is counted, not published)."""
+def test_a_late_depth_image_publishes_only_a_still_current_frame_through_the_gate(ros_session: None) -> None:
+    """A frame waits for its depth image; when it comes, the cloud goes out through the node's gate (under its
+    lock) and only if the frame's binding is still the current one (else it is counted, not published)."""
     node = rclpy.create_node("points_test_late")
-    lock = threading.Lock()
-    o = SemanticPointsOutput(node, options=PointsOptions(slop=0.02, max_wait=5.0), publish_lock=lock)
+    gate = OutputGate()
+    old, new = types.SimpleNamespace(generation=1), types.SimpleNamespace(generation=1)
+    gate.install(old, None, lambda b, s: None)
+    gate.open()
+    o = SemanticPointsOutput(node, options=PointsOptions(slop=0.02, max_wait=5.0), gate=gate)
     real, cap = o._pub, Capture()
     o._pub = cap
     held: list[bool] = []
     cap_publish = cap.publish
-    cap.publish = lambda msg: (held.append(lock.locked()), cap_publish(msg))  # type: ignore[method-assign]
+    cap.publish = lambda msg: (held.append(gate.locked()), cap_publish(msg))  # type: ignore[method-assign]
     try:
         o._on_camera_info(camera_info())
         labels, conf, _ = frame_arrays()
-        current = {"yes": True}
         for sec in (60, 61):
-            assert o.publish(header(sec), labels, conf, current=lambda: current["yes"]) is True  # pending
+            assert o.publish(header(sec), labels, conf, binding=old) is True  # pending
         assert cap.msgs == []
         o._on_depth(depth_image(np.full((2 * H, 2 * W), 2000, np.uint16), "16UC1", 60, 1_000_000))
         assert len(cap.msgs) == 1 and held == [True]
-        current["yes"] = False  # a vocabulary was swapped in before frame 61's depth image came
+        assert gate.swap(old, lambda cur: new, None, lambda b, s: None) is new  # before frame 61's depth came
         o._on_depth(depth_image(np.full((2 * H, 2 * W), 2000, np.uint16), "16UC1", 61, 1_000_000))
         assert len(cap.msgs) == 1
         assert o.diagnostics()["points_stale_vocabulary"] == "1"

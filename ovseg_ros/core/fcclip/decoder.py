@@ -34,10 +34,12 @@ def mask_pool(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor
     """
     if mask_logits.shape[-2:] != features.shape[-2:]:
         mask_logits = F.interpolate(mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False)
-    mask = (mask_logits > 0).to(features.dtype)
-    # clamp, not "+ 1e-8": equal in fp32 (sums are 0 or >= 1), and ONNX Runtime gave NaN for empty masks with the sum
-    denom = mask.sum(dim=(-1, -2), keepdim=True).clamp(min=1e-8)
-    return torch.einsum("bchw,bqhw->bqc", features, mask / denom)
+    mask = (mask_logits > 0).float()
+    # Weights in fp32, then the features' dtype: in fp16 (the CLIP on CUDA) the former "+ 1e-8" rounded to 0
+    # and an empty mask gave 0/0 = NaN for every later score (tests/core/test_precision.py). A count is
+    # 0 or >= 1, so the clamp changes nothing else.
+    weights = mask / mask.sum(dim=(-1, -2), keepdim=True).clamp(min=1.0)
+    return torch.einsum("bchw,bqhw->bqc", features, weights.to(features.dtype))
 
 
 def max_over_names(logits: torch.Tensor, owner: torch.Tensor, num_classes: int) -> torch.Tensor:

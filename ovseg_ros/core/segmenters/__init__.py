@@ -3,17 +3,14 @@
 One module per method, each registering itself with :func:`ovseg_ros.core.segmenter.register_segmenter`:
 ``dense_clip`` (MaskCLIP-style dense CLIP, the speed floor), ``itaclip``, ``clip_es``, ``car``, ``fcclip``;
 ``color_key`` is model-free (a known output for testing and benchmarking the ROS layer).
+
+Every public module of this package is imported (found with :mod:`pkgutil`, no list to keep in step): adding
+a method is adding its module. The launch file's ``segmenter`` choices are pinned to the registry by a test.
 """
 
 import importlib
-import logging
+import pkgutil
 
-_log = logging.getLogger(__name__)
-
-for _name in ("dense_clip", "itaclip", "clip_es", "car", "fcclip", "color_key"):
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as exc:  # a method still being added must not break the others
-        if exc.name != f"{__name__}.{_name}":
-            raise
-        _log.debug("segmenter module %s not present", _name)
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

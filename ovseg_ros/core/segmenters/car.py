@@ -80,7 +80,9 @@ from ..segmenter import (
     register_segmenter,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
-from ..text import ORIGAMI_TEMPLATE, VILD_TEMPLATES, TextEncoder, format_prompts
+from ..text import (
+    DEFAULT_TEXT_CACHE_MB, ORIGAMI_TEMPLATE, TextEncoder, VILD_TEMPLATES, format_prompts, text_cache_bytes,
+)
 from ..visual_prompts import (
     apply_visual_prompts,
     check_kinds,
@@ -625,15 +627,16 @@ class CarSegmenter(Segmenter):
         cache_dir: str = "",
         offline: bool = True,
         mask_source: Optional[MaskSource] = None,
+        text_cache_mb: float = DEFAULT_TEXT_CACHE_MB,
     ) -> "CarSegmenter":
         _validate(config)  # before loading weights
         cam_clip = load_clip(config.cam_model, device, cache_dir=cache_dir or None, offline=offline)
-        cam_text = TextEncoder(cam_clip, cache_dir)
+        cam_text = TextEncoder(cam_clip, cache_dir, max_memory_bytes=text_cache_bytes(text_cache_mb))
         if config.classifier_model == config.cam_model:
             cls_clip, cls_text = cam_clip, cam_text  # refcoco-style: one model serves both stages
         else:
             cls_clip = load_clip(config.classifier_model, device, cache_dir=cache_dir or None, offline=offline)
-            cls_text = TextEncoder(cls_clip, cache_dir)
+            cls_text = TextEncoder(cls_clip, cache_dir, max_memory_bytes=text_cache_bytes(text_cache_mb))
         stage1 = ClipEsProposals(cam_clip, cam_text, config)
         return cls(config, stage1, PromptClassifier(cls_clip, cls_text, config), cam_clip, mask_source)
 

@@ -54,7 +54,7 @@ from ..segmenter import (
     register_segmenter,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
-from ..text import ORIGAMI_TEMPLATE, TextEncoder
+from ..text import ORIGAMI_TEMPLATE, DEFAULT_TEXT_CACHE_MB, TextEncoder, text_cache_bytes
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
 
 if TYPE_CHECKING:
@@ -180,10 +180,11 @@ class ClipEsSegmenter(Segmenter):
 
     @classmethod
     def from_config(
-        cls, config: ClipEsConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True
+        cls, config: ClipEsConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True,
+        text_cache_mb: float = DEFAULT_TEXT_CACHE_MB,
     ) -> "ClipEsSegmenter":
         clip = load_clip(config.model, device, cache_dir=cache_dir or None, offline=offline)
-        return cls(config, clip, TextEncoder(clip, cache_dir))
+        return cls(config, clip, TextEncoder(clip, cache_dir, max_memory_bytes=text_cache_bytes(text_cache_mb)))
 
     # --- text ---------------------------------------------------------------------------------------
     def _class_prompts(self, names: Sequence[str]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import cv2
 import numpy as np
 import torch
 
@@ -77,6 +78,28 @@ def key_colors(n: int, colors: tuple[str, ...] = ()) -> np.ndarray:
     return out
 
 
+def cell_index(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H, W) uint16 index of each pixel's cell (5 bits per channel, R most significant).
+
+    Vectorised without int32 temporaries: OpenCV splits the channels into contiguous planes and the index is
+    built in place in 16 bits (half the memory traffic of the obvious int32 expression, about 2x faster).
+    """
+    shift = 8 - _BITS
+    r, g, b = cv2.split(np.ascontiguousarray(image))
+    index = (r >> shift).astype(np.uint16)
+    index <<= _BITS
+    index |= g >> shift
+    index <<= _BITS
+    index |= b >> shift
+    return index
+
+
+def lookup(image: np.ndarray, labels: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel (labels, confidence) from the (32768,) tables; ``np.take`` (a flat gather) beats fancy indexing."""
+    index = cell_index(image)
+    return np.take(labels, index), np.take(confidence, index)
+
+
 @register_segmenter("color_key")
 class ColorKeySegmenter(Segmenter):
     """Nearest key colour per pixel. See the module docstring."""
@@ -113,10 +136,7 @@ class ColorKeySegmenter(Segmenter):
             raise TypeError(f"color_key: expected a ColorKeyState, got {type(st).__name__}")
         image = check_image(image)
         t0 = time.perf_counter()
-        shift = 8 - _BITS
-        q = image >> shift
-        index = (q[..., 0].astype(np.int32) << (2 * _BITS)) | (q[..., 1].astype(np.int32) << _BITS) | q[..., 2]
-        labels, conf = st.labels[index], st.confidence[index]
+        labels, conf = lookup(image, st.labels, st.confidence)
         if self.config.cost_ms > 0:
             time.sleep(self.config.cost_ms / 1e3)
         return SegmentationResult(labels, conf, st.vocabulary, timings={"lookup": time.perf_counter() - t0})

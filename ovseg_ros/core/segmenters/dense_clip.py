@@ -29,7 +29,7 @@ from ..geometry import (
     upsample_max,
     upsample_max_topk,
 )
-from ..models import ClipModel, ModelSpec, load_clip
+from ..models import ClipModel, ModelSpec, load_clip, sync_free
 from ..segmenter import (
     Segmenter,
     SegmentationResult,
@@ -40,7 +40,9 @@ from ..segmenter import (
     to_host,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, declare_constraints
-from ..text import PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates
+from ..text import (
+    DEFAULT_TEXT_CACHE_MB, PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates, text_cache_bytes,
+)
 from ..vocabulary import UNLABELED, Vocabulary
 
 if TYPE_CHECKING:
@@ -117,10 +119,11 @@ class DenseClipSegmenter(Segmenter):
 
     @classmethod
     def from_config(
-        cls, config: DenseClipConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True
+        cls, config: DenseClipConfig, device: str | torch.device = "cpu", cache_dir: str = "", offline: bool = True,
+        text_cache_mb: float = DEFAULT_TEXT_CACHE_MB,
     ) -> "DenseClipSegmenter":
         clip = load_clip(config.model, device, cache_dir=cache_dir or None, offline=offline)
-        return cls(config, clip, TextEncoder(clip, cache_dir))
+        return cls(config, clip, TextEncoder(clip, cache_dir, max_memory_bytes=text_cache_bytes(text_cache_mb)))
 
     # --- text ---------------------------------------------------------------------------------------
     def _templates(self) -> tuple[str, ...]:
@@ -232,12 +235,13 @@ class DenseClipSegmenter(Segmenter):
             per_class = clip_vit.max_over_names(names[None], st.owner.to(self.device), k)[0]
             if st.background is not None:
                 per_class = torch.cat([per_class, probs[st.text.shape[0]:].max(dim=0, keepdim=True).values])
-            up = upsample_max_topk if self.config.fast_upsample else upsample_max
-            conf, idx = up(per_class, size)
-            labels = idx.to(torch.int32)
-            labels[idx >= k] = UNLABELED  # a background word won
+            # The candidate shortcut reads data-dependent shapes: a host sync per frame on a GPU, where the
+            # full upsampling is cheap anyway.
+            fast = self.config.fast_upsample and not sync_free(self.device)
+            conf, idx = (upsample_max_topk if fast else upsample_max)(per_class, size)
+            labels = torch.where(idx >= k, UNLABELED, idx.to(torch.int32))  # a background word won
             if self.config.prob_threshold > 0:
-                labels[conf < self.config.prob_threshold] = UNLABELED
+                labels = torch.where(conf < self.config.prob_threshold, UNLABELED, labels)
             labels_np, conf_np = to_host(labels, conf.clamp(0, 1))
         return SegmentationResult(labels_np, conf_np, st.vocabulary, timings=timer.times)
 

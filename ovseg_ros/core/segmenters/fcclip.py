@@ -44,7 +44,7 @@ from ..segmenter import (
 )
 from ..models import file_content_hash
 from ..segmenter import SIDE, UNIT, OneOf, Range, declare_constraints
-from ..text import VILD_TEMPLATES, TextEncoder, format_prompts
+from ..text import VILD_TEMPLATES, DEFAULT_TEXT_CACHE_MB, TextEncoder, text_cache_bytes, format_prompts
 from ..vocabulary import UNLABELED, Vocabulary
 
 if TYPE_CHECKING:
@@ -274,10 +274,12 @@ class FCCLIPSegmenter(Segmenter):
         cache_dir: str = "",
         offline: bool = True,
         model: Optional[FCCLIPNetwork] = None,
+        text_cache_mb: float = DEFAULT_TEXT_CACHE_MB,
     ) -> "FCCLIPSegmenter":
         """Load weights (or reuse ``model``, a network from :func:`load_fcclip`) and build the segmenter."""
         network = model if model is not None else load_fcclip(config, device, cache_dir, offline)
-        return cls(config, network, TextEncoder(network.clip, cache_dir))
+        return cls(config, network, TextEncoder(network.clip, cache_dir,
+                                                    max_memory_bytes=text_cache_bytes(text_cache_mb)))
 
     # --- text ---------------------------------------------------------------------------------------
     def _thing_flags(self, vocabulary: Vocabulary) -> list[bool]:

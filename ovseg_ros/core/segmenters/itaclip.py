@@ -88,7 +88,7 @@ from ..geometry import (
     upsample_max_candidates,
 )
 from ..llm_text import LLMConfig, LLMTextClient
-from ..models import ClipModel, ModelSpec, load_clip, resolve_device
+from ..models import ClipModel, ModelSpec, load_clip, resolve_device, sync_free
 from ..pamr import pamr, pamr_chunks
 from ..segmenter import (
     ImageError,
@@ -101,7 +101,10 @@ from ..segmenter import (
     to_host,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, PlainName, Range, declare_constraints
-from ..text import PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates
+from ..text import (
+    DEFAULT_TEXT_CACHE_MB, PHOTO_TEMPLATE, TextEncoder, count_tokens, format_prompts, imagenet_templates,
+    text_cache_bytes,
+)
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
 
 if TYPE_CHECKING:
@@ -206,6 +209,12 @@ class ITACLIPConfig:
     #: of some patch (plus one row standing for the others in the softmax) before logits are upsampled and
     #: refined, so PAMR's cost stops growing with the vocabulary (0 = off, every row refined).
     prune_names: int = 0
+    #: With ``prune_names``: refine at most this many rows, those that win the most patches, then those in the
+    #: most patches' top ``prune_names`` (ties: the higher best logit); the others join the folded row (0 = no
+    #: cap). The union of every patch's
+    #: top rows still grows with the vocabulary (more rows compete for each patch's top places); the cap is
+    #: what makes PAMR's cost, and the class maps after it, independent of the vocabulary size.
+    prune_rows: int = 0
     #: ``torch.compile`` the ViT's unmodified blocks (:func:`clip_vit.compile_blocks`); results equal up to
     #: float rounding, the first frame of each input size compiles.
     compile_blocks: bool = False
@@ -282,6 +291,8 @@ class ITACLIPState(VocabularyState):
     aux_sources: tuple[str, ...] = ()
     #: The prompts encoded for each class (names and auxiliary text under the templates).
     prompts: tuple[tuple[str, ...], ...] = ()
+    #: ``owner`` as host integers: the per-frame row loop reads them without a device-to-host copy.
+    owner_rows: tuple[int, ...] = ()
 
 
 # --- pure functions (tested directly) ---------------------------------------------------------------
@@ -389,7 +400,8 @@ def close_labels_torch(labels: torch.Tensor, kernel: int = 3) -> torch.Tensor:
 class RowReduction:
     """What the labels need from the refined rows at the processing size (see ``_reduce_rows``)."""
 
-    #: (K, h, w) per class the max of its names' logits (-inf for a class whose rows were all pruned).
+    #: (M, h, w) per class the max of its names' logits, for the M classes that kept a row (all K when
+    #: ``classes`` is None); a class whose rows were all pruned has probability ~0 and no map.
     cls: torch.Tensor
     #: (h, w) max over the background words' logits, or None without background words.
     bg: Optional[torch.Tensor]
@@ -399,6 +411,8 @@ class RowReduction:
     #: ((3, h, w) the three best class logits, (2, h, w) the two best classes) per pixel, or None below
     #: :data:`FAST_MIN_CLASSES` classes.
     ranking: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    #: (M,) the class id of each map of ``cls`` (None: all K classes, in order).
+    classes: Optional[torch.Tensor] = None
 
 
 class _Ranking:
@@ -473,6 +487,7 @@ class ITACLIPSegmenter(Segmenter):
     """ITACLIP on an open_clip ViT. See the module docstring."""
 
     config_cls = ITACLIPConfig
+    threshold_field = "prob_thd"
 
     def __init__(
         self,
@@ -504,13 +519,14 @@ class ITACLIPSegmenter(Segmenter):
         device: str | torch.device = "cpu",
         cache_dir: str = "",
         offline: bool = True,
+        text_cache_mb: float = DEFAULT_TEXT_CACHE_MB,
     ) -> "ITACLIPSegmenter":
         dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
         clip = load_clip(config.model, dev, cache_dir=cache_dir or None, offline=offline)
         if not hasattr(clip.visual, "transformer") or not hasattr(clip.visual, "conv1"):
             raise ValueError(f"itaclip needs an open_clip ViT; '{config.model.name}' is not one")
         llm = LLMTextClient(config.llm, cache_dir) if config.llm.enabled else None
-        return cls(config, clip, TextEncoder(clip, cache_dir), llm)
+        return cls(config, clip, TextEncoder(clip, cache_dir, max_memory_bytes=text_cache_bytes(text_cache_mb)), llm)
 
     def preset_vocabulary(self) -> Optional[Vocabulary]:
         """The preset's dataset class list (for offline tools when no vocabulary is given), or None."""
@@ -598,6 +614,7 @@ class ITACLIPSegmenter(Segmenter):
             vocabulary=vocabulary,
             text=text.to(self.device).contiguous(),
             owner=owner_t.to(self.device),
+            owner_rows=tuple(int(o) for o in owner) + (len(vocabulary),) * len(background),
             num_background=len(background),
             background_words=background,
             aux_texts=tuple(a[0] for a in aux),
@@ -732,6 +749,18 @@ class ITACLIPSegmenter(Segmenter):
         top = low.topk(min(self.config.prune_names, low.shape[0]), dim=0).indices
         kept = torch.zeros(low.shape[0], dtype=torch.bool, device=low.device)
         kept[top.flatten()] = True
+        cap = self.config.prune_rows
+        if 0 < cap < low.shape[0]:
+            # Rows ranked by how many patches they win (the labels' candidates first), then by how many have
+            # them among their top rows, then by their best logit (sigmoid: in (0, 1), below one count).
+            q = low.shape[0]
+            wins = torch.bincount(top[0].flatten(), minlength=q).to(torch.float64)
+            counts = torch.bincount(top.flatten(), minlength=q).to(torch.float64)
+            score = wins * (top.numel() + 1) + counts + torch.sigmoid(low.amax(dim=(1, 2)).double())
+            rank = torch.where(kept, score, -1.0)
+            kept = torch.zeros_like(kept)
+            kept[rank.topk(cap).indices] = True
+            kept &= counts > 0
         size = tuple(x.shape[-2:]) if upsample else tuple(low.shape[-2:])
         if int(kept.sum()) >= low.shape[0] - 1:
             return resize(low[None], size), owner
@@ -795,13 +824,18 @@ class ITACLIPSegmenter(Segmenter):
         k = len(state.vocabulary)
         scale = float(cfg.logit_scale)
         size = tuple(guide.shape[-2:])
-        owners = owner.tolist()
+        # The state's rows are known on the host; pruned rows (CPU only, see segment) are read back.
+        owners = list(state.owner_rows) if owner is state.owner and state.owner_rows else owner.tolist()
         last = {o: i for i, o in enumerate(owners)}  # a class's value is final after its last row
         dev = guide.device
         inf = float("-inf")
-        cls = torch.full((k, *size), inf, device=dev)
+        # Maps only for the classes that kept a row: after pruning, nothing here is sized by the vocabulary.
+        present = sorted({o for o in owners if o < k}) or [0]
+        slot = {c: i for i, c in enumerate(present)}
+        classes = None if len(present) == k else torch.tensor(present, dtype=torch.long, device=dev)
+        cls = torch.full((len(present), *size), inf, device=dev)
         bg = torch.full(size, inf, device=dev) if state.num_background else None
-        ranking = _Ranking(size, dev) if k >= FAST_MIN_CLASSES else None
+        ranking = _Ranking(size, dev) if len(present) >= FAST_MIN_CLASSES and not sync_free(dev) else None
         top = torch.full(size, inf, device=dev)  # running max of scale * logit (online log-sum-exp)
         acc = torch.zeros(size, device=dev)  # sum of exp(scale * logit - top)
         for start, part in pamr_chunks(guide, rows, cfg.pamr_steps, cfg.pamr_dilations,
@@ -813,14 +847,14 @@ class ITACLIPSegmenter(Segmenter):
             top = new_top
             for i, o in enumerate(owners[start:start + part.shape[0]], start=start):
                 if o < k:
-                    c = cls[o]
+                    c = cls[slot[o]]
                     torch.maximum(c, part[i - start], out=c)
                     if ranking is not None and last[o] == i:
-                        ranking.add(c, o)
+                        ranking.add(c, slot[o])
                 elif o == k and bg is not None:
                     torch.maximum(bg, part[i - start], out=bg)
         ranked = ranking.finish(cls) if ranking is not None else None
-        return RowReduction(cls, bg, top + acc.log(), scale, ranked)
+        return RowReduction(cls, bg, top + acc.log(), scale, ranked, classes)
 
     def _labels_fast(
         self, red: RowReduction, size: tuple[int, int], state: ITACLIPState
@@ -854,6 +888,8 @@ class ITACLIPSegmenter(Segmenter):
                 lambda ys, xs: bilinear_at(cls, size, ys, xs, transform=prob),
                 lambda: upsample_max(all_probs(), size),
             )
+        if red.classes is not None:  # map rows of the kept classes back to class ids
+            idx = red.classes[idx]
         labels = idx.to(torch.int32)
         top = conf
         if red.bg is not None:
@@ -865,10 +901,23 @@ class ITACLIPSegmenter(Segmenter):
         chosen = conf
         if cfg.close_kernel > 1:
             closed = close_labels_torch(labels, cfg.close_kernel)
-            moved = ((closed != labels) & (closed >= 0)).nonzero(as_tuple=True)
-            chosen = conf.clone()
-            if moved[0].numel():  # the closed label's own probability, only where closing changed it
-                chosen[moved] = bilinear_at(cls, size, moved[0], moved[1], closed[moved].long(), transform=prob)
+            changed = (closed != labels) & (closed >= 0)
+            row_of = closed.long()  # a closed label is some neighbour's label: a kept class, mapped to its map
+            if red.classes is not None:
+                inv = torch.zeros(len(state.vocabulary), dtype=torch.long, device=cls.device)
+                inv[red.classes] = torch.arange(len(red.classes), device=cls.device)
+                row_of = inv[row_of.clamp(min=0)]
+            if sync_free(cls.device):  # fixed shapes: every pixel's closed-label probability, kept where changed
+                ys, xs = torch.meshgrid(torch.arange(size[0], device=cls.device),
+                                        torch.arange(size[1], device=cls.device), indexing="ij")
+                at = bilinear_at(cls, size, ys.flatten(), xs.flatten(), row_of.flatten().clamp(min=0),
+                                 transform=prob).view(size)
+                chosen = torch.where(changed, at, conf)
+            else:
+                moved = changed.nonzero(as_tuple=True)
+                chosen = conf.clone()
+                if moved[0].numel():  # the closed label's own probability, only where closing changed it
+                    chosen[moved] = bilinear_at(cls, size, moved[0], moved[1], row_of[moved], transform=prob)
             labels = closed
         conf_out = torch.where(labels >= 0, chosen, top)
         labels_np, conf_np = to_host(labels, conf_out.float().clamp(0, 1))
@@ -890,7 +939,8 @@ class ITACLIPSegmenter(Segmenter):
         # Refine and classify in one stream of row chunks: labels need per-class maxima and one denominator.
         fast = cfg.refine_at == "processing" and cfg.fast_upsample and cfg.area_thd <= 0
         with timer.stage("backbone"):
-            if cfg.prune_names > 0 and cfg.slide_crop <= 0:
+            # Pruning picks rows by value (a data-dependent shape): CPU only; a GPU refines every row at once.
+            if cfg.prune_names > 0 and cfg.slide_crop <= 0 and not sync_free(self.device):
                 logits, owner = self._pruned_logits(x, text, st, upsample=not fast)
             elif fast and cfg.slide_crop <= 0:
                 logits = self.crop_logits(x, text, upsample=False)  # patch grid; upsampled chunk by chunk

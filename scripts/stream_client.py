@@ -1,7 +1,9 @@
 """Client-side helpers for the demo and the benchmarks: a synthetic camera, a spinning client node that
 records outputs with their arrival time, and the installed ``segment_node`` as a child process.
 
-Not used by the node itself. DDS settings (loopback profile, domain) come from the environment
+Not part of the node package (ovseg_ros): it lives beside the demo (scripts/demo_stream.py) and is imported by
+the benchmarks (benchmarks/bench_node_stream.py) and the ROS tests (tests/ros/ros_harness.py), which put this
+folder on ``sys.path``. DDS settings (loopback profile, domain) come from the environment
 (``source scripts/env.sh``), never from here.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import array
 import os
 import signal
+import struct
 import subprocess
 import threading
 import time
@@ -42,7 +45,7 @@ def key_scene(i: int, width: int = 640, height: int = 480, n_classes: int = 20, 
     frame ``i`` (tens of segments, several instances per thing class), so the node's per-frame work
     (label encoding, panoptic derivation, messages) is what a real scene costs, at no model cost.
     """
-    from ..core.segmenters.color_key import key_colors
+    from ovseg_ros.core.segmenters.color_key import key_colors
 
     keys = key_colors(n_classes)
     img = np.empty((height, width, 3), np.uint8)
@@ -77,6 +80,80 @@ def rgb_image_msg(rgb: np.ndarray, stamp: Any, frame_id: str = "demo_camera") ->
 
 def stamp_ns(header: Any) -> int:
     return header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+
+
+def serialized_frame(rgb: np.ndarray, frame_id: str = "demo_camera") -> bytes:
+    """A CDR-serialised rgb8 sensor_msgs/Image of ``rgb`` with a zero stamp (see :func:`with_stamp`)."""
+    from rclpy.serialization import serialize_message
+    from builtin_interfaces.msg import Time
+
+    return serialize_message(rgb_image_msg(rgb, Time(), frame_id))
+
+
+#: Every message recorded or published raw here starts with a std_msgs/Header: after the 4-byte CDR
+#: encapsulation header come int32 sec and uint32 nanosec (little-endian: rclpy serialises CDR_LE).
+_STAMP = struct.Struct("<iI")
+
+
+def with_stamp(serialized: bytes, sec: int, nanosec: int) -> bytes:
+    """``serialized`` (from :func:`serialized_frame`) with its header stamp set, without deserialising."""
+    if serialized[:2] != b"\x00\x01":
+        raise ValueError("not a little-endian CDR message")
+    return serialized[:4] + _STAMP.pack(sec, nanosec) + serialized[12:]
+
+
+def raw_stamp_ns(serialized: bytes) -> int:
+    """The header stamp (ns) of a serialised message whose first field is a std_msgs/Header."""
+    sec, nanosec = _STAMP.unpack_from(serialized, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
+class StampRecorder:
+    """Raw subscription callback keeping (arrival ns on the ROS clock, header stamp ns) and nothing else.
+
+    Messages are never deserialised (``raw=True``): a client that deserialises 1-4 MB of outputs per frame in
+    Python falls behind at 30 Hz and drops messages itself, which a benchmark would then charge to the node.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.items: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        item = (self.clock.now().nanoseconds, raw_stamp_ns(data))
+        with self.lock:
+            self.items.append(item)
+
+    def stamps(self) -> dict[int, int]:
+        """Header stamp -> arrival time (ns)."""
+        with self.lock:
+            return {s: t for t, s in self.items}
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU time (s) of process ``pid`` so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU time (s) per thread name of process ``pid`` (threads of one name summed; Linux /proc)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = text[text.index("(") + 1: text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 class Recorder:
@@ -134,6 +211,15 @@ class StreamClient:
                          durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
         rec = Recorder(self.node.get_clock())
         self.node.create_subscription(msg_type, topic, rec, qos)
+        return rec
+
+    def record_stamps(self, topic: str, msg_type: type, depth: int = 100) -> StampRecorder:
+        """Like :meth:`record` (volatile, reliable) but raw: only arrival times and header stamps are kept."""
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        rec = StampRecorder(self.node.get_clock())
+        self.node.create_subscription(msg_type, topic, rec, QoSProfile(depth=depth,
+                                      reliability=ReliabilityPolicy.RELIABLE), raw=True)
         return rec
 
     def call(self, srv_type: type, name: str, request: Any, timeout: float = 60.0) -> Any:

@@ -1,0 +1,74 @@
+"""Count the operations that make the host wait for the device, on the CPU (no GPU needed).
+
+On CUDA these block the Python thread until the queue drains: reading a value (``.item()``, ``int(t)``,
+``bool(t)``, ``.tolist()``), ops whose output size depends on the data (``nonzero``, boolean-mask indexing,
+``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``), and copies to
+the host (``.cpu()``/``.numpy()``). A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every
+aten op, so a CPU run shows exactly what a CUDA run would wait on (``torch.cuda.set_sync_debug_mode`` is
+the on-device check; ``benchmarks/gpu_check.sh`` runs it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_SYNC_OPS = {
+    "aten._local_scalar_dense", "aten.nonzero", "aten.nonzero_static", "aten.masked_select", "aten.unique_dim",
+    "aten._unique", "aten._unique2", "aten.unique_consecutive", "aten.bincount", "aten.equal", "aten.is_nonzero",
+    "aten.histc", "aten.masked_scatter", "aten.argwhere",
+}
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, counts: Counter) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        name = name if name.startswith("aten") else f"aten.{name}"
+        if name in _SYNC_OPS and name != "aten.nonzero_static":
+            self.counts[name] += 1
+        elif name == "aten.repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
+            self.counts["aten.repeat_interleave (no output_size)"] += 1
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+                self.counts[f"{name} (boolean mask)"] += 1
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def count_host_syncs() -> Iterator[Counter]:
+    """Counts of host-synchronising operations inside the block (``numpy``/``tolist`` reads included)."""
+    counts: Counter = Counter()
+    # Python-level reads: some C++ fast paths (``int(t)`` of an integer CPU tensor) skip the dispatcher.
+    originals = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy", "item", "__int__", "__float__", "__bool__")}
+
+    def wrap(n: str):
+        orig = originals[n]
+
+        def read(self, *a, **k):  # noqa: ANN001, ANN202
+            counts[f"Tensor.{n}"] += 1
+            return orig(self, *a, **k)
+        return read
+
+    for n in originals:
+        setattr(torch.Tensor, n, wrap(n))
+    try:
+        with _Mode(counts):
+            yield counts
+        # A read counted by its Python method and by the scalar op it dispatches is one wait, not two.
+        scalar_reads = sum(counts[f"Tensor.{n}"] for n in ("item", "__int__", "__float__", "__bool__"))
+        counts["aten._local_scalar_dense"] = max(0, counts["aten._local_scalar_dense"] - scalar_reads)
+        if not counts["aten._local_scalar_dense"]:
+            del counts["aten._local_scalar_dense"]
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
