@@ -9,9 +9,11 @@ temporal filter off and on: HOTA, DetA, AssA, MOTA, IDF1, identity switches (Tra
 (share of pixels whose published label changes where the truth does not) and the lag behind true changes.
 
 Cost (one core): the tracker on a 640x480 id map with 50 moving thing segments per frame (the issue's budget:
-<= 1 ms), and the temporal vote on 640x480 labels.
+<= 1 ms), its 3D centroid cue from a 640x480 16UC1 depth image (what the node adds per frame with
+``publish_points``), and the temporal vote on 640x480 labels.
 
     source scripts/env.sh && python benchmarks/bench_tracking.py [--seeds 3] [--frames 150] [--quick]
+    python benchmarks/bench_tracking.py --depth-cue-only   # the cost table's tracker and depth-cue rows only
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np  # noqa: E402
 import benchlib  # noqa: E402,F401  (puts the repository root on sys.path)
 from ovseg_ros.core.postprocess import panoptic_from_semantic  # noqa: E402
 from ovseg_ros.core.temporal import FilterConfig, LabelFilter  # noqa: E402
-from ovseg_ros.core.tracking import InstanceTracker  # noqa: E402
+from ovseg_ros.core.depth import Intrinsics, depth_msg_to_metres  # noqa: E402
+from ovseg_ros.core.tracking import DepthCue, InstanceTracker, depth_centroids  # noqa: E402
 from ovseg_ros.core.vocabulary import Vocabulary  # noqa: E402
 from ovseg_ros.eval.tracking import evaluate_synthetic  # noqa: E402
 from ovseg_ros.eval.video_synth import SceneConfig  # noqa: E402
@@ -102,23 +105,58 @@ def moving_segments(frames: int, n: int = 50, h: int = 480, w: int = 640, seed: 
     return out
 
 
-def cost(repeats: int) -> None:
+def _row(name: str, times: list[float]) -> None:
+    print(f"| {name} | {statistics.median(times):.3f} | {float(np.percentile(times, 90)):.3f} | {min(times):.3f} |")
+
+
+def _depth_msg(p, rng: np.random.Generator):
+    """A 640x480 16UC1 depth image (sensor_msgs/Image-like) of ``p``'s segments, 5% holes. Each class at its own
+    depth (1.0-5.5 m; stuff at 8 m): steady per object, so the gate agrees with the masks (the usual case)."""
+    from types import SimpleNamespace
+
+    lut = np.zeros(max((s.id for s in p.segments), default=0) + 1, np.uint16)
+    for s in p.segments:
+        lut[s.id] = 1000 + 500 * (s.class_id - 1) if s.is_thing else 8000
+    mm = lut[p.segment_ids]
+    mm[rng.random(mm.shape) < 0.05] = 0
+    h, w = mm.shape
+    return SimpleNamespace(data=mm.tobytes(), width=w, height=h, step=2 * w, encoding="16UC1", is_bigendian=0)
+
+
+def cost(repeats: int, depth_only: bool = False) -> None:
     cv2.setNumThreads(1)
     frames = moving_segments(60)
     segs = statistics.mean(sum(s.is_thing for s in p.segments) for p in frames)
-    times = []
+    rng = np.random.default_rng(2)
+    depth = [_depth_msg(p, rng) for p in frames]
+    intr = Intrinsics(525.0, 525.0, 319.5, 239.5, 640, 480)
+    times, with_cue, decode, centroids = [], [], [], []
     for _ in range(repeats):
-        tr = InstanceTracker()
+        tr, tr3 = InstanceTracker(), InstanceTracker()
         for k, p in enumerate(frames):
             t0 = time.thread_time()
             tr.update(p, k * 33_333_333)
-            times.append((time.thread_time() - t0) * 1e3)
+            t1 = time.thread_time()
+            cue = DepthCue(depth_msg_to_metres(depth[k]), intr, 0.1, 10.0)
+            t2 = time.thread_time()
+            c = depth_centroids(p, cue)
+            t3 = time.thread_time()
+            tr3.update(p, k * 33_333_333, centroids=c)
+            t4 = time.thread_time()
+            times.append((t1 - t0) * 1e3)
+            decode.append((t2 - t1) * 1e3)
+            centroids.append((t3 - t2) * 1e3)
+            with_cue.append((t4 - t1) * 1e3)
     print(f"\n### Cost per 640x480 frame, one core ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs shared; CPU time of the thread, so other processes do not count)\n")
     print("| stage | median ms | p90 ms | min ms |")
     print("|---|---|---|---|")
-    print(f"| tracker, {segs:.0f} thing segments (of {len(frames[0].segments)}) | {statistics.median(times):.3f} | "
-          f"{float(np.percentile(times, 90)):.3f} | {min(times):.3f} |")
+    _row(f"tracker, {segs:.0f} thing segments (of {len(frames[0].segments)})", times)
+    _row("depth cue: decode the 16UC1 depth image (`depth_msg_to_metres`)", decode)
+    _row("depth cue: segment centroids (`depth_centroids`, ~5k-pixel sample)", centroids)
+    _row("tracker with the depth cue, all included (decode + centroids + tracker)", with_cue)
+    if depth_only:
+        return
     # the vote on a realistic stream (synthetic 640x480, panning, with border noise, splits and misses) and on
     # the worst case (a still image under random labels that all change every frame: every pixel in dispute)
     from ovseg_ros.core.segmenter import build_segmenter
@@ -156,8 +194,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="passes over the 60-frame cost sequence")
     p.add_argument("--max-age", type=float, default=3.0, help="track_max_age (s)")
     p.add_argument("--quick", action="store_true", help="cost and lag only")
+    p.add_argument("--depth-cue-only", action="store_true", help="the tracker and depth-cue cost rows only")
     args = p.parse_args()
-    cost(args.repeats)
+    cost(args.repeats, args.depth_cue_only)
+    if args.depth_cue_only:
+        return
     designed_lag()
     if not args.quick:
         quality(args.seeds, args.frames, args.max_age)

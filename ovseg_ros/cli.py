@@ -48,6 +48,7 @@ from .core.segmenter import (
     list_presets,
     list_segmenters,
 )
+from .tools import plain_help
 from .core.vocabulary import (
     UNLABELED,
     Vocabulary,
@@ -269,7 +270,7 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ovseg-segment", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="ovseg-segment", description=plain_help(__doc__.split("\n\n")[0]),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("-o", "--output", default="ovseg_out", help="output folder")

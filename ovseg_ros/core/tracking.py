@@ -32,12 +32,16 @@ import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from . import depth as dp
 from .segmenter import PanopticResult
 
 #: Reset reasons (keys of :attr:`InstanceTracker.resets`).
 RESET_REASONS = ("vocabulary", "deactivate", "time_jump_back", "image_size", "parameters")
 #: Pixels sampled per frame for the overlaps (stride chosen per image size).
 SAMPLE_PIXELS = 20_000
+#: Pixels back-projected per frame for the 3D centroids (a gate of tens of centimetres: a few thousand points
+#: are plenty, and this sample is what the cue costs; a segment too small to be sampled is gated by its mask).
+CENTROID_SAMPLE_PIXELS = 5_000
 
 
 @dataclass
@@ -104,19 +108,63 @@ def segment_centroids(segment_ids: np.ndarray, xyz: np.ndarray, ids: np.ndarray,
     if ids.size == 0:
         return out
     seg = segment_ids[::stride, ::stride].ravel().astype(np.int64)
-    pts = xyz[::stride, ::stride].reshape(-1, 3).astype(np.float64)
-    good = np.isfinite(pts).all(axis=1)
-    order = np.argsort(ids)
-    pos = np.searchsorted(ids[order], seg[good])
-    pos = np.clip(pos, 0, ids.size - 1)
-    hit = ids[order][pos] == seg[good]
-    slot = order[pos[hit]]
-    n = np.bincount(slot, minlength=ids.size).astype(np.float64)
+    pts = xyz[::stride, ::stride].reshape(-1, 3)
+    if ids.min() >= 0 and max(int(ids.max()), int(seg.max(initial=0))) < 1 << 20:
+        # segment ids are small non-negative integers: a look-up table instead of a search
+        lut = np.full(max(int(ids.max()), int(seg.max(initial=0))) + 1, -1, np.int64)
+        lut[ids] = np.arange(ids.size)
+        slot = lut[seg]
+    else:
+        order = np.argsort(ids)
+        pos = np.clip(np.searchsorted(ids[order], seg), 0, ids.size - 1)
+        slot = np.where(ids[order][pos] == seg, order[pos], -1)
+    keep = slot >= 0
     for k in range(3):
-        s = np.bincount(slot, weights=pts[good][hit, k], minlength=ids.size)
+        keep &= np.isfinite(pts[:, k])
+    slot = slot[keep]
+    n = np.bincount(slot, minlength=ids.size).astype(np.float64)
+    kept = pts[keep].astype(np.float64)
+    for k in range(3):
+        s = np.bincount(slot, weights=kept[:, k], minlength=ids.size)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, k] = np.where(n > 0, s / np.maximum(n, 1), np.nan)
     return out
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity (holds an array)
+class DepthCue:
+    """A depth image registered to a frame's colour camera, for the 3D gate of :class:`InstanceTracker`.
+
+    ``metres``: (h, w) float32 metres, NaN where invalid (:func:`.depth.depth_msg_to_metres`), at any resolution
+    with the labels' aspect ratio; ``intrinsics``: the depth camera's, at any resolution (rescaled here);
+    points outside ``[min_depth, max_depth]`` are not used (the semantic cloud's range).
+    """
+
+    metres: np.ndarray
+    intrinsics: dp.Intrinsics
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+
+
+def depth_centroids(panoptic: PanopticResult, cue: DepthCue, target: int = CENTROID_SAMPLE_PIXELS) -> np.ndarray:
+    """(S, 3) mean 3D point (optical frame, metres) of each segment of ``panoptic`` (NaN rows: no valid point).
+
+    Back-projects only a nearest-neighbour sample of about ``target`` pixels (:func:`.depth.resample_nearest`
+    of the depth and of the id map to one small grid, :func:`.depth.project` with the intrinsics rescaled to it):
+    the centroid gates the association, a sample is enough (cost: docs/benchmarks.md, issue 19).
+    Raises :class:`.depth.DepthError` for a depth image or intrinsics that cannot be the frame's.
+    """
+    seg = panoptic.segment_ids
+    h, w = seg.shape
+    dh, dw = cue.metres.shape[:2]
+    dp.check_aspect((dh, dw), (h, w), "depth image")
+    dp.check_aspect((cue.intrinsics.height, cue.intrinsics.width), (h, w), "camera_info")
+    stride = sample_stride(h, w, target)
+    sh, sw = max(1, h // stride), max(1, w // stride)
+    small_ids = dp.resample_nearest(seg, sh, sw)
+    xyz = dp.project(dp.resample_nearest(cue.metres, sh, sw), cue.intrinsics.scaled(sw, sh),
+                     cue.min_depth, cue.max_depth)
+    return segment_centroids(small_ids, xyz, np.array([s.id for s in panoptic.segments], np.int64), stride=1)
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -372,13 +420,16 @@ class InstanceTracker:
         iou[tcls[:, None] != cls[None, :]] = 0.0
         if cent3 is None:
             return
-        for r, t in enumerate(tracks):
-            if t is None or t.centroid is None:
-                continue
-            dt = max((stamp_ns - t.last_ns) / 1e9, 0.0)
-            reach = self.config.max_speed_mps * dt + self.config.centroid_slack_m
-            dist = np.linalg.norm(cent3 - t.centroid[None, :], axis=1)
-            iou[r, np.isfinite(dist) & (dist > reach)] = 0.0
+        rows = [r for r, t in enumerate(tracks) if t is not None and t.centroid is not None]
+        if not rows:
+            return
+        known = np.stack([tracks[r].centroid for r in rows])
+        dt = np.maximum((stamp_ns - np.array([tracks[r].last_ns for r in rows], np.float64)) / 1e9, 0.0)
+        reach = self.config.max_speed_mps * dt + self.config.centroid_slack_m
+        dist = np.linalg.norm(cent3[None, :, :] - known[:, None, :], axis=2)  # (rows, segments), NaN unknown
+        with np.errstate(invalid="ignore"):
+            far = dist > reach[:, None]  # NaN compares False: an unknown centroid gates nothing
+        iou[rows] = np.where(far, 0.0, iou[rows])
 
     def _predicted_iou(self, t: _Track, flat: np.ndarray, shape: tuple[int, int], stride: int, area: np.ndarray,
                        cols: np.ndarray, boxes: np.ndarray, stamp_ns: int) -> np.ndarray:

@@ -13,13 +13,14 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from typing import Any, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import numpy as np
 
 from .segmenter import PanopticResult, SegmentationResult
 from .temporal import FilterConfig, LabelFilter
-from .tracking import InstanceTracker, TrackerConfig
+from .depth import DepthError
+from .tracking import DepthCue, InstanceTracker, TrackerConfig, depth_centroids
 
 
 class VideoState:
@@ -30,7 +31,11 @@ class VideoState:
         self.filter = LabelFilter()
         self.tracking = True
         self._lock = threading.Lock()  # diagnostics read from another thread
-        self._ms: dict[str, deque] = {"tracking": deque(maxlen=100), "temporal_filter": deque(maxlen=100)}
+        self._ms: dict[str, deque] = {"tracking": deque(maxlen=100), "temporal_filter": deque(maxlen=100),
+                                      "track_depth_cue": deque(maxlen=100)}
+        self.depth_cue_frames = 0  # frames tracked with the 3D centroid cue
+        self.depth_cue_refused = 0  # a depth image was there but could not be the frame's (aspect, intrinsics)
+        self.depth_cue_last_refusal = ""
 
     def configure(self, tracking: bool, max_age_s: float, filter_config: FilterConfig) -> None:
         with self._lock:
@@ -59,15 +64,41 @@ class VideoState:
         return dataclasses.replace(result, labels=labels, confidence=conf)
 
     def track(self, panoptic: PanopticResult, stamp_ns: int, context: Hashable,
-              centroids: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
-        """Track id per segment (uint32, 0 = untracked), or None while tracking is off."""
+              centroids: Optional[np.ndarray] = None,
+              depth: Optional[Callable[[], Optional[DepthCue]]] = None) -> Optional[np.ndarray]:
+        """Track id per segment (uint32, 0 = untracked), or None while tracking is off.
+
+        ``depth``: called (only while tracking) for the frame's depth image; when it gives one, the segments'
+        3D centroids gate the association (:func:`~.tracking.depth_centroids`), else masks alone are used.
+        The cue's cost (the call and the centroids) is timed as ``track_depth_cue_ms_mean``.
+        """
         if not self.tracking:
             return None
+        if depth is not None and centroids is None:
+            centroids = self._depth_centroids(panoptic, depth)
         t0 = time.perf_counter()
         with self._lock:
             ids = self.tracker.update(panoptic, stamp_ns, context, centroids)
         self._ms["tracking"].append((time.perf_counter() - t0) * 1e3)
         return ids
+
+    def _depth_centroids(self, panoptic: PanopticResult,
+                         depth: Callable[[], Optional[DepthCue]]) -> Optional[np.ndarray]:
+        t0 = time.perf_counter()
+        cue = depth()
+        if cue is None:
+            return None
+        try:
+            centroids = depth_centroids(panoptic, cue)
+        except DepthError as exc:  # not this frame's depth: masks alone, counted with the reason
+            with self._lock:
+                self.depth_cue_refused += 1
+                self.depth_cue_last_refusal = str(exc)
+            return None
+        with self._lock:
+            self.depth_cue_frames += 1
+        self._ms["track_depth_cue"].append((time.perf_counter() - t0) * 1e3)
+        return centroids
 
     def diagnostics(self) -> dict[str, str]:
         """Counters for ``/diagnostics`` (tracks, resets per reason, stage times)."""
@@ -77,6 +108,10 @@ class VideoState:
                 "tracking": "on" if self.tracking else "off",
                 "tracks_alive": self.tracker.num_tracks,
                 "tracks_created": stats.created,
+                "track_frames": stats.frames,
+                "track_depth_cue_frames": self.depth_cue_frames,
+                "track_depth_cue_refused": self.depth_cue_refused,
+                "track_depth_cue_last_refusal": self.depth_cue_last_refusal,
                 **{f"track_resets_{k}": v for k, v in stats.resets.items()},
                 "last_track_reset": stats.last_reset,
                 "temporal_filter": self.filter.config.method,

@@ -94,9 +94,13 @@ class Vocabulary:
     source: str = ""
     #: Published id of each class (same order as ``classes``); empty: the positions.
     class_ids: tuple[int, ...] = ()
+    #: Allow one text among the names of two classes. Only for a published class list read as it is (the
+    #: FC-CLIP authors' ``*_with_prompt_eng.txt`` files share synonyms between classes; a method that takes
+    #: the best of each class's names scores a shared text for both). Never set for user vocabularies.
+    shared_texts: bool = False
 
     def __post_init__(self) -> None:
-        _validate_classes(self.classes)
+        _validate_classes(self.classes, self.shared_texts)
         if self.class_ids and (len(self.class_ids) != len(self.classes) or len(set(self.class_ids)) != len(
                 self.class_ids) or min(self.class_ids) < 0 or max(self.class_ids) >= MAX_CLASSES):
             raise VocabularyError(f"class_ids must be {len(self.classes)} distinct ids in 0..{MAX_CLASSES - 1}")
@@ -266,7 +270,7 @@ def default_is_thing(name: str) -> bool:
     return not any(w in _STUFF_WORDS for w in words)
 
 
-def _validate_classes(classes: Sequence[ClassSpec]) -> None:
+def _validate_classes(classes: Sequence[ClassSpec], shared_texts: bool = False) -> None:
     if len(classes) == 0:
         raise VocabularyError("the vocabulary is empty: give at least one class name")
     if len(classes) > MAX_CLASSES:
@@ -299,7 +303,7 @@ def _validate_classes(classes: Sequence[ClassSpec]) -> None:
     # A text naming two classes (one's name is the other's synonym, or a shared synonym) makes the label of
     # that text ambiguous: segmenters score every name and keep the best, so both classes would claim it.
     owner: dict[str, int] = {}
-    for i, c in enumerate(classes):
+    for i, c in enumerate([] if shared_texts else classes):
         for text in dict.fromkeys(n.strip().lower() for n in c.names):
             j = owner.setdefault(text, i)
             if j != i:

@@ -7,8 +7,10 @@ Examples::
         --checkpoint fcclip_cocopan.pth --limit 50
     torchrun --nproc_per_node=4 -m ovseg_ros.eval --segmenter car --preset voc --dataset voc --root ...
 
-Writes ``<output>/report.json`` (everything), ``report.md`` and per-image records (``records/``); a rerun
-with the same settings continues where the last one stopped.
+Writes ``<output>/report.json`` (everything, with the run's fingerprint), ``report.md`` and per-image
+records (``records/``); ``--save-predictions`` adds the predicted label (and panoptic) PNGs. A rerun with
+the same fingerprint (weights, resolved configuration, package version, dataset) continues where the last
+one stopped; a rerun with another one is refused with the differences (``--overwrite`` starts afresh).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from ..core.vocabulary import VocabularyError
 from . import distributed as dist
 from .datasets import READERS, DatasetError, open_dataset
 from .report import build_report, headline_text, write_report
+from .fingerprint import fingerprint
 from .runner import RunMismatchError, prepare_output, run_evaluation
+from ..tools import plain_help
 
 
 def default_preset(segmenter: str, dataset: str) -> str:
@@ -47,7 +51,7 @@ def default_preset(segmenter: str, dataset: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ovseg-eval", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="ovseg-eval", description=plain_help(__doc__),
                                 epilog="Dataset layouts: python -m ovseg_ros.eval --layouts",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--segmenter", help="segmentation method (--list shows them and their presets)")
@@ -66,7 +70,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"], help="torch.distributed backend")
     p.add_argument("--cache-dir", default="~/.cache/ovseg_ros", help="text-embedding and weights cache")
     p.add_argument("--online", action="store_true", help="allow downloading weights from the hub")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    _add_output_args(p)
     p.add_argument("--list", action="store_true", help="list segmenters, presets and published numbers")
     p.add_argument("--layouts", action="store_true", help="print the expected folder layout of every dataset")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -74,12 +79,37 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--save-predictions", action="store_true",
+                   help="also write each prediction as PNGs in the dataset's own label values "
+                        "(<output>/predictions/, see docs/evaluation.md)")
+    p.add_argument("--class-file", default="", metavar="PATH",
+                   help="ask the classes with a published class list ('<id>:<name>,<synonym>,...' lines, e.g. "
+                        "FC-CLIP's <dataset>_with_prompt_eng.txt; see docs/methods/fcclip.md)")
+    p.add_argument("--log-every", type=int, default=50, metavar="N",
+                   help="when stderr is not a terminal: one progress line every N images (default 50)")
+
+
+def _apply_class_file(dataset: Any, args: argparse.Namespace, preset: str) -> None:
+    """``--class-file``: the dataset is asked with that list (its hash joins the fingerprint)."""
+    from .class_file import class_file_vocabulary
+
+    if args.class_file:
+        dataset.vocabulary = class_file_vocabulary(args.class_file, dataset)
+        dataset._extra.setdefault("identity_files", {})["class_file"] = str(Path(args.class_file).resolve())
+    elif args.segmenter == "fcclip" and preset != "realtime":
+        print("ovseg-eval: note: FC-CLIP's paper numbers use the authors' class lists; without --class-file "
+              "the project's vocabulary is asked (docs/methods/fcclip.md says where to get theirs)", file=sys.stderr)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: Any = yaml.safe_load(args.options) if args.options else {}
     if not isinstance(overrides, dict):
         raise ValueError("--options must be a YAML mapping, e.g. '{short_side: 224}'")
+    # --pretrained '' is meaningful (no tag: weights from --checkpoint only), so only None means "not given".
     model = {k: v for k, v in (("name", args.model), ("pretrained", args.pretrained),
-                               ("checkpoint", args.checkpoint), ("precision", args.precision)) if v not in ("", None)}
+                               ("checkpoint", args.checkpoint), ("precision", args.precision))
+             if v is not None and (v != "" or k == "pretrained")}
     if model:
         field = get_segmenter_class(args.segmenter).primary_model_field
         overrides[field] = {**overrides.get(field, {}), **model}
@@ -124,21 +154,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise KeyError(f"unknown segmenter {args.segmenter!r}; available: {', '.join(list_segmenters())}")
         dataset = open_dataset(args.dataset, args.root)
         preset = args.preset or default_preset(args.segmenter, args.dataset)
+        _apply_class_file(dataset, args, preset)
         overrides = _overrides(args)
         out_dir = Path(args.output or f"eval_out/{args.segmenter}-{preset or 'default'}-{args.dataset}")
         segmenter = build_segmenter(args.segmenter, preset, overrides, device,
                                     cache_dir=str(Path(args.cache_dir).expanduser()), offline=not args.online,
                                     backend=backend_from_args(args, device))
         spec = getattr(segmenter.config, get_segmenter_class(args.segmenter).primary_model_field, None)
+        cache_dir = str(Path(args.cache_dir).expanduser())
         run = {"segmenter": args.segmenter, "preset": preset, "overrides": overrides, "dataset": dataset.name,
                "root": str(Path(args.root).resolve()), "num_classes": dataset.num_classes,
-               "model": getattr(spec, "name", ""), "pretrained": getattr(spec, "pretrained", ""),
+               "model": getattr(spec, "name", ""),
+               # the checkpoint wins over the tag (ModelSpec), so a tag beside a checkpoint was not used
+               "pretrained": "" if getattr(spec, "checkpoint", "") else getattr(spec, "pretrained", ""),
                "checkpoint": getattr(spec, "checkpoint", ""), "device": str(device),
-               "world_size": ctx.world_size, "backend": ctx.backend, "limit": args.limit}
+               "world_size": ctx.world_size, "backend": ctx.backend, "limit": args.limit,
+               "fingerprint": fingerprint(args.segmenter, preset, segmenter.config, dataset, cache_dir)}
         if args.image_backend != "torch":  # recorded only when used: earlier runs' records stay comparable
             run.update(image_backend=args.image_backend, onnx_file=str(Path(args.onnx_file).resolve()))
         prepare_output(out_dir, run, ctx, args.overwrite)
-        totals = run_evaluation(segmenter, dataset, out_dir, ctx, args.limit, progress=not args.no_progress)
+        totals = run_evaluation(segmenter, dataset, out_dir, ctx, args.limit, progress=not args.no_progress,
+                                save_predictions=args.save_predictions, log_every=args.log_every)
         if ctx.is_main:
             report = build_report(totals, dataset, run, load_paper_results(args.segmenter, preset))
             json_path, md_path = write_report(report, out_dir)

@@ -109,6 +109,14 @@ class Dataset:
     def _map_labels(self, raw: np.ndarray) -> np.ndarray:
         return raw.astype(np.int64)
 
+    def raw_label_values(self) -> np.ndarray:
+        """The value of each dataset label (class index) in the dataset's own annotation files."""
+        return np.arange(self.num_classes, dtype=np.int64)
+
+    def category_ids(self) -> np.ndarray:
+        """The id of each class in the dataset's own category list (panoptic ``category_id``)."""
+        return self.raw_label_values()
+
     def predicted_labels(self, labels: np.ndarray) -> np.ndarray:
         """Segmenter labels (vocabulary ids, -1 = unlabeled) -> dataset labels (-1 = no class)."""
         table = np.append(self.label_of_class, self.unlabeled_label).astype(np.int64)
@@ -199,9 +207,28 @@ def dataset_vocabulary(name: str) -> Vocabulary:
     return load_vocabulary_file(path)
 
 
+def dataset_class_names(vocab: Vocabulary) -> list[str]:
+    """The dataset's own names of the classes of ``vocab`` (a class list of ``core/data/datasets``).
+
+    The query names are chosen for CLIP (VOC's 'boat' is asked as 'ship'); reports name the classes as
+    the dataset does, from the file's optional ``dataset_names:`` list (same order), else the query names.
+    """
+    import yaml
+
+    path = DATASET_VOCAB_DIR / f"{vocab.source}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        data = None
+    names = data.get("dataset_names") if isinstance(data, dict) else None
+    if isinstance(names, list) and len(names) == len(vocab) and all(isinstance(n, str) for n in names):
+        return list(names)
+    return list(vocab.names)
+
+
 def _with_background(vocab: Vocabulary) -> tuple[list[str], list[bool], np.ndarray]:
     """Dataset classes 'background' + vocabulary; vocabulary id i is dataset label i + 1."""
-    return (["background"] + vocab.names, [False] + [c.is_thing for c in vocab.classes],
+    return (["background"] + dataset_class_names(vocab), [False] + [c.is_thing for c in vocab.classes],
             np.arange(1, len(vocab) + 1))
 
 
@@ -225,6 +252,9 @@ class _Context59(Dataset):
         out[(raw == 0) | (raw == IGNORE)] = IGNORE
         return out
 
+    def raw_label_values(self) -> np.ndarray:
+        return np.arange(1, self.num_classes + 1, dtype=np.int64)
+
 
 def _context(root: str | Path, n: int) -> Dataset:
     root = Path(root)
@@ -237,7 +267,7 @@ def _context(root: str | Path, n: int) -> Dataset:
     if n == 60:
         names, things, table = _with_background(vocab)
         return Dataset("context60", root, samples, names, things, vocab, table, unlabeled_label=0, layout=layout)
-    return _Context59("context59", root, samples, vocab.names, [c.is_thing for c in vocab.classes], vocab,
+    return _Context59("context59", root, samples, dataset_class_names(vocab), [c.is_thing for c in vocab.classes], vocab,
                       np.arange(len(vocab)), layout=layout)
 
 
@@ -264,7 +294,7 @@ def coco_object(root: str | Path) -> Dataset:
 def _plain(name: str, vocab_name: str, root: Path, samples: list[Sample], layout: str,
            cls: type[Dataset] = Dataset) -> Dataset:
     vocab = dataset_vocabulary(vocab_name)
-    return cls(name, root, samples, vocab.names, [c.is_thing for c in vocab.classes], vocab,
+    return cls(name, root, samples, dataset_class_names(vocab), [c.is_thing for c in vocab.classes], vocab,
                np.arange(len(vocab)), layout=layout)
 
 
@@ -294,6 +324,9 @@ class _ReduceZero(Dataset):
         out[raw == 0] = IGNORE
         return out
 
+    def raw_label_values(self) -> np.ndarray:
+        return np.arange(1, self.num_classes + 1, dtype=np.int64)
+
 
 def ade20k(root: str | Path) -> Dataset:
     root = Path(root)
@@ -314,6 +347,9 @@ class _Panoptic(Dataset):
         for sid, info in segments.items():
             semantic[ids == sid] = info.class_id
         return PanopticTarget(ids, segments, semantic)
+
+    def raw_label_values(self) -> np.ndarray:
+        return np.asarray(self._extra["category_ids"], dtype=np.int64)
 
 
 def coco_panoptic(root: str | Path, split: str = "val2017") -> Dataset:
@@ -351,6 +387,8 @@ def coco_panoptic(root: str | Path, split: str = "val2017") -> Dataset:
     ds = _Panoptic("coco_panoptic", root, samples, names, things, vocab, np.arange(len(names)),
                    kind="panoptic", layout=layout)
     ds._extra["segments"] = segments
+    ds._extra["category_ids"] = [int(c["id"]) for c in cats]
+    ds._extra["identity_files"] = {"annotations": str(ann_path)}
     return ds
 
 

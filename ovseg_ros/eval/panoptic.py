@@ -47,7 +47,8 @@ def pq_image_stats(
     """(num_classes, 4) int64 [TP, FP, FN, IoU sum x IOU_SCALE] of one image.
 
     ``gt_ids`` / ``pred_ids``: (H, W) segment ids; pixels whose id is not in the matching ``*_segments``
-    (id 0 in COCO PNGs) are void (ground truth) or unassigned (prediction).
+    (id 0 in COCO PNGs) are void (ground truth) or unassigned (prediction). ``gt_segments`` must be in the
+    annotation's order (``segments_info``): of two crowd regions of one class the last one is used.
     """
     if gt_ids.shape != pred_ids.shape:
         raise ValueError(f"prediction {pred_ids.shape} and ground truth {gt_ids.shape} differ in size")
@@ -80,12 +81,17 @@ def pq_image_stats(
             stats[gs.class_id, TP] += 1
             stats[gs.class_id, IOU] += (inter * IOU_SCALE + union // 2) // union
             gt_matched[gi] = pred_matched[pi] = True
+    # One crowd region per class: panopticapi's pq_compute_single_core fills its crowd_labels_dict while
+    # walking segments_info in the JSON's order, so with two crowd segments of a class the LAST listed one
+    # counts. ``gt_segments`` keeps that order (the readers build it from the JSON list in order).
+    dense_of = {k: i + 1 for i, k in enumerate(gt_keys)}
     crowd_of_class: dict[int, int] = {}
+    for sid, gs in gt_segments.items():
+        if gs.iscrowd:
+            crowd_of_class[gs.class_id] = dense_of[sid]
     for gi in range(1, ng):
         gs = gt_info[gi]
-        if gs.iscrowd:
-            crowd_of_class[gs.class_id] = gi
-        elif not gt_matched[gi]:
+        if not gs.iscrowd and not gt_matched[gi]:
             stats[gs.class_id, FN] += 1
     for pi in range(1, np_):
         if pred_matched[pi] or pred_area[pi] == 0:

@@ -2,7 +2,9 @@
 
 The headline puts each measured number beside the paper's published one for the same preset and dataset
 (the ``paper:`` entries of the preset files, see docs/evaluation.md); an unverified published number is
-marked as such.
+marked as such. A published number measured under another protocol (an entry with ``same_protocol: false``,
+e.g. CLIP-ES's 75.0 on VOC *train* with ground-truth tags) is never shown bare: the console line and the
+tables carry its note.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def build_report(totals: Totals, dataset: Dataset, run: dict[str, Any], paper: l
         "world_size": run.get("world_size", 1),
     }
     headline = headline_rows(metrics, dataset.name, paper)
-    return {"run": run, "dataset": {"name": dataset.name, "root": str(dataset.root), "images": len(totals.images),
+    return {"run": run, "fingerprint": run.get("fingerprint", {}), "dataset": {"name": dataset.name, "root": str(dataset.root), "images": len(totals.images),
                                     "classes": dataset.class_names, "ignore_index": dataset.ignore_index},
             "headline": headline, "metrics": metrics, "paper": paper, "speed": speed,
             "confusion_matrix": totals.confusion.tolist(), "images": totals.images}
@@ -64,7 +66,8 @@ def headline_rows(metrics: dict[str, Any], dataset: str, paper: list[dict[str, A
                      "paper": e.get("value") if e else None,
                      "paper_verified": bool(e.get("verified")) if e else None,
                      "paper_source": e.get("source", "") if e else "",
-                     "paper_note": e.get("note", "") if e else ""})
+                     "paper_note": e.get("note", "") if e else "",
+                     "paper_same_protocol": bool(e.get("same_protocol", True)) if e else None})
     return rows
 
 
@@ -84,6 +87,8 @@ def headline_text(report: dict[str, Any]) -> str:
         paper = "no published number for this preset and dataset"
         if row["paper"] is not None:
             paper = f"paper {row['paper']:.1f}" + ("" if row["paper_verified"] else " (unverified)")
+            if row.get("paper_same_protocol") is False:
+                paper = f"not comparable: {paper} is {row['paper_note'] or 'measured under another protocol'}"
         lines.append(f"  {row['metric']:<15} {_fmt(row['measured'], 2):>7}   {paper}")
     return "\n".join(lines)
 
@@ -99,6 +104,8 @@ def markdown(report: dict[str, Any]) -> str:
             "| metric | measured | paper | source |", "|---|---|---|---|"]
     for row in report["headline"]:
         paper = "-" if row["paper"] is None else f"{row['paper']:.1f}" + ("" if row["paper_verified"] else " (unverified)")
+        if row["paper"] is not None and row.get("paper_same_protocol") is False:
+            paper += " (other protocol, not comparable)"
         note = row["paper_source"] + (f"; {row['paper_note']}" if row["paper_note"] else "")
         out.append(f"| {row['metric']} | {_fmt(row['measured'], 2)} | {paper} | {note or '-'} |")
     pan = metrics.get("panoptic")
@@ -124,7 +131,25 @@ def markdown(report: dict[str, Any]) -> str:
             f"- this run: {speed['images_this_run']} images in {_fmt(speed['wall_seconds_this_run'], 1)} s "
             f"({_fmt(speed['images_per_second_this_run'], 2)} images/s over {speed['world_size']} process(es), "
             f"reading and scoring included)", ""]
+    out += _fingerprint_md(report.get("fingerprint") or {})
     return "\n".join(out)
+
+
+def _fingerprint_md(fp: dict[str, Any]) -> list[str]:
+    """The reproducibility section: what the records depend on (see ovseg_ros/eval/fingerprint.py)."""
+    if not fp:
+        return []
+    ds = fp.get("dataset", {})
+    out = ["## Fingerprint", "",
+           f"- package: ovseg_ros {fp.get('package', '?')}",
+           f"- segmenter: `{fp.get('segmenter', '')}`, preset `{fp.get('preset', '')}`"]
+    out += [f"- weights `{k}`: `{v}`" for k, v in fp.get("weights", {}).items()]
+    out += [f"- dataset: `{ds.get('name', '')}` at `{ds.get('root', '')}`, {ds.get('images', '?')} images, "
+            f"samples sha256 `{ds.get('samples_sha256', '')}`"]
+    out += [f"- dataset {k[:-7]} sha256 `{v}`" for k, v in ds.items() if k.endswith("_sha256") and k != "samples_sha256"]
+    out += ["", "Resolved segmenter configuration:", "", "```json",
+            json.dumps(fp.get("config", {}), indent=1, sort_keys=True), "```", ""]
+    return out
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

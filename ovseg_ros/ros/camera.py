@@ -154,15 +154,17 @@ class Camera:
         opts = self.hooks.output_options()
         if self.hooks.video_options is not None:
             self.video.configure(*self.hooks.video_options())
+        points = self.points
+        # the tracker's 3D cue: the frame's depth image if it is already here (never waits for it)
+        depth_cue = (lambda: points.depth_cue(item.frame.header)) if points is not None else None
         outputs = build_outputs(item, self.wants, self.hooks.palette, opts.overlay_alpha, opts.publish_panoptic,
                                 latency_ms, opts.panoptic_min_area, self.video, self.hooks.stamp_ns(item.frame),
-                                panoptic_format=opts.panoptic_format)
+                                panoptic_format=opts.panoptic_format, depth_cue=depth_cue)
         t1 = time.perf_counter()
         ran, _ = self.gate.emit(item.binding, lambda: self.publish(outputs))
         if not ran:  # a vocabulary was swapped in (or the node deactivated) while the messages were built
             self._stale()
             return False
-        points = self.points
         if points is not None:  # never raises; counts its own refusals; publishes through the gate itself
             labels, _, unlabeled_id = messages.wire_labels(item.result.labels, item.result.vocabulary)
             points.publish(item.frame.header, labels, item.result.confidence, item.frame.image,

@@ -58,6 +58,7 @@ def build_outputs(
     video: Optional[VideoState] = None,
     stamp_ns: int = 0,
     panoptic_format: str = "int32",
+    depth_cue: Optional[Callable[[], Any]] = None,
 ) -> list[tuple[str, Any]]:
     """(output name, message) pairs for one segmented frame, in publishing order (info last).
 
@@ -68,7 +69,9 @@ def build_outputs(
     ``stamp_ns`` (ROS time of the frame): the filtered labels replace ``item.result`` (so that every output of
     the frame, the semantic cloud too, carries them), the panoptic segments get their track ids. The context
     of both is the binding's vocabulary revision and model generation: a new one resets them.
-    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`).
+    ``panoptic_format``: the id image's form (:data:`messages.PANOPTIC_FORMATS`). ``depth_cue``: gives the
+    frame's :class:`~ovseg_ros.core.tracking.DepthCue` when its depth image is at hand (``publish_points``), for
+    the tracker's 3D gate (see :meth:`~ovseg_ros.core.video.VideoState.track`).
     """
     if video is not None:
         context = (item.result.vocabulary.revision, getattr(item.binding, "generation", 0))
@@ -98,7 +101,7 @@ def build_outputs(
         if panoptic is None:
             panoptic = postprocess.panoptic_from_semantic(sem, result.confidence, vocab,
                                                           min_area=panoptic_min_area)
-        track_ids = video.track(panoptic, stamp_ns, context) if video is not None else None
+        track_ids = video.track(panoptic, stamp_ns, context, depth=depth_cue) if video is not None else None
         outputs.append(("panoptic", messages.panoptic_msg(header, vocab, panoptic, track_ids, panoptic_format)))
     outputs.append(("info", messages.info_msg(
         header, vocab, item.binding.segmenter_name, latency_ms, item.inference_ms, item.dropped, labels)))

@@ -503,8 +503,11 @@ class NodeConfig:
         )
 
     def model_identity(self, segmenter: Any) -> str:
-        """Weights identity for the Vocabulary message: ``name@pretrained`` or ``name@file:<basename>``."""
+        """Weights identity for the Vocabulary message: ``name@pretrained``, ``name@file:<basename>``,
+        ``name@random`` (a model built without weights) or ``model-free`` (color_key has no model)."""
         spec = getattr(getattr(segmenter, "config", None), getattr(segmenter, "primary_model_field", "model"), None)
+        if spec is None:
+            return "model-free"
         name = getattr(spec, "name", self.model or "?")
         if getattr(spec, "checkpoint", ""):
             return f"{name}@file:{Path(spec.checkpoint).name}"

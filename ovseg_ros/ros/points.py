@@ -33,6 +33,7 @@ import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 
 from ..core import depth as dp
+from ..core.tracking import DepthCue
 from .gate import OutputGate
 from .guard import sanitize
 from .qos import output_qos
@@ -271,6 +272,28 @@ class SemanticPointsOutput:
         except Exception as exc:  # noqa: BLE001
             self._error(f"publish: {type(exc).__name__}: {exc}")
             return False
+
+    def depth_cue(self, header: Any) -> Optional[DepthCue]:
+        """The frame's depth image for the tracker's 3D gate, if it is already buffered (nearest stamp within
+        ``depth_slop``) and a camera_info was received; None otherwise (the tracker then uses masks alone).
+        Does not wait, take or count: the frame's cloud is matched as before. Never raises."""
+        try:
+            if self._closed:
+                return None
+            with self._lock:
+                camera = self._camera
+            if camera is None:
+                return None
+            found = self._matcher.peek(stamp_ns(header))
+            if found is None:
+                return None
+            metres = dp.depth_msg_to_metres(found[0], self._opts.max_pixels)
+            return DepthCue(metres, camera.intrinsics, self._opts.min_depth, self._opts.max_depth)
+        except dp.DepthError:
+            return None  # the same image is refused, counted and logged when its cloud is built
+        except Exception as exc:  # noqa: BLE001
+            self._error(f"depth cue: {type(exc).__name__}: {exc}")
+            return None
 
     def poll(self) -> None:
         """Resolve frames whose wait for a depth image has expired (the publishing stage calls this when idle,

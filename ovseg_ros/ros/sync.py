@@ -158,6 +158,17 @@ class ApproximateTimeMatcher(Generic[F, D]):
             out += self._resolve_pending(now)  # max_wait 0: no waiting at all
             return out
 
+    def peek(self, stamp_ns: int) -> Optional[D]:
+        """The buffered depth item nearest ``stamp_ns`` within slop, or None; takes nothing, counts nothing,
+        prunes nothing (the tracker's depth cue reads what is already there, before the frame is pushed)."""
+        with self._lock:
+            i = bisect.bisect_left(self._stamps, stamp_ns)
+            best, best_dt = -1, self.slop_ns + 1
+            for j in (i - 1, i):
+                if 0 <= j < len(self._stamps) and abs(self._stamps[j] - stamp_ns) < best_dt:
+                    best, best_dt = j, abs(self._stamps[j] - stamp_ns)
+            return self._depth[best][0] if best >= 0 else None
+
     def poll(self, now: float) -> list[tuple[F, Optional[D]]]:
         """Resolve pending frames whose wait has expired (call it from time to time)."""
         with self._lock:

@@ -19,6 +19,16 @@ import yaml
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def plain_help(doc: str) -> str:
+    """A module docstring (reStructuredText) as plain text for ``--help``: no ``literal`` quotes, no
+    ``:role:`` markup, ``Example::`` as ``Example:``."""
+    import re
+
+    text = re.sub(r":(?:mod|class|func|meth|data|attr):`~?\.?([^`]+)`", r"\1", doc)
+    text = text.replace("``", "").replace("::\n", ":\n")
+    return text.strip()
+
+
 def list_images(inputs: Sequence[str], limit: int = 0) -> list[Path]:
     """Image files given directly or found (non-recursively, sorted) in given folders."""
     found: list[Path] = []

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from . import plain_help
 from .bag_io import (
     BagError,
     Canonical,
@@ -60,8 +61,9 @@ DEPTH_LEAD_NS = 1_000_000_000
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     from ..cli import add_cache_arguments, add_model_arguments
 
-    p = argparse.ArgumentParser(prog="ovseg-bag", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(prog="ovseg-bag", description=plain_help(__doc__.split("\n\n")[0]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=plain_help(__doc__.split("\n\n", 1)[1]))
     p.add_argument("input", help="rosbag2 folder (sqlite3 or MCAP)")
     p.add_argument("-o", "--output", required=True, help="output bag folder (must not exist, see --overwrite)")
     p.add_argument("--image", action="append", default=[], metavar="[CAMERA=]TOPIC",

@@ -4,14 +4,21 @@
     ovseg-nav2-params --vocabulary-file my_vocab.yaml --group obstacles=chair,table --cost obstacles=lethal
     ovseg-nav2-params --node /segment_node --wrap local_costmap -o semantic_layer.yaml   # asks the running node
 
-The layer (kiwicampus/semantic_segmentation_layer, also under ros-navigation) matches classes by *name*
+The layer (ros-navigation/semantic_segmentation_layer, formerly kiwicampus/) matches classes by *name*
 against the LabelInfo it latches, and logs a critical error for every name without a configuration, so the
 block names every class of the vocabulary exactly once. Parameter names are the layer's own (read from its
 ``onInitialize``): per observation source ``segmentation_topic``, ``confidence_topic``, ``labels_topic``,
 ``pointcloud_topic``, ``observation_persistence``, ``expected_update_rate``, ``max_obstacle_distance``,
 ``min_obstacle_distance``, ``tile_map_decay_time``, ``visualize_tile_map``, ``use_cost_selection``,
-``class_types``; per class type ``classes``, ``base_cost``, ``max_cost``, ``mark_confidence``,
-``samples_to_max_cost``, ``dominant_priority``.
+``class_types`` (and ``sensor_frame`` and the field-of-view options, left at their defaults); per class type
+``classes``, ``base_cost``, ``max_cost``, ``mark_confidence``, ``samples_to_max_cost``, ``dominant_priority``.
+Layer level: ``use_approximate_time_sync`` is written ``false``: the node gives labels, confidence and cloud
+the camera's stamp, so exact pairing always succeeds and can never pair outputs of two frames (the layer's
+default is approximate, within 0.1 s).
+
+A class type is a parameter name beside the source's own ones, so a class whose name would become one of
+them (a class "class types" -> ``class_types``) would overwrite that parameter and take the layer down; such
+a class type gets a ``_class`` suffix instead, and the tool says so (the class name itself is unchanged).
 
 Each class gets its own class type (named after the class, made a valid parameter name), so its cost can be
 tuned on its own later. Costs: a number 0-254 or a name (``free`` 0, ``low`` 64, ``medium`` 128, ``high`` 200,
@@ -37,6 +44,16 @@ NAV2_MAX_CLASSES = 255
 PLUGIN = "semantic_segmentation_layer::SemanticSegmentationLayer"
 COST_NAMES = {"free": 0, "low": 64, "medium": 128, "high": 200, "inscribed": 253, "lethal": 254}
 LETHAL = 254
+#: Parameters the layer declares per observation source (its onInitialize): no class type may take these names.
+SOURCE_PARAMS = frozenset({
+    "segmentation_topic", "confidence_topic", "labels_topic", "pointcloud_topic", "observation_persistence",
+    "sensor_frame", "expected_update_rate", "class_types", "max_obstacle_distance", "min_obstacle_distance",
+    "tile_map_decay_time", "visualize_tile_map", "use_cost_selection", "camera_horizontal_fov",
+    "camera_vertical_fov", "fov_decay_time", "outside_fov_decay_time", "visualize_frustum_fov",
+})
+#: Parameters the layer declares at its own level (plus the costmap's ``plugin``): no source may take these.
+LAYER_PARAMS = frozenset({"plugin", "enabled", "combination_method", "observation_sources",
+                          "publish_debug_topics", "use_approximate_time_sync"})
 
 
 class Nav2ParamsError(ValueError):
@@ -63,13 +80,21 @@ def parse_cost(text: str) -> int:
     return value
 
 
-def type_name(class_name: str, taken: set[str]) -> str:
-    """A valid, unique ROS parameter name segment for a class (letters, digits, underscores)."""
+def type_name(class_name: str, taken: set[str], notes: Optional[list[str]] = None) -> str:
+    """A valid, unique ROS parameter name segment for a class (letters, digits, underscores), never one of the
+    layer's per-source parameter names (:data:`SOURCE_PARAMS`): such a name gets ``_class`` appended and a
+    line is added to ``notes``."""
     base = re.sub(r"[^0-9a-zA-Z_]+", "_", class_name.strip()).strip("_").lower() or "class"
     if not base[0].isalpha():
         base = "c_" + base
+    if base in SOURCE_PARAMS:
+        renamed = base + "_class"
+        if notes is not None:
+            notes.append(f"class {class_name!r} would be the layer's parameter {base!r}; "
+                         f"its class type is named {renamed!r} instead")
+        base = renamed
     name, i = base, 2
-    while name in taken:
+    while name in taken or name in SOURCE_PARAMS:
         name, i = f"{base}_{i}", i + 1
     taken.add(name)
     return name
@@ -135,8 +160,10 @@ def layer_params(
     samples_to_max_cost: int = 0,
     mark_confidence: int = 0,
     use_confidence: bool = True,
+    notes: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    """The layer's parameter block (a mapping to nest under the costmap's ros__parameters)."""
+    """The layer's parameter block (a mapping to nest under the costmap's ros__parameters); renamed class
+    types are reported in ``notes``."""
     names = [e.name for e in entries]
     if not names:
         raise Nav2ParamsError("the vocabulary is empty")
@@ -147,9 +174,12 @@ def layer_params(
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise Nav2ParamsError(f"class names must be unique (the layer matches by name): {', '.join(dup)}")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", source) or source in LAYER_PARAMS:
+        raise Nav2ParamsError(f"--source {source!r}: must be a parameter name (letters, digits, _) other than the "
+                              f"layer's own parameters ({', '.join(sorted(LAYER_PARAMS))})")
     node = "/" + node.strip("/")
     taken: set[str] = set()
-    types = [type_name(n, taken) for n in names]
+    types = [type_name(n, taken, notes) for n in names]
     src: dict[str, Any] = {
         "segmentation_topic": f"{node}/semantic/labels",
         "confidence_topic": f"{node}/semantic/confidence" if use_confidence else "",
@@ -173,7 +203,8 @@ def layer_params(
             "samples_to_max_cost": int(samples_to_max_cost),
             "dominant_priority": cost >= LETHAL,
         }
-    return {"plugin": PLUGIN, "enabled": True, "observation_sources": source, source: src}
+    return {"plugin": PLUGIN, "enabled": True, "use_approximate_time_sync": False, "observation_sources": source,
+            source: src}
 
 
 def wrap(block: dict[str, Any], layer: str, costmap: Optional[str]) -> dict[str, Any]:
@@ -275,14 +306,18 @@ def generate(args: argparse.Namespace) -> str:
             raise Nav2ParamsError(f"vocabulary file {args.vocabulary_file!r} does not exist")
         entries = entries_from_file(args.vocabulary_file)
     costs = resolve_costs(entries, args.cost, args.group, args.default_cost)
+    notes: list[str] = []
     block = layer_params(
         entries, costs, node=args.topics_node or args.node or "/segment_node", source=args.source,
         max_obstacle_distance=args.max_obstacle_distance, min_obstacle_distance=args.min_obstacle_distance,
         tile_map_decay_time=args.tile_map_decay_time, samples_to_max_cost=args.samples_to_max_cost,
-        use_confidence=not args.no_confidence)
+        use_confidence=not args.no_confidence, notes=notes)
+    for note in notes:
+        print(f"ovseg-nav2-params: {note}", file=sys.stderr)
     origin = args.node or args.preset or args.vocabulary_file
     header = (f"# Nav2 semantic_segmentation_layer parameters for {len(entries)} classes of {origin}\n"
-              f"# generated by ovseg-nav2-params; run segment_node with nav2_compatible:=true and depth:=...\n")
+              f"# generated by ovseg-nav2-params; run segment_node with nav2_compatible:=true and depth:=...\n"
+              + "".join(f"# note: {n}\n" for n in notes))
     return header + yaml.safe_dump(wrap(block, args.layer, args.wrap), sort_keys=False, default_flow_style=None,
                                    width=120)
 

@@ -259,3 +259,38 @@ def test_classifier_negatives_let_a_single_query_fail(classifier_checkpoint: Pat
 def test_bad_options_fail_at_build(car_overrides: dict, bad: dict, fragment: str) -> None:
     with pytest.raises((ValueError, TypeError), match=fragment):
         build_segmenter("car", "voc", {**car_overrides, **bad})
+
+
+def test_refer_char_filter_scores_characters_from_step_2(classifier_checkpoint: Path, rgb_image: np.ndarray) -> None:
+    """The authors' _filter_texts without semantic_templates: after step 1, live text q is scored, under each
+    step-1 prompt j as a "template", against character q of prompt j; query() never does this."""
+    boxes = {"the cup": (0, 20, 0, 20), "the table": (20, 60, 0, 80), "a lamp": (0, 30, 40, 80)}
+    texts = list(boxes)
+    seg = _scripted(classifier_checkpoint, boxes, confidence_threshold=0.0, crf=False,
+                    templates=("a clean origami {}.",), refer_char_filter=True)
+    seen: list[torch.Tensor] = []
+    original = seg._classify
+
+    def spy(img, props, text, kinds, negatives=None):
+        seen.append(text.detach().clone())
+        return original(img, props, text, kinds, negatives)
+
+    seg._classify = spy  # type: ignore[method-assign]
+    seg.refer(rgb_image, texts)
+    prompts = [f"a clean origami {t}." for t in texts]
+    steps = seg.last_loops[0].steps
+    assert len(seen) == len(steps) >= 2
+    bank = seg.classifier.encode_queries(texts)
+    assert torch.allclose(seen[0], bank)  # step 1: the texts themselves
+    live = list(steps[1].queries)
+    expect = torch.stack([seg.classifier.text.encode_group([p[q] for p in prompts]) for q in live]).float()
+    assert seen[1].shape == (len(live), len(texts), bank.shape[-1]) and torch.allclose(seen[1], expect)
+    # query(): the sensible behaviour, whatever the switch
+    seen.clear()
+    seg.query(rgb_image, texts)
+    live = list(seg.last_loops[0].steps[1].queries) if len(seg.last_loops[0].steps) > 1 else []
+    if live:
+        assert torch.allclose(seen[1], bank[live])
+    with pytest.raises(ValueError, match="exactly one template"):
+        _scripted(classifier_checkpoint, boxes, templates=("a {}.", "the {}."), refer_char_filter=True,
+                  confidence_threshold=0.0, crf=False).refer(rgb_image, texts)

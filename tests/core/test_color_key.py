@@ -53,6 +53,17 @@ def test_large_vocabulary_labels_stay_in_range() -> None:
     assert result.labels.min() >= UNLABELED and result.labels.max() < 300
 
 
+def test_model_free_identity_is_not_random_weights(tiny_model_overrides) -> None:
+    """color_key has no model: its identity says so, so the node does not warn about RANDOM weights
+    (segment_node warns only for identities ending in '@random'); a model without weights still warns."""
+    from ovseg_ros.ros.params import NodeConfig
+
+    cfg = NodeConfig.from_values({})
+    assert cfg.model_identity(build_segmenter("color_key", "realtime")) == "model-free"
+    tiny = build_segmenter("dense_clip", "realtime", tiny_model_overrides)
+    assert cfg.model_identity(tiny).startswith("ovseg-tiny-vit@file:")
+
+
 def test_vectorised_lookup_matches_the_per_channel_formula() -> None:
     """The uint16 cell index (cv2.split + in-place shifts) is the 5-bit RGB cell, for every byte value and for
     non-contiguous input (a crop of a larger image)."""

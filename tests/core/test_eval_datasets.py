@@ -196,7 +196,7 @@ def test_paper_number_beside_the_measured_one() -> None:
     metrics = {"semantic": {"mIoU": 0.5, "pixel_accuracy": 0.75, "mean_accuracy": 0.6}}
     rows = headline_rows(metrics, "voc", paper)
     assert rows[0] == {"metric": "mIoU", "measured": 50.0, "paper": 67.9, "paper_verified": True,
-                       "paper_source": paper[0]["source"], "paper_note": ""}
+                       "paper_source": paper[0]["source"], "paper_note": "", "paper_same_protocol": True}
     assert headline_rows(metrics, "ade20k", paper)[0]["paper"] is None
     assert default_preset("itaclip", "voc") == "voc21" and default_preset("fcclip", "coco_panoptic") == "coco_panoptic"
     assert default_preset("itaclip", "folder") == "realtime"

@@ -79,8 +79,7 @@ def _oracle_setup(tmp_path: Path):
 
 
 def _run(ds, seg, out: Path, limit: int = 0, overwrite: bool = False) -> dict:
-    run = {"segmenter": "oracle", "preset": "", "overrides": {}, "dataset": ds.name, "root": str(ds.root),
-           "num_classes": ds.num_classes}
+    run = {"segmenter": "oracle", "fingerprint": {"segmenter": "oracle", "dataset": ds.name}}
     prepare_output(out, run, CTX, overwrite)
     return build_report(run_evaluation(seg, ds, out, CTX, limit, progress=False), ds, run, [])
 
@@ -108,9 +107,8 @@ def test_limit_then_full_run_and_mismatch(tmp_path) -> None:
     partial = _run(ds, OracleSegmenter(preds), out, limit=2)
     assert partial["dataset"]["images"] == 2
     assert _comparable(_run(ds, OracleSegmenter(preds), out)) == _comparable(full)
-    run = {"segmenter": "other", "preset": "", "overrides": {}, "dataset": ds.name, "root": str(ds.root),
-           "num_classes": ds.num_classes}
-    with pytest.raises(RunMismatchError, match="another run"):
+    run = {"segmenter": "other", "fingerprint": {"segmenter": "other", "dataset": ds.name}}
+    with pytest.raises(RunMismatchError, match="another run(.|\n)*segmenter: oracle -> other"):
         prepare_output(out, run, CTX, overwrite=False)
     prepare_output(out, run, CTX, overwrite=True)
     assert not list((out / RECORDS).glob("*.jsonl"))

@@ -121,3 +121,35 @@ def test_output_file(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     rc, stdout, _ = run(capsys, "--preset", "indoor_robot", "-o", str(out))
     assert rc == 0 and stdout == ""
     assert classes_named(source_of(yaml.safe_load(out.read_text())))
+
+
+def test_class_names_that_are_layer_parameters_are_renamed_and_reported(capsys, tmp_path: Path) -> None:
+    """A class "class types" must not become the source's ``class_types`` (it would replace the list of class
+    types and the real layer would exit): every class of the layer's own parameter names is renamed and said."""
+    names = ["class types", "segmentation topic", "Labels-Topic", "sensor_frame", "camera horizontal fov", "floor",
+             "class_types_class"]
+    vocab = tmp_path / "v.yaml"
+    vocab.write_text(yaml.safe_dump({"classes": names}))
+    rc, out, err = run(capsys, "--vocabulary-file", str(vocab))
+    assert rc == 0
+    block = yaml.safe_load(out)["semantic_layer"]
+    src = source_of({"semantic_layer": block})
+    assert isinstance(src["class_types"], list) and len(src["class_types"]) == len(names)
+    assert src["segmentation_topic"] == "/segment_node/semantic/labels" and src["labels_topic"].endswith("label_info")
+    assert not set(src["class_types"]) & np2.SOURCE_PARAMS
+    assert classes_named(src) == names  # the layer still matches the original class names
+    for key in ("class_types", "segmentation_topic", "labels_topic", "sensor_frame", "camera_horizontal_fov"):
+        assert f"its class type is named '{key}_class" in err
+        assert f"# note: class" in out
+    assert "'floor'" not in err
+    assert len(set(src["class_types"])) == len(names)
+
+
+def test_exact_time_pairing_is_generated(capsys) -> None:
+    rc, out, _ = run(capsys, "--preset", "indoor_robot")
+    assert rc == 0 and yaml.safe_load(out)["semantic_layer"]["use_approximate_time_sync"] is False
+
+
+def test_source_name_cannot_be_a_layer_parameter(capsys) -> None:
+    rc, out, err = run(capsys, "--preset", "indoor_robot", "--source", "enabled")
+    assert rc == 2 and out == "" and "--source 'enabled'" in err

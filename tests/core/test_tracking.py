@@ -264,3 +264,72 @@ def test_predicted_instances_with_sparse_ids_are_tracked() -> None:
     for k in range(1, 6):  # ids change every frame, as a per-frame model's do
         got = tr.update(predicted(5 + 2 * k, (100 + k, 9 + k)), k * 33 * MS)
         assert got.tolist() == first.tolist()
+
+
+def _depth_cue(p: PanopticResult, z_by_class_x: dict[tuple[int, int], float], background: float = 8.0):
+    """A metric depth image of ``p``'s objects (class, x0) at the given depths, and the cue the node builds."""
+    from ovseg_ros.core.depth import Intrinsics
+    from ovseg_ros.core.tracking import DepthCue
+
+    h, w = p.segment_ids.shape
+    metres = np.full((h, w), background, np.float32)
+    for s in p.segments:
+        z = z_by_class_x.get((s.class_id, s.bbox[0]))
+        if z is not None:
+            metres[p.segment_ids == s.id] = z
+    metres[::7, ::5] = np.nan  # holes: invalid depth pixels are ignored
+    return DepthCue(metres, Intrinsics(100.0, 100.0, (w - 1) / 2, (h - 1) / 2, w, h), 0.1, 10.0)
+
+
+def test_depth_cue_tells_apart_what_masks_alone_merge() -> None:
+    """A chair at 2 m is hidden for 4 frames; a different chair, 5 m away, then shows in the same place of the
+    image. Masks alone give it the hidden chair's id (same pixels, lost track within max_age); the 3D centroid
+    from the depth image gates the pair out and gives a new id. The positive control (the same chair coming
+    back at 2 m) keeps its id with the cue."""
+    from ovseg_ros.core.tracking import depth_centroids
+
+    def run(use_depth: bool, back_at: float) -> tuple[int, int, set[int]]:
+        tr = InstanceTracker()
+        chair: dict[int, int] = {}
+        person: set[int] = set()
+        for k in range(11):
+            boxes = [(2, 60, 30, 10, 14)]  # a person who stays in view at 3 m
+            if k < 4 or k >= 8:
+                boxes.append((1, 10 + k, 10, 14, 14))  # the chair moves 1 px a frame (hidden in frames 4-7)
+            p = frame(boxes)
+            depths = {(1, 10 + k): (2.0 if k < 4 else back_at), (2, 60): 3.0}
+            cent = depth_centroids(p, _depth_cue(p, depths)) if use_depth else None
+            ids = ids_by_class_x(p, tr.update(p, k * 33 * MS, centroids=cent))
+            if (1, 10 + k) in ids:
+                chair[k] = ids[(1, 10 + k)]
+            person.add(ids[(2, 60)])
+        return chair[0], chair[10], person
+
+    first, last, _ = run(use_depth=False, back_at=5.0)
+    assert last == first  # masks alone: the far chair takes the hidden chair's id (the error the cue fixes)
+    first, last, person = run(use_depth=True, back_at=5.0)
+    assert last != first and last != 0
+    assert len(person) == 1  # the person at a steady depth keeps its id under the cue
+    first, last, person = run(use_depth=True, back_at=2.0)
+    assert last == first and len(person) == 1  # the same chair coming back where it was keeps its id
+
+
+def test_depth_centroids_back_project_a_sample() -> None:
+    from ovseg_ros.core.depth import DepthError, Intrinsics
+    from ovseg_ros.core.tracking import DepthCue, depth_centroids
+
+    p = frame([(1, 40, 10, 20, 20)], h=60, w=80)
+    cue = _depth_cue(p, {(1, 40): 2.0})
+    c = depth_centroids(p, cue)
+    chair = [i for i, s in enumerate(p.segments) if s.is_thing][0]
+    # pinhole: x = (u - cx) z / fx; the box spans u 40..59 -> mean u 49.5, v 10..29 -> 19.5; cx 39.5, cy 29.5
+    assert np.allclose(c[chair], [(49.5 - 39.5) * 2.0 / 100.0, (19.5 - 29.5) * 2.0 / 100.0, 2.0], atol=0.03)
+    floor = [i for i, s in enumerate(p.segments) if not s.is_thing][0]
+    assert abs(c[floor, 2] - 8.0) < 1e-6
+    # depth at half resolution with its own intrinsics: the same centroids
+    half = DepthCue(cue.metres[::2, ::2].copy(), Intrinsics(50.0, 50.0, 19.75, 14.75, 40, 30), 0.1, 10.0)
+    assert np.allclose(depth_centroids(p, half)[chair], c[chair], atol=0.05)
+    # out of range: no valid point, NaN
+    assert np.isnan(depth_centroids(p, DepthCue(cue.metres, cue.intrinsics, 0.1, 1.0))[chair]).all()
+    with pytest.raises(DepthError):  # not this frame's depth: another aspect ratio
+        depth_centroids(p, DepthCue(np.ones((60, 60), np.float32), cue.intrinsics))

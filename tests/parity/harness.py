@@ -17,14 +17,27 @@ Stages per method (also listed in docs/methods/*.md):
 * ITACLIP: ``input``, ``logits`` (window-averaged, processing size), ``labels``; at short side 224 (five
   224-pixel windows) to stay fast.
 * FC-CLIP: ``input``, ``class_probs`` (geometric ensemble), ``mask_logits``, ``labels`` (semantic) and
-  ``panoptic`` (segment ids' class counts). Inputs at a small size (``min_size`` 64) to stay fast.
+  ``panoptic`` (segment ids' class counts), ``segments`` (class and thing flag of every panoptic segment).
+  Inputs at a small size (``min_size`` 64) to stay fast. Vocabulary :data:`FC_VOCAB`: a capitalised name
+  ("Chair": not an exact name of the authors' COCO list, a COCO synonym by our rule) and classes whose
+  guessed thing flag is not COCO's, so ``seen_rule`` and ``thing_from`` decide outputs.
+
+Switch probes (``sw_*`` stages), so that every documented authors' switch of a preset changes its golden
+(``test_switches.py`` flips each one): CLIP-ES and CaR record their CAMs/proposals once more at a sharp
+softmax temperature (:data:`SHARP`), where non-winning classes' CAMs peak far below 1e-7 (the min-max
+epsilon decides), for a vocabulary that contains six of the method's background words
+(``drop_background_overlaps`` decides whether they stay in the softmax).
+CaR also records: stage-2 probabilities of one fixed mask under a ``gray`` prompt (``gray_order``,
+``prompt_backend``, ``keep_full_image``), the CRF of near-neutral proposals with one all-zero proposal,
+joint and per mask (``crf_image``, ``crf_onehot_shift``), a scripted loop with an all-zero step and a step nobody passes
+(``reuse_whole_stack``, ``keep_best_when_empty``), and on refcoco ``refer`` at θ 0 (``refer_char_filter``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +56,16 @@ CASES: tuple[tuple[str, str], ...] = (
 )
 
 VOCAB = ["floor", "chair", "person, people", "wall", "dog"]
+#: FC-CLIP's vocabulary (flags guessed from the names): a capitalised COCO name, and "cabinet" / "pillow",
+#: things by the name guess but COCO-panoptic stuff, so ``seen_rule`` and ``thing_from`` decide outputs.
+FC_VOCAB = ["floor", "Chair", "person, people", "cabinet", "pillow"]
+#: Softmax temperature of the CAM probes (``sw_*`` stages): losers' CAMs then peak far below 1e-7.
+SHARP = {"clip_es": 600.0, "car": 300.0}
+
+
+def probe_vocabulary(background: Sequence[str]) -> list[str]:
+    """Two classes and six of the method's own background words: every background word a class overlaps."""
+    return VOCAB[:2] + list(background[:6])
 QUERIES = ["a red box", "the blue half", "a green square"]
 FC_ARCH = {"hidden_dim": 32, "mask_dim": 32, "num_queries": 12, "dec_layers": 3, "dec_heads": 2,
            "dec_ffn_dim": 64, "enc_layers": 2, "enc_heads": 2, "enc_points": 2, "enc_ffn_dim": 64}
@@ -143,6 +166,18 @@ def _clip_es(seg, img: np.ndarray) -> dict:
             "caa": fingerprint(caa), "probs": fingerprint(maps.probs), "labels": label_print(res.labels)}
 
 
+def _clip_es_probes(segmenter: str, preset: str, weights: dict[str, Path], img: np.ndarray, **options: Any) -> dict:
+    from ovseg_ros.core.vocabulary import Vocabulary
+
+    sharp = build(segmenter, preset, weights, **{**options, "logit_scale": SHARP["clip_es"]})
+    names = probe_vocabulary(sharp.config.background)
+    sharp.set_vocabulary(Vocabulary.from_request(names))
+    st = sharp.state
+    enc = sharp.cam.encode(sharp._prepare(img))
+    cams = sharp.cam.gradcam(enc, st.text, st.background, list(range(len(names))))
+    return {"sw_sharp_gradcam": fingerprint(cams)}
+
+
 def _car(seg, img: np.ndarray, preset: str) -> dict:
     prepared = seg.stage1.prepare(img)
     from ovseg_ros.core.cam import prepare_image
@@ -166,6 +201,64 @@ def _car(seg, img: np.ndarray, preset: str) -> dict:
     return out
 
 
+def _car_probes(seg, preset: str, weights: dict[str, Path], img: np.ndarray, **options: Any) -> dict:
+    from ovseg_ros.core.segmenter import StageTimer
+    from ovseg_ros.core.segmenters.car import run_recurrence
+    from ovseg_ros.core.vocabulary import Vocabulary
+
+    out: dict = {}
+    sharp = build("car", preset, weights, **{**options, "cam_logit_scale": SHARP["car"]})
+    sharp.set_vocabulary(Vocabulary.from_request(probe_vocabulary(sharp.config.background_words)))
+    st = sharp.state
+    texts = list(st.cam_raw if sharp.config.cam_raw_names_first_step else st.cam_templated)
+    out["sw_sharp_proposals"] = fingerprint(sharp.stage1.propose(sharp.stage1.prepare(img), texts, st.background,
+                                                                 False))
+    st, cfg = seg.state, seg.config
+    h, w = img.shape[:2]
+    # stage 2 on one fixed mask (the square, near the right edge of a wide crop) under a gray prompt
+    mask = torch.zeros((1, h, w))
+    mask[0, 15:45, 55:88] = 1.0
+    probs = seg._classify(seg._image(img), mask.repeat(3, 1, 1), st.text_bank[:3], ("gray",), None)
+    out["sw_gray_prompt"] = fingerprint(probs)
+    # the CRF of near-neutral proposals (a +-0.03 checkerboard): the image's colours in the pairwise terms
+    # decide most pixels; joint (two proposals) and per mask with an all-zero first proposal; the area of
+    # every mask in order (a shift moves areas), and the masks subsampled
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    r = 0.5 + 0.03 * (((xs // 6 + ys // 6) % 2) * 2 - 1).float()
+    soft = torch.stack([r, 1.0 - r, torch.zeros(h, w)])
+    timer = StageTimer("cpu")
+    joint = seg._refine(img, soft[:2], False, cfg.bg_factor, timer)
+    separate = seg._refine(img, soft[[2, 0, 1]], True, cfg.bg_factor, timer)
+    masks = torch.cat([joint, separate]).float()
+    out["sw_crf_areas"] = fingerprint(masks.flatten(1).sum(1))
+    out["sw_crf"] = fingerprint(masks[:, ::3, ::3])
+    # scripted loops: (a) step 2 proposes nothing and ends the loop (which stack is reported?),
+    # (b) from step 2 nobody passes θ (is the best query kept?)
+    base = torch.stack([torch.full((4, 4), float(i + 1)) for i in range(4)])
+    recorded = []
+    for zero_step, table in ((2, {1: [0.9, 0.8, 0.1, 0.7], 2: [0.9, 0.8, 0.1, 0.7]}),
+                             (0, {1: [0.9, 0.8, 0.1, 0.7], 2: [0.2, 0.3, 0.0, 0.1]})):
+        calls: list[int] = []
+
+        def propose(active: list[int], step: int, zero_step: int = zero_step) -> torch.Tensor:
+            return torch.zeros((len(active), 4, 4)) if step == zero_step else base[active] * step
+
+        def score(props: torch.Tensor, active: list[int], table: dict = table, calls: list = calls) -> torch.Tensor:
+            calls.append(1)
+            return torch.diag(torch.tensor([table[min(len(calls), 2)][a] for a in active]))
+
+        res = run_recurrence(4, propose, score, 0.5, reuse_whole_stack=cfg.reuse_whole_stack,
+                             keep_best=cfg.keep_best_when_empty)
+        recorded += [res.proposals.flatten(), res.scores, torch.tensor(res.queries, dtype=torch.float32)]
+    out["sw_loop"] = fingerprint(torch.cat(recorded))
+    if preset == "refcoco":  # refer() with every text alive after step 1: the authors' character scoring
+        loose = build("car", preset, weights, **{**options, "confidence_threshold": 0.0})
+        loose.refer(img, QUERIES)
+        steps = [v for lp in loose.last_loops for s in lp.steps for v in s.scores]
+        out["sw_refer_steps"] = fingerprint(torch.tensor(steps))
+    return out
+
+
 def _itaclip(seg, img: np.ndarray) -> dict:
     st = seg.state
     x = seg._prepare(img)
@@ -183,24 +276,34 @@ def _fcclip(seg, img: np.ndarray) -> dict:
     pan = pred.result.panoptic
     seg_classes = {int(s.id): int(s.class_id) for s in pan.segments} if pan is not None else {}
     pan_labels = np.vectorize(lambda i: seg_classes.get(int(i), -1))(pan.segment_ids) if pan is not None else []
+    segments = sorted([int(s.class_id), int(s.is_thing)] for s in pan.segments) if pan is not None else []
     return {"input": fingerprint(x), "class_probs": fingerprint(net.class_probs), "mask_logits":
             fingerprint(net.mask_logits), "labels": label_print(pred.result.labels),
-            "panoptic": label_print(pan_labels)}
+            "panoptic": label_print(pan_labels), "segments": segments}
 
 
-def run_case(segmenter: str, preset: str, weights: dict[str, Path]) -> dict:
+def run_case(segmenter: str, preset: str, weights: dict[str, Path], **options: Any) -> dict:
+    """The stages of one paper preset; ``options`` override preset values (test_switches flips one)."""
     from ovseg_ros.core.vocabulary import Vocabulary
 
     torch.manual_seed(0)
     img = image()
-    seg = build(segmenter, preset, weights)
+    seg = build(segmenter, preset, weights, **options)
     if segmenter == "car" and preset == "refcoco":
         seg.set_vocabulary(Vocabulary.from_request(QUERIES))
+    elif segmenter == "fcclip":
+        seg.set_vocabulary(Vocabulary.from_request(FC_VOCAB))
     else:
         seg.set_vocabulary(Vocabulary.from_request(VOCAB))
     with torch.no_grad():
         fn: Callable[..., dict] = {"clip_es": _clip_es, "itaclip": _itaclip, "fcclip": _fcclip}.get(segmenter)
-        return _car(seg, img, preset) if segmenter == "car" else fn(seg, img)
+        out = _car(seg, img, preset) if segmenter == "car" else fn(seg, img)
+    if segmenter == "car":
+        with torch.no_grad():
+            out.update(_car_probes(seg, preset, weights, img, **options))
+    elif segmenter == "clip_es":  # its Grad-CAM needs autograd (the main path enables it itself)
+        out.update(_clip_es_probes(segmenter, preset, weights, img, **options))
+    return out
 
 
 def golden_path(segmenter: str, preset: str) -> Path:

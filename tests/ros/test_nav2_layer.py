@@ -4,7 +4,7 @@ The node runs the model-free ``color_key`` segmenter (its output is a known func
 ``publish_points`` and ``nav2_compatible`` on. The test renders a synthetic RGB-D scene of known geometry
 (camera 0.5 m above a floor, a person-sized panel at 2.1 m, a wall at 4.1 m with an unlabeled black picture),
 publishes colour + registered depth at twice the colour resolution + camera_info (depth stamped 7 ms after the
-colour: approximate sync), and subscribes like the layer does (kiwicampus/semantic_segmentation_layer,
+colour: approximate sync), and subscribes like the layer does (ros-navigation/semantic_segmentation_layer,
 ``onInitialize`` / ``bufferSegmentation``): best effort depth 50 for mask, confidence and cloud, latched labels
 (vision_msgs/LabelInfo when installed, else ~/vocabulary), pairing by exact stamp. It then drops each labelled
 point into a 2D grid as the layer does (finite points only, distance from the sensor within

@@ -292,3 +292,20 @@ def test_health_names_why_no_cloud_comes_out(out: tuple[SemanticPointsOutput, Ca
     o._on_camera_info(camera_info())
     good_roundtrip(o, cap, 62)
     assert o.health() is None
+
+
+def test_depth_cue_for_the_tracker_reads_without_taking(out: tuple[SemanticPointsOutput, Capture]) -> None:
+    """The tracker's cue: the buffered depth image within slop, metric, with the camera's intrinsics; None
+    without camera_info or depth; reading it neither matches nor prunes (the frame's cloud still comes)."""
+    o, cap = out
+    assert o.depth_cue(header(70)) is None  # nothing yet
+    o._on_depth(depth_image(np.full((2 * H, 2 * W), 2500, np.uint16), "16UC1", 70, 5_000_000))
+    assert o.depth_cue(header(70)) is None  # no camera_info yet: cannot back-project
+    o._on_camera_info(camera_info())
+    cue = o.depth_cue(header(70))
+    assert cue is not None and cue.metres.shape == (2 * H, 2 * W) and np.allclose(cue.metres, 2.5)
+    assert cue.intrinsics.fx == FX and (cue.min_depth, cue.max_depth) == (0.2, 8.0)
+    assert o.depth_cue(header(71)) is None  # 1 s away: outside slop
+    assert o.diagnostics()["points_matched"] == "0"
+    labels, conf, rgb = frame_arrays()
+    assert o.publish(header(70), labels, conf, rgb) is True and len(cap.msgs) == 1

@@ -148,3 +148,15 @@ def test_bad_arguments() -> None:
         ApproximateTimeMatcher(slop_ns=-1)
     with pytest.raises(ValueError):
         ApproximateTimeMatcher(slop_ns=1, depth_capacity=0)
+
+
+def test_peek_reads_the_nearest_within_slop_and_takes_nothing() -> None:
+    m = ApproximateTimeMatcher(slop_ns=10 * MS)
+    assert m.peek(100 * MS) is None
+    m.push_depth(95 * MS, "a", now=0)
+    m.push_depth(103 * MS, "b", now=0)
+    assert m.peek(100 * MS) == "b" and m.peek(96 * MS) == "a"
+    assert m.peek(120 * MS) is None  # nearest is 17 ms away
+    st = m.stats()
+    assert (st.matched, st.unmatched, m.buffered, m.pending) == (0, 0, 2, 0)
+    assert m.push_frame(100 * MS, "f", now=0) == [("f", "b")]  # the frame's own match is unaffected

@@ -195,6 +195,14 @@ class CarConfig:
     #: background, so the masks of later texts move up one place. True reproduces that; False (fix) keeps
     #: one mask per text.
     crf_onehot_shift: bool = False
+    #: Referring mode of ``refer`` (the RefCOCO protocol) only: the authors' ``_filter_texts`` without
+    #: ``semantic_templates`` (every refcoco config) indexes each step-1 prompt *string* by the surviving ids,
+    #: so from step 2 on stage 2 scores the prompted images against single characters: live text q, under
+    #: "template" j (one per step-1 text), is character q of text j's prompt; softmax per template over the
+    #: live texts, summed, softmax again. Harmless with one survivor, decisive with two or more, and behind
+    #: their published RefCOCO numbers, so the refcoco preset sets it. ``query`` (the node's ``~/query``,
+    #: ``ovseg-segment --query``) never uses it. Needs exactly one template.
+    refer_char_filter: bool = False
     #: Long-side cap at which the CRF runs (0 = full resolution, as the authors); marginals are upsampled.
     crf_max_side: int = 0
     #: External masks (``mask_source``): IoM to match (``iom_thres``), per-prediction floor, IoU to accept.
@@ -752,10 +760,12 @@ class CarSegmenter(Segmenter):
         return torch.cat(out).to(self.classifier.clip.device)
 
     def _loop(
-        self, prepared: Any, img: _Image, st: CarState, p: _Pass, separate: bool, timer: StageTimer
+        self, prepared: Any, img: _Image, st: CarState, p: _Pass, separate: bool, timer: StageTimer,
+        char_filter: bool = False,
     ) -> LoopResult:
         cfg = self.config
         bank = st.text_bank
+        chars = self._char_bank(st, p) if char_filter else None
 
         def propose(active: list[int], step: int) -> torch.Tensor:
             raw = step == 1 and cfg.cam_raw_names_first_step
@@ -763,12 +773,37 @@ class CarSegmenter(Segmenter):
             with timer.stage("cam"):
                 return self.stage1.propose(prepared, texts, p.background, separate)
 
+        calls = [0]  # score runs once per step
+
         def score(props: torch.Tensor, active: list[int]) -> torch.Tensor:
+            calls[0] += 1
             with timer.stage("classify"):
-                return self._classify(img, props, bank[[p.ids[a] for a in active]], p.kinds, st.negatives)
+                # from step 2 on the texts have been through the authors' _filter_texts once: characters
+                if chars is not None and calls[0] > 1:
+                    text = chars(active)
+                else:
+                    text = bank[[p.ids[a] for a in active]]
+                return self._classify(img, props, text, p.kinds, st.negatives)
 
         return run_recurrence(len(p.ids), propose, score, cfg.confidence_threshold, cfg.max_steps,
                               cfg.cam_raw_names_first_step, cfg.reuse_whole_stack, cfg.keep_best_when_empty)
+
+    def _char_bank(self, st: CarState, p: _Pass) -> Callable[[list[int]], torch.Tensor]:
+        """``refer_char_filter``: live ids -> (A, N, E) embeddings of character q of each step-1 prompt j."""
+        templates = self.config.templates
+        if len(templates) != 1:
+            raise ValueError("car: refer_char_filter reproduces the authors' single-template referring configs; "
+                             f"it needs exactly one template, got {len(templates)}")
+        prompts = [templates[0].format(st.queries[p.ids[j]]) for j in range(len(p.ids))]
+
+        def bank(active: list[int]) -> torch.Tensor:
+            short = [q for q in active if any(q >= len(t) for t in prompts)]
+            if short:  # the authors' code raises IndexError here
+                raise ValueError(f"car: refer_char_filter: text {short[0]} has no character in a prompt this short")
+            rows = [self.classifier.text.encode_group([t[q] for t in prompts]) for q in active]
+            return torch.stack(rows).float()
+
+        return bank
 
     def _refine(
         self, image: np.ndarray, proposals: torch.Tensor, separate: bool, bg_factor: float, timer: StageTimer
@@ -839,7 +874,8 @@ class CarSegmenter(Segmenter):
         self.last_loops = loops
         return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
 
-    def _referring(self, image: np.ndarray, texts: list[str]) -> tuple[list[np.ndarray], list[float], dict]:
+    def _referring(self, image: np.ndarray, texts: list[str],
+                   char_filter: bool = False) -> tuple[list[np.ndarray], list[float], dict]:
         """Referring-mode loop: the final mask and score of each text (texts the loop dropped: empty, 0; the
         best text is never dropped unless ``keep_best_when_empty`` is off, as the authors' loop)."""
         image = check_image(image)
@@ -852,7 +888,7 @@ class CarSegmenter(Segmenter):
         img = self._image(image)
         p = _Pass(list(range(len(texts))), st.background, check_kinds(self.config.visual_prompts),
                   self.config.bg_factor)
-        res = self._loop(prepared, img, st, p, separate=True, timer=timer)
+        res = self._loop(prepared, img, st, p, separate=True, timer=timer, char_filter=char_filter)
         refined = self._refine(image, res.proposals, True, p.bg_factor, timer).cpu().numpy()
         masks = [np.zeros(image.shape[:2], dtype=bool) for _ in texts]
         scores = [0.0] * len(texts)
@@ -873,7 +909,7 @@ class CarSegmenter(Segmenter):
     def refer(self, image: np.ndarray, sentences: Sequence[str]) -> tuple[np.ndarray, float]:
         """Several sentences about one object -> one mask (score-weighted merge, else the union, as the
         authors evaluate RefCOCO) and the best score."""
-        masks, scores, _ = self._referring(image, list(sentences))
+        masks, scores, _ = self._referring(image, list(sentences), self.config.refer_char_filter)
         merged = merge_referring_masks(torch.from_numpy(np.stack(masks)), torch.tensor(scores),
                                        self.config.refer_merge_threshold, self.config.refer_min_cover)
         return merged.numpy(), max(scores)
