@@ -36,7 +36,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from ..core import depth as dp
 from ..core.temporal import FilterConfig
 from ..core.video import VideoState
-from ..core.vocabulary import Vocabulary, VocabularyError, load_vocabulary_file
+from ..core.vocabulary import VocabularyError
 from . import messages
 from .conversions import compressed_to_rgb, image_msg_to_rgb, image_msg_to_rgb_bridge, make_cv_bridge
 from .outputs import (
@@ -49,7 +49,7 @@ from .outputs import (
     video_context,
     vocabulary_message,
 )
-from .params import PARAMS, NodeConfig, find_vocabulary_preset, validate_all
+from .params import PARAMS, NodeConfig, initial_vocabulary, validate_all
 from .points import CloudBuilder, PointsOptions, camera_model, stamp_ns
 from .sync import ApproximateTimeMatcher
 from .vocabulary_service import Binding, _with_revision
@@ -82,18 +82,6 @@ def check_offline(cfg: NodeConfig) -> None:
                          "the labels of every output frame after frame, which chunked and sharded runs cannot "
                          "reproduce); use temporal_filter: none (the node's default). Tracking (track_instances) "
                          "is supported")
-
-
-def initial_vocabulary(cfg: NodeConfig) -> Vocabulary:
-    """The node's initial vocabulary: ``vocabulary``, else ``vocabulary_file``, else ``vocabulary_preset``."""
-    if cfg.vocabulary:
-        return Vocabulary.from_request(list(cfg.vocabulary), source="parameter")
-    if cfg.vocabulary_file:
-        return load_vocabulary_file(os.path.expanduser(cfg.vocabulary_file))
-    path = find_vocabulary_preset(cfg.vocabulary_preset) if cfg.vocabulary_preset else None
-    if path is None:
-        raise VocabularyError("no vocabulary: set vocabulary, vocabulary_file or vocabulary_preset")
-    return load_vocabulary_file(path)
 
 
 def configure(cfg: NodeConfig, device: Any) -> Binding:

@@ -21,7 +21,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..core.temporal import FILTERS, MAX_FRAMES
 from ..core.untrusted import UntrustedInputError, load_yaml, short_repr
-from ..core.vocabulary import MAX_QUERY_TEXTS, find_vocabulary_preset, list_vocabulary_presets  # noqa: F401
+from ..core.vocabulary import (  # noqa: F401
+    MAX_QUERY_TEXTS,
+    Vocabulary,
+    VocabularyError,
+    find_vocabulary_preset,
+    list_vocabulary_presets,
+    load_vocabulary_file,
+)
 from .guard import sanitize
 from .qos import RELIABILITIES
 
@@ -630,3 +637,15 @@ def video_options(node: Any) -> tuple[bool, float, Any]:
     return (bool(get("track_instances").value), float(get("track_max_age").value),
             FilterConfig(str(get("temporal_filter").value), int(get("temporal_frames").value),
                          int(get("temporal_image_threshold").value)))
+
+
+def initial_vocabulary(cfg: NodeConfig) -> Vocabulary:
+    """The node's initial vocabulary: ``vocabulary``, else ``vocabulary_file``, else ``vocabulary_preset``."""
+    if cfg.vocabulary:
+        return Vocabulary.from_request(list(cfg.vocabulary), source="parameter")
+    if cfg.vocabulary_file:
+        return load_vocabulary_file(os.path.expanduser(cfg.vocabulary_file))
+    path = find_vocabulary_preset(cfg.vocabulary_preset) if cfg.vocabulary_preset else None
+    if path is None:
+        raise VocabularyError("no vocabulary: set vocabulary, vocabulary_file or vocabulary_preset")
+    return load_vocabulary_file(path)

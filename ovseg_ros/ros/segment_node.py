@@ -43,7 +43,7 @@ from rclpy.qos import QoSProfile
 
 from ovseg_ros.srv import GetVocabulary, Query, SetVocabulary
 
-from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError, load_vocabulary_file
+from ..core.vocabulary import MAX_CLASSES, Vocabulary, VocabularyError
 from . import messages
 from .camera import Camera, CameraHooks, OutputOptions, camera_specs, convert_image
 from .clock import ClockWatch, latency_ms, steady_clock
@@ -69,7 +69,7 @@ from .params import (
     NodeConfig,
     current_values,
     declare_parameters,
-    find_vocabulary_preset,
+    initial_vocabulary,
     validate,
     validate_all,
 )
@@ -246,7 +246,7 @@ class SegmentNode(LifecycleNode):
             cfg = NodeConfig.from_values(values)
             device = resolve_device(cfg.device)
             select_device(device)  # this thread encodes the first vocabulary on it
-            vocabulary = self._initial_vocabulary(cfg)
+            vocabulary = initial_vocabulary(cfg)
             nav2_reason = messages.nav2_vocabulary_error(len(vocabulary), cfg.nav2_compatible)
             if nav2_reason:
                 raise VocabularyError(nav2_reason)
@@ -361,16 +361,6 @@ class SegmentNode(LifecycleNode):
             log(restored.note)
         self.vocab.seed(store, restored.revision, restored.table, id_limit, fingerprint(configured))
         return restored
-
-    def _initial_vocabulary(self, cfg: NodeConfig) -> Vocabulary:
-        if cfg.vocabulary:
-            return Vocabulary.from_request(list(cfg.vocabulary), source="parameter")
-        if cfg.vocabulary_file:
-            return load_vocabulary_file(os.path.expanduser(cfg.vocabulary_file))
-        path = find_vocabulary_preset(cfg.vocabulary_preset) if cfg.vocabulary_preset else None
-        if path is None:
-            raise VocabularyError("no vocabulary: set vocabulary, vocabulary_file or vocabulary_preset")
-        return load_vocabulary_file(path)
 
     def _stop_processing(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Outputs stop at once; inputs and threads after. Safe to call in any state, any number of times."""
