@@ -40,6 +40,7 @@ setup(
         "ovseg-segment = ovseg_ros.cli:main",
         "ovseg-nav2-params = ovseg_ros.tools.nav2_params:main",
         "ovseg-eval = ovseg_ros.eval.cli:main",
+        "ovseg-export = ovseg_ros.tools.export_onnx:main",
         "ovseg-bag = ovseg_ros.tools.bag:main",
     ]},
 )

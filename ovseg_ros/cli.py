@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import cv2
 import numpy as np
 
+from .core.deploy import DeployError, add_backend_arguments, backend_from_args
 from .core.untrusted import load_yaml
 from .core.models import ModelLoadError
 from .core.postprocess import colorize, make_palette
@@ -292,6 +293,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     vid.add_argument("--panoptic-min-area", type=int, default=0, help="derived segments smaller than this get no id")
     p.add_argument("--list", action="store_true", help="list segmenters and presets, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_backend_arguments(p, "--backend")
     return p.parse_args(argv)
 
 
@@ -341,9 +343,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             device = torch.device("cuda", local_rank % torch.cuda.device_count())  # one GPU per process
         cache = str(Path(args.cache_dir).expanduser())
-        segmenter = build_segmenter(args.segmenter, preset, overrides, device, cache_dir=cache, offline=not args.online)
+        segmenter = build_segmenter(args.segmenter, preset, overrides, device, cache_dir=cache, offline=not args.online,
+                                    backend=backend_from_args(args, device))
         segmenter.set_vocabulary(vocabulary)
-    except (ModelLoadError, VocabularyError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+    except (DeployError, ModelLoadError, VocabularyError, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
         print(f"ovseg-segment: {exc}", file=sys.stderr)
         return 2
     out_dir = Path(args.output)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -97,13 +97,7 @@ def prepare_image(
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     p = patch or clip_vit.patch_size(clip.visual)
-    h, w = image.shape[:2]
-    if short_side > 0:
-        h, w = short_side_size(h, w, short_side, max_long_side)
-    elif max_long_side > 0 and max(h, w) > max_long_side:
-        s = max_long_side / max(h, w)
-        h, w = max(1, round(h * s)), max(1, round(w * s))
-    size = (max(p, -(-h // p) * p), max(p, -(-w // p) * p))
+    size = prepared_size(image.shape[0], image.shape[1], p, short_side, max_long_side)
     if resize == "pil" and tuple(image.shape[:2]) != size:
         image = pil_resize(image, size)
     x = image_to_tensor(image, clip.device)
@@ -112,6 +106,16 @@ def prepare_image(
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink).clamp_(0, 1)
     mean, std = clip.pixel_stats()
     return normalize(x, mean, std).to(clip.dtype)
+
+
+def prepared_size(h: int, w: int, patch: int, short_side: int = 0, max_long_side: int = 0) -> tuple[int, int]:
+    """The (H', W') :func:`prepare_image` gives an h x w image: resized, then rounded up to patch multiples."""
+    if short_side > 0:
+        h, w = short_side_size(h, w, short_side, max_long_side)
+    elif max_long_side > 0 and max(h, w) > max_long_side:
+        s = max_long_side / max(h, w)
+        h, w = max(1, round(h * s)), max(1, round(w * s))
+    return max(patch, -(-h // patch) * patch), max(patch, -(-w // patch) * patch)
 
 
 def pil_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -301,6 +305,22 @@ def _last_block_from_ln1(block: nn.Module, x: torch.Tensor, a: torch.Tensor) -> 
     return _mlp_residual(block, y)
 
 
+class _EncodeGraph(nn.Module):
+    """The vocabulary-independent part of a CAM method: the ViT pass of :meth:`ClipCam.encode` (the Grad-CAM's
+    last-block backward stays in torch: an ONNX Runtime inference session has no backward)."""
+
+    def __init__(self, cam: "ClipCam", with_attention: bool) -> None:
+        super().__init__()
+        self.visual = cam.visual  # registers the weights
+        self._cam, self._with_attention = cam, with_attention
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        enc = self._cam._encode(image, self._with_attention)
+        if enc.attention is None:
+            return enc.block_input, enc.embedding
+        return enc.block_input, enc.attention, enc.embedding
+
+
 class ClipCam:
     """Softmax Grad-CAM and attention affinity on a frozen open_clip ViT (see the module docstring).
 
@@ -377,11 +397,13 @@ class ClipCam:
 
     # --- forward without gradients ----------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, image: torch.Tensor, with_attention: bool = True) -> ImageEncoding:
+    def encode(self, image: torch.Tensor, with_attention: bool = True,
+               encoder: Optional[Callable[[torch.Tensor], list[torch.Tensor]]] = None) -> ImageEncoding:
         """Run the ViT once on a (1, 3, H, W) normalised image.
 
         H and W that are not patch multiples are first resized up to the next multiples (bicubic), as the
-        authors do; :func:`prepare_image` already delivers such sizes.
+        authors do; :func:`prepare_image` already delivers such sizes. ``encoder``: the exported graph of
+        :meth:`encode_graph` (ONNX Runtime, :mod:`.deploy`) instead of the torch ViT.
         """
         if image.shape[0] != 1:
             raise ValueError(f"ClipCam encodes one image at a time, got a batch of {image.shape[0]}")
@@ -391,6 +413,17 @@ class ClipCam:
         if h % p or w % p:
             size = (-(-h // p) * p, -(-w // p) * p)
             image = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False).to(image.dtype)
+        if encoder is not None:
+            outs = encoder(image)
+            has_attention = len(outs) == 3
+            if has_attention or not with_attention:
+                grid = (image.shape[-2] // p, image.shape[-1] // p)
+                return ImageEncoding(outs[0].to(self.clip.dtype), grid, outs[1] if has_attention and with_attention
+                                     else None, outs[-1])
+        return self._encode(image, with_attention)
+
+    def _encode(self, image: torch.Tensor, with_attention: bool) -> ImageEncoding:
+        visual = self.visual
         res = clip_vit.blocks(visual)
         n_blocks = len(res)
         first = n_blocks - self.attn_layers if with_attention and self.attn_layers > 0 else n_blocks
@@ -413,6 +446,10 @@ class ClipCam:
         if attn_sum is not None:
             attention = (attn_sum / (n_blocks - first))[1:, 1:].contiguous()
         return ImageEncoding(block_input, grid, attention, _pool(visual, out))
+
+    def encode_graph(self, with_attention: bool) -> nn.Module:
+        """:meth:`encode` as a module for ONNX export: image -> (block input, [attention,] embedding)."""
+        return _EncodeGraph(self, with_attention)
 
     def classify(self, enc: ImageEncoding, text: torch.Tensor) -> torch.Tensor:
         """(Q,) softmax over the (Q, E) normalised ``text`` of the image embedding, at ``logit_scale``.

@@ -45,6 +45,8 @@ def interpolate_pos_embed(visual: nn.Module, grid: tuple[int, int], mode: str = 
     pos = visual.positional_embedding
     n0 = pos.shape[0] - 1
     g0 = int(math.isqrt(n0))
+    if _tracing():  # export: symbolic sizes, so the table is computed in the graph, never cached
+        return _resize_pos(pos, g0, grid, mode)
     if (g0, g0) == tuple(grid):
         return pos
     # _version changes on in-place writes (load_state_dict), so reloaded weights never hit a stale entry;
@@ -57,17 +59,26 @@ def interpolate_pos_embed(visual: nn.Module, grid: tuple[int, int], mode: str = 
             return hit[1]
     # A normal (not inference-mode) tensor, so gradient-based methods (CLIP-ES, CaR) can use cached entries.
     with torch.inference_mode(False), torch.no_grad():
-        cls_pos, patch_pos = pos[:1], pos[1:]
-        patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
-        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-        patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode=mode, **kwargs)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-        out = torch.cat([cls_pos, patch_pos], dim=0)
+        out = _resize_pos(pos, g0, grid, mode)
     with _POS_LOCK:
         _POS_CACHE[key] = (weakref.ref(pos), out)
         while len(_POS_CACHE) > _POS_CACHE_SIZE:
             _POS_CACHE.popitem(last=False)
     return out
+
+
+def _resize_pos(pos: torch.Tensor, g0: int, grid: tuple[int, int], mode: str) -> torch.Tensor:
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    patch_pos = patch_pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    patch_pos = F.interpolate(patch_pos, size=(grid[0], grid[1]), mode=mode, **kwargs)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def _tracing() -> bool:
+    """True while torch.export / the ONNX exporter traces the model (sizes are symbols there)."""
+    return bool(torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
 
 
 _POS_CACHE: "OrderedDict[tuple, tuple[weakref.ref, torch.Tensor]]" = OrderedDict()

@@ -140,6 +140,8 @@ class Segmenter(abc.ABC):
         self.config = config
         self.device = torch.device(device)
         self._state: Optional[VocabularyState] = None
+        #: ONNX Runtime stand-in for the image encoder (:mod:`.deploy`); None runs the torch encoder.
+        self.image_encoder: Optional[Any] = None
 
     # --- the contract -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -196,6 +198,11 @@ class Segmenter(abc.ABC):
         if state is None:
             raise RuntimeError(f"{self.name}: no vocabulary set; call set_vocabulary() first")
         return state
+
+    def image_graph(self) -> Optional[Any]:
+        """The vocabulary-independent image encoder as a :class:`.deploy.ImageGraph` for ONNX export, or None
+        when the method cannot run exported (see docs/deploy.md)."""
+        return None
 
     def backbone_forward(self, image: np.ndarray) -> None:
         """One bare forward of the main backbone at the size ``segment`` would use (benchmark baseline)."""
@@ -582,15 +589,25 @@ def build_segmenter(
     preset: str = "",
     overrides: Optional[Mapping[str, Any]] = None,
     device: str | torch.device = "cpu",
+    backend: Optional[Any] = None,
     **kwargs: Any,
 ) -> Segmenter:
     """Resolve preset -> merge overrides -> build the segmenter (which loads its own models).
 
-    ``kwargs`` go to the segmenter's ``from_config`` (e.g. ``cache_dir``, ``offline``).
+    ``backend`` (:class:`.deploy.BackendOptions`) with ``backend: onnxruntime`` replaces the image encoder by
+    an ONNX Runtime session on the exported file (checked against this model). ``kwargs`` go to the
+    segmenter's ``from_config`` (e.g. ``cache_dir``, ``offline``).
     """
     cls = get_segmenter_class(name)
     config = check_overrides(name, preset, overrides)
-    return cls.from_config(config, device=device, **kwargs)  # type: ignore[attr-defined]
+    if backend is not None:
+        backend.check()  # a bad backend setting fails before minutes of model loading
+    segmenter = cls.from_config(config, device=device, **kwargs)  # type: ignore[attr-defined]
+    if backend is not None and backend.backend != "torch":
+        from .deploy import attach_onnx
+
+        attach_onnx(segmenter, backend)
+    return segmenter
 
 
 # --- small shared helpers -----------------------------------------------------------------------------

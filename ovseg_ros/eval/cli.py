@@ -32,6 +32,7 @@ from ..core.segmenter import (
     list_segmenters,
     load_paper_results,
 )
+from ..core.deploy import add_backend_arguments, backend_from_args
 from ..core.vocabulary import VocabularyError
 from . import distributed as dist
 from .datasets import READERS, DatasetError, open_dataset
@@ -74,6 +75,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list segmenters, presets and published numbers")
     p.add_argument("--layouts", action="store_true", help="print the expected folder layout of every dataset")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_backend_arguments(p, "--image-backend")  # --backend is torch.distributed's
     return p.parse_args(argv)
 
 
@@ -156,7 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides = _overrides(args)
         out_dir = Path(args.output or f"eval_out/{args.segmenter}-{preset or 'default'}-{args.dataset}")
         segmenter = build_segmenter(args.segmenter, preset, overrides, device,
-                                    cache_dir=str(Path(args.cache_dir).expanduser()), offline=not args.online)
+                                    cache_dir=str(Path(args.cache_dir).expanduser()), offline=not args.online,
+                                    backend=backend_from_args(args, device))
         spec = getattr(segmenter.config, get_segmenter_class(args.segmenter).primary_model_field, None)
         cache_dir = str(Path(args.cache_dir).expanduser())
         run = {"segmenter": args.segmenter, "preset": preset, "overrides": overrides, "dataset": dataset.name,
@@ -167,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "checkpoint": getattr(spec, "checkpoint", ""), "device": str(device),
                "world_size": ctx.world_size, "backend": ctx.backend, "limit": args.limit,
                "fingerprint": fingerprint(args.segmenter, preset, segmenter.config, dataset, cache_dir)}
+        if args.image_backend != "torch":  # recorded only when used: earlier runs' records stay comparable
+            run.update(image_backend=args.image_backend, onnx_file=str(Path(args.onnx_file).resolve()))
         prepare_output(out_dir, run, ctx, args.overwrite)
         totals = run_evaluation(segmenter, dataset, out_dir, ctx, args.limit, progress=not args.no_progress,
                                 save_predictions=args.save_predictions, log_every=args.log_every)

@@ -30,6 +30,9 @@ DEFAULT_SEGMENTER = "itaclip"
 #: Preset used when the ``preset`` parameter is empty: the first of these the method has.
 AUTO_PRESETS = ("realtime", "default")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: Image backends and ONNX Runtime providers (core/deploy.py owns them; repeated here to keep torch unimported).
+BACKENDS = ("torch", "onnxruntime")
+PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")  # fullmatch: "cpu\n" is refused
 #: Longest ``segmenter_options`` text, and its YAML limits (nodes with aliases expanded, depth).
 MAX_OPTIONS_BYTES = 64 * 1024
@@ -169,6 +172,17 @@ def _check_cameras(value: Sequence[str], values: Mapping[str, Any]) -> Optional[
     return None
 
 
+def _check_onnx_file(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    if values.get("backend", "torch") == "onnxruntime" and not value:
+        return "backend onnxruntime needs onnx_file: export one with ovseg-export (ros2 run ovseg_ros ovseg_export)"
+    return None
+
+
+def _check_providers(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
+    bad = [v for v in value if v not in PROVIDER_NAMES]
+    return f"unknown execution provider(s) {short_repr(bad)}; choose from {', '.join(PROVIDER_NAMES)}" if bad else None
+
+
 def _auto_preset(segmenter: str) -> str:
     from ..core.segmenter import list_presets
 
@@ -265,6 +279,16 @@ PARAMS: tuple[ParamSpec, ...] = (
               when="live"),
     ParamSpec("nav2_compatible", False, "bool", "Nav2 semantic_segmentation_layer mode: labels stay mono8 (the "
               "layer reads one byte per pixel), so a vocabulary of more than 255 classes is refused."),
+    # Deployment (ovseg_ros/core/deploy.py): the image encoder on ONNX Runtime; read at configure.
+    ParamSpec("backend", "torch", "str", "Image encoder: torch, or onnxruntime running onnx_file (ovseg-export); "
+              "text, post-processing and ~/set_vocabulary are the same code either way.", choices=BACKENDS),
+    ParamSpec("onnx_file", "", "str", "File written by ovseg-export for this segmenter, preset and weights "
+              "(backend onnxruntime); a mismatched file fails configure with the reason.", check=_check_onnx_file),
+    ParamSpec("onnx_providers", [], "list", "ONNX Runtime execution providers in order, from tensorrt, cuda, cpu; "
+              "empty: every available one in that order.", check=_check_providers),
+    ParamSpec("trt_cache_dir", "", "str", "TensorRT engine cache folder (empty: <onnx_file>.trt_cache); engines "
+              "are built at the first frame of each input size, then loaded from here."),
+    ParamSpec("trt_fp16", True, "bool", "Let TensorRT build fp16 engines."),
     ParamSpec("persist_vocabulary", True, "bool", "Restore the vocabulary set at run time (~/set_vocabulary) and "
               "its class ids at configure, e.g. after a crash or a respawn; it is saved in cache_dir/runtime, one "
               "file per node name. Revisions continue from the saved counter either way (empty cache_dir: "
@@ -398,6 +422,11 @@ class NodeConfig:
     points_rgb: bool = False
     depth_slop: float = 0.05
     nav2_compatible: bool = False
+    backend: str = "torch"
+    onnx_file: str = ""
+    onnx_providers: tuple[str, ...] = ()
+    trt_cache_dir: str = ""
+    trt_fp16: bool = True
     track_instances: bool = True
     track_max_age: float = 3.0
     temporal_filter: str = "none"
@@ -414,6 +443,7 @@ class NodeConfig:
                 kwargs[p.name] = float(kwargs[p.name])
         kwargs["vocabulary"] = tuple(kwargs["vocabulary"] or ())
         kwargs["cameras"] = tuple(kwargs["cameras"] or ())
+        kwargs["onnx_providers"] = tuple(kwargs["onnx_providers"] or ())
         return cls(**kwargs, options=parse_options(kwargs["segmenter_options"]))
 
     def resolved_preset(self) -> str:
@@ -461,6 +491,16 @@ class NodeConfig:
                 )
             overrides[key] = model
         return overrides
+
+    def backend_options(self, device: Any) -> Any:
+        """The image backend for ``build_segmenter`` (CUDA providers on the node's device)."""
+        from ..core.deploy import BackendOptions
+
+        return BackendOptions(
+            backend=self.backend, onnx_file=os.path.expanduser(self.onnx_file), providers=self.onnx_providers,
+            trt_cache_dir=os.path.expanduser(self.trt_cache_dir), trt_fp16=self.trt_fp16,
+            device_id=(device.index or 0) if getattr(device, "type", "") == "cuda" else 0,
+        )
 
     def model_identity(self, segmenter: Any) -> str:
         """Weights identity for the Vocabulary message: ``name@pretrained``, ``name@file:<basename>``,

@@ -255,6 +255,7 @@ class SegmentNode(LifecycleNode):
             segmenter = build_segmenter(
                 cfg.segmenter, preset, cfg.segmenter_overrides(), device=device,
                 cache_dir=os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else "", offline=cfg.offline,
+                backend=cfg.backend_options(device),
                 text_cache_mb=cfg.text_cache_mb,
             )
             restored = self._restore_vocabulary(cfg, vocabulary)

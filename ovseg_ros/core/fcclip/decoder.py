@@ -129,11 +129,17 @@ class MaskedAttentionDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """mask_features (B, C, H, W); levels: ``self.levels`` maps coarse to fine; text (T, D) normalised
         with ``owner`` (T,) class ids < ``num_classes``; void (1, D) the raw void embedding."""
+        masks, emb = self.decode(mask_features, levels)
+        return masks, self.classify(emb, text, owner, num_classes, void)
+
+    def decode(self, mask_features: torch.Tensor, levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vocabulary-independent part: (mask logits (B, Q, H, W), class embeddings (B, Q, D) in CLIP's
+        text space)."""
         b = mask_features.shape[0]
         memory, memory_pos, sizes = [], [], []
         for i, x in enumerate(levels):
             h, w = x.shape[-2:]
-            sizes.append((int(h), int(w)))
+            sizes.append((h, w))
             pe = sine_position_embedding(h, w, x.shape[1] // 2, x.device)
             memory_pos.append(pe.flatten(2).transpose(1, 2).expand(b, -1, -1))
             memory.append(x.flatten(2).transpose(1, 2) + self.level_embed.weight[i][None, None, :])
@@ -146,8 +152,12 @@ class MaskedAttentionDecoder(nn.Module):
             normed, masks = self._masks(q, mask_features)
         # Class head on the last layer only: the intermediate ones feed training losses.
         pooled = self.pool_proj(mask_pool(mask_features, masks))
-        emb = self.class_embed(pooled + normed)
+        return masks, self.class_embed(pooled + normed)
+
+    def classify(self, emb: torch.Tensor, text: torch.Tensor, owner: torch.Tensor, num_classes: int,
+                 void: torch.Tensor) -> torch.Tensor:
+        """In-vocabulary logits (B, Q, K + 1), void last, of the class embeddings against the text."""
         logits = text_logits(emb, text, owner, num_classes, self.logit_scale)
         scale = self.logit_scale.exp().clamp(max=100)
         void_logit = scale * F.normalize(emb, dim=-1) @ F.normalize(void, dim=-1).T
-        return masks, torch.cat([logits, void_logit], dim=-1)
+        return torch.cat([logits, void_logit], dim=-1)

@@ -104,19 +104,53 @@ class FCCLIPModel(nn.Module):
         def stage(name: str) -> ContextManager[None]:
             return timer.stage(name) if timer is not None else nullcontext()
 
-        k = int(seen.shape[0])
         with stage("backbone"):
             feats, dense = self.backbone(images)
         with stage("pixel_decoder"):
             mask_features, levels = self.pixel_decoder(feats)
         with stage("decoder"):
-            masks, in_logits = self.decoder(mask_features, levels, text.float(), owner, k,
-                                            self.void_embedding.weight.float())
-            clip_emb = self.backbone.classify_masks(dense, masks)
-            out_logits = text_logits(clip_emb.float(), text.float(), owner, k, self.backbone.logit_scale.float())
-            valid = None
-            if ensemble_on_valid_mask:
-                small = nn.functional.interpolate(masks, size=dense.shape[-2:], mode="bilinear", align_corners=False)
-                valid = (small > 0).flatten(2).any(-1)
-            probs = geometric_ensemble(in_logits, out_logits, seen, alpha, beta, valid)
-        return FCCLIPOutput(masks, probs)
+            image = self.image_outputs(dense, mask_features, levels)
+        with stage("classify"):
+            probs = self.classify(image, text, owner, seen, alpha, beta, ensemble_on_valid_mask)
+        return FCCLIPOutput(image.masks, probs)
+
+    def image_forward(self, images: torch.Tensor) -> "FCCLIPImageOutput":
+        """Everything vocabulary-independent (backbone, pixel decoder, decoder, mask pooling): the exported part."""
+        feats, dense = self.backbone(images)
+        mask_features, levels = self.pixel_decoder(feats)
+        return self.image_outputs(dense, mask_features, levels)
+
+    def image_outputs(self, dense: torch.Tensor, mask_features: torch.Tensor,
+                      levels: list[torch.Tensor]) -> "FCCLIPImageOutput":
+        masks, emb = self.decoder.decode(mask_features, levels)
+        clip_emb = self.backbone.classify_masks(dense, masks)
+        small = nn.functional.interpolate(masks, size=dense.shape[-2:], mode="bilinear", align_corners=False)
+        valid = (small > 0).flatten(2).any(-1)
+        return FCCLIPImageOutput(masks, emb, clip_emb.float(), valid)
+
+    def classify(self, image: "FCCLIPImageOutput", text: torch.Tensor, owner: torch.Tensor, seen: torch.Tensor,
+                 alpha: float = 0.4, beta: float = 0.8, ensemble_on_valid_mask: bool = False) -> torch.Tensor:
+        """The text side: in- and out-of-vocabulary logits and their geometric ensemble (B, Q, K + 1)."""
+        k = int(seen.shape[0])
+        in_logits = self.decoder.classify(image.class_embeddings, text.float(), owner, k,
+                                          self.void_embedding.weight.float())
+        out_logits = text_logits(image.clip_embeddings.float(), text.float(), owner, k,
+                                 self.backbone.logit_scale.float())
+        valid = image.valid.bool() if ensemble_on_valid_mask else None
+        return geometric_ensemble(in_logits, out_logits, seen, alpha, beta, valid)
+
+
+@dataclass
+class FCCLIPImageOutput:
+    """The vocabulary-independent outputs of one forward (what the ONNX graph returns).
+
+    Attributes:
+        masks: (B, Q, Hp/4, Wp/4) mask logits. class_embeddings: (B, Q, D) the decoder's class head output.
+        clip_embeddings: (B, Q, D) frozen CLIP's embedding of each mask. valid: (B, Q) mask non-empty at CLIP's
+            resolution (the authors' ENSEMBLE_ON_VALID_MASK).
+    """
+
+    masks: torch.Tensor
+    class_embeddings: torch.Tensor
+    clip_embeddings: torch.Tensor
+    valid: torch.Tensor

@@ -51,7 +51,7 @@ and ``cam_raw_names_first_step``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -92,6 +92,9 @@ from ..visual_prompts import (
     to_classifier_input,
 )
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
+
+if TYPE_CHECKING:
+    from ..deploy import ImageGraph
 
 #: The 15 classifier templates of the authors' semantic configs: CLIP-ES's origami template followed by the
 #: 14 FC-CLIP/ViLD templates.
@@ -260,6 +263,8 @@ class ClipEsProposals:
         self.config = config
         self.cam = ClipCam(clip, logit_scale=config.cam_logit_scale, max_batch=config.cam_max_batch,
                            eps=config.cam_eps)
+        #: ONNX Runtime stand-in for the CAM ViT pass (set through ``CarSegmenter.image_encoder``).
+        self.encoder: Optional[Callable[[torch.Tensor], list[torch.Tensor]]] = None
 
     def warm(self, texts: Sequence[str]) -> None:
         """Encode ``texts`` into the cache now (vocabulary time), so steps only hit memory."""
@@ -268,7 +273,7 @@ class ClipEsProposals:
 
     def prepare(self, image: np.ndarray) -> _Prepared:
         x = prepare_image(self.clip, image, max_long_side=self.config.cam_max_side, resize=self.config.cam_resize)
-        enc = self.cam.encode(x)
+        enc = self.cam.encode(x, encoder=self.encoder)
         return _Prepared(enc, self.cam.affinity(enc), tuple(image.shape[:2]))
 
     def propose(
@@ -595,6 +600,32 @@ class CarSegmenter(Segmenter):
         self.cam_clip = cam_clip
         self.mask_source = mask_source
         self.last_loops: list[LoopResult] = []
+
+    # The exported CAM ViT pass (core/deploy.py) is used by stage 1, which holds the ClipCam.
+    @property  # type: ignore[override]
+    def image_encoder(self) -> Optional[Any]:
+        return self.__dict__.get("_image_encoder")
+
+    @image_encoder.setter
+    def image_encoder(self, value: Optional[Any]) -> None:
+        self.__dict__["_image_encoder"] = value
+        stage1 = self.__dict__.get("stage1")
+        if isinstance(stage1, ClipEsProposals):
+            stage1.encoder = value
+
+    def image_graph(self) -> Optional["ImageGraph"]:
+        """Stage 1's ViT pass on the CAM model (blocks 1..L-1, attention maps, image embedding); the per-query
+        Grad-CAM backward, the stage-2 classifier and the CRF stay in torch. One static size per file."""
+        if not isinstance(self.stage1, ClipEsProposals):
+            return None
+        from ..cam import prepared_size
+        from ..deploy import ImageGraph
+
+        cam = self.stage1.cam
+        p = clip_vit.patch_size(cam.visual)
+        return ImageGraph(cam.encode_graph(True), ("block_input", "attention", "embedding"),
+                          {"attn_layers": cam.attn_layers, "pos_mode": cam.pos_mode},
+                          lambda h, w: prepared_size(h, w, p, 0, self.config.cam_max_side), p, static=True)
 
     @classmethod
     def from_config(

@@ -25,7 +25,7 @@ the numbers do not change: batched Grad-CAM via ``torch.autograd.grad``, Sinkhor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from ..segmenter import (
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, DEFAULT_TEXT_CACHE_MB, TextEncoder, text_cache_bytes
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, vocabulary_from_texts
+
+if TYPE_CHECKING:
+    from ..deploy import ImageGraph
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,19 @@ class ClipEsSegmenter(Segmenter):
         cfg = self.config
         return prepare_image(self.clip, image, cfg.short_side, cfg.max_long_side, resize=cfg.resize)
 
+    def image_graph(self) -> "ImageGraph":
+        """The ViT pass (blocks 1..L-1, the attention maps for the affinity, the image embedding): everything
+        but the Grad-CAM, whose last-block backward per class stays in torch. One static size per file."""
+        from ..cam import prepared_size
+        from ..deploy import ImageGraph
+
+        cfg = self.config
+        p = clip_vit.patch_size(self.clip.visual)
+        outputs = ("block_input", "attention", "embedding") if cfg.use_affinity else ("block_input", "embedding")
+        return ImageGraph(self.cam.encode_graph(cfg.use_affinity), outputs,
+                          {"attn_layers": cfg.attn_layers if cfg.use_affinity else 0, "pos_mode": "bilinear"},
+                          lambda h, w: prepared_size(h, w, p, cfg.short_side, cfg.max_long_side), p, static=True)
+
     def _choose_present(self, image_probs: torch.Tensor) -> list[int]:
         cfg = self.config
         order = torch.argsort(image_probs, descending=True, stable=True).tolist()
@@ -238,7 +254,7 @@ class ClipEsSegmenter(Segmenter):
             text = st.text.to(self.device)
             bg = st.background.to(self.device) if st.background is not None else None
         with timer.stage("backbone"):
-            enc = self.cam.encode(x, with_attention=cfg.use_affinity)
+            enc = self.cam.encode(x, with_attention=cfg.use_affinity, encoder=self.image_encoder)
         with timer.stage("classify"):
             rows = text if bg is None else torch.cat([text, bg])
             image_probs = self.cam.classify(enc, rows)[:k]

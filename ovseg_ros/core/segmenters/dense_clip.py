@@ -14,7 +14,7 @@ probabilities are upsampled in class chunks so large vocabularies fit in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from ..text import (
     DEFAULT_TEXT_CACHE_MB, PHOTO_TEMPLATE, TextEncoder, format_prompts, imagenet_templates, text_cache_bytes,
 )
 from ..vocabulary import UNLABELED, Vocabulary
+
+if TYPE_CHECKING:
+    from ..deploy import ImageGraph
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,17 @@ class DenseClipState(VocabularyState):
     owner: torch.Tensor = None  # type: ignore[assignment]  # (Q,) class index of each row
     background: Optional[torch.Tensor] = None  # (G, E) background words
     prompts: tuple[tuple[str, ...], ...] = ()
+
+
+class _DenseFeatures(torch.nn.Module):
+    """The exported graph: normalised images (B, 3, H, W) -> MaskCLIP patch embeddings (B, E, h, w)."""
+
+    def __init__(self, visual: torch.nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return clip_vit.dense_features(self.visual, images)[0]
 
 
 @register_segmenter("dense_clip")
@@ -149,17 +163,33 @@ class DenseClipSegmenter(Segmenter):
 
     def _scores(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(1, R, h', w') cosine scores of image ``x`` against text ``rows`` at the ViT's input resolution."""
-        visual = self.clip.visual
-
         def run(crops: torch.Tensor) -> torch.Tensor:
-            feats, _ = clip_vit.dense_features(visual, crops)
-            return resize(clip_vit.class_scores(feats.float(), rows), crops.shape[-2:])
+            return resize(clip_vit.class_scores(self._features(crops), rows), crops.shape[-2:])
 
         cfg = self.config
         if cfg.window > 0:
             return slide_inference(x, run, cfg.window, cfg.window_stride, rows.shape[0], cfg.window_batch)
-        feats, _ = clip_vit.dense_features(visual, x)
-        return clip_vit.class_scores(feats.float(), rows)
+        return clip_vit.class_scores(self._features(x), rows)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, E, h, w) float32 normalised patch embeddings: the torch ViT or its exported graph."""
+        if self.image_encoder is not None:
+            return self.image_encoder(x)[0]
+        return clip_vit.dense_features(self.clip.visual, x)[0].float()
+
+    def image_graph(self) -> "ImageGraph":
+        """The MaskCLIP ViT (images -> dense features): everything vocabulary-independent."""
+        from ..deploy import ImageGraph
+
+        cfg = self.config
+
+        def input_size(h: int, w: int) -> tuple[int, int]:
+            if cfg.window > 0:
+                return cfg.window, cfg.window
+            return short_side_size(h, w, cfg.short_side, cfg.max_long_side) if cfg.short_side > 0 else (h, w)
+
+        return ImageGraph(_DenseFeatures(self.clip.visual), ("features",), {"head": "maskclip"}, input_size,
+                          clip_vit.patch_size(self.clip.visual))
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:

@@ -22,6 +22,7 @@ their dataset's own ``isthing``; the paper presets use it). "Seen" per class (``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -47,6 +48,7 @@ from ..text import VILD_TEMPLATES, DEFAULT_TEXT_CACHE_MB, TextEncoder, text_cach
 from ..vocabulary import UNLABELED, Vocabulary
 
 if TYPE_CHECKING:
+    from ..deploy import ImageGraph
     from ..fcclip.model import FCCLIPModel
     from ..fcclip.postprocess import InstanceResult, SeparableResize
 
@@ -344,10 +346,22 @@ class FCCLIPSegmenter(Segmenter):
         timer = StageTimer(self.device)
         with timer.stage("preprocess"):
             x, crop_hw = self._prepare(image)
-        out = self.network.model(
-            x, st.text.to(self.device), st.owner.to(self.device), st.seen.to(self.device), cfg.alpha, cfg.beta,
-            cfg.ensemble_on_valid_mask, timer,
-        )
+        if self.image_encoder is None:
+            out = self.network.model(
+                x, st.text.to(self.device), st.owner.to(self.device), st.seen.to(self.device), cfg.alpha, cfg.beta,
+                cfg.ensemble_on_valid_mask, timer,
+            )
+        else:  # the exported graph up to mask and class embeddings, then the same text head
+            from ..fcclip.model import FCCLIPImageOutput, FCCLIPOutput
+
+            with timer.stage("backbone"):
+                masks, emb, clip_emb, valid = self.image_encoder(x)
+            with timer.stage("classify"):
+                probs = self.network.model.classify(
+                    FCCLIPImageOutput(masks, emb, clip_emb, valid > 0.5), st.text.to(self.device),
+                    st.owner.to(self.device), st.seen.to(self.device), cfg.alpha, cfg.beta,
+                    cfg.ensemble_on_valid_mask)
+            out = FCCLIPOutput(masks, probs)
         with timer.stage("postprocess"):
             masks = out.mask_logits[0]
             resize = self._resizer(tuple(masks.shape[-2:]), tuple(x.shape[-2:]), crop_hw, image.shape[:2])
@@ -369,6 +383,23 @@ class FCCLIPSegmenter(Segmenter):
     def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:
         return self.predict(image, state, instances=False).result
 
+    def image_graph(self) -> "ImageGraph":
+        """Backbone, pixel decoder and decoder up to mask logits and class/CLIP embeddings per query; the text
+        products, the ensemble and post-processing stay in torch. One static input size per file: the
+        deformable attention's level shapes are Python integers of the graph."""
+        from ..deploy import ImageGraph
+        from ..fcclip.preprocess import shortest_edge_size
+
+        cfg = self.config
+
+        def input_size(h: int, w: int) -> tuple[int, int]:
+            nh, nw = shortest_edge_size(h, w, cfg.min_size, cfg.max_size)
+            d = max(cfg.size_divisibility, 1)
+            return nh + (-nh) % d, nw + (-nw) % d
+
+        return ImageGraph(_FCCLIPImage(self.network.model), ("masks", "class_embeddings", "clip_embeddings", "valid"),
+                          {"arch": dataclasses.asdict(self.network.model.arch)}, input_size, 32, static=True)
+
     @torch.inference_mode()
     def backbone_forward(self, image: np.ndarray) -> None:
         x, _ = self._prepare(check_image(image))
@@ -380,6 +411,18 @@ class FCCLIPSegmenter(Segmenter):
         self._resizers.clear()
         super().to(dev)
         return self
+
+
+class _FCCLIPImage(torch.nn.Module):
+    """The exported graph: padded normalised images -> (masks, class embeddings, CLIP embeddings, valid)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.image_forward(images)
+        return out.masks, out.class_embeddings, out.clip_embeddings, out.valid.float()
 
 
 def _semantic_from_panoptic(ids: np.ndarray, segments: list) -> tuple[np.ndarray, np.ndarray]:

@@ -67,7 +67,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -106,6 +106,9 @@ from ..text import (
     text_cache_bytes,
 )
 from ..vocabulary import UNLABELED, Vocabulary, background_without_classes, load_vocabulary_file, name_key
+
+if TYPE_CHECKING:
+    from ..deploy import ImageGraph
 
 log = logging.getLogger(__name__)
 
@@ -466,6 +469,18 @@ def load_dataset_vocabulary(dataset: str) -> Vocabulary:
     return load_vocabulary_file(DATASET_DIR / f"{dataset}.yaml")
 
 
+class _ITATokens(torch.nn.Module):
+    """The exported graph: normalised images (B, 3, H, W) -> ITACLIP tokens (B, 1 + h*w, E)."""
+
+    def __init__(self, segmenter: "ITACLIPSegmenter") -> None:
+        super().__init__()
+        self.visual = segmenter.clip.visual  # registers the weights
+        self._forward = segmenter.dense_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._forward(images)[0]
+
+
 # --- the segmenter ----------------------------------------------------------------------------------
 @register_segmenter("itaclip")
 class ITACLIPSegmenter(Segmenter):
@@ -630,6 +645,27 @@ class ITACLIPSegmenter(Segmenter):
         x = x + clip_vit.layer_scale_1(last, out)  # residual kept; ln_2 and FFN dropped
         return F.normalize(clip_vit.project_tokens(visual, x), dim=-1), grid
 
+    def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """:meth:`dense_features` from the torch ViT or from its exported graph (:mod:`..deploy`)."""
+        if self.image_encoder is None:
+            return self.dense_features(images)
+        ps = clip_vit.patch_size(self.clip.visual)  # the patch conv drops the remainder, as in the graph
+        return self.image_encoder(images)[0], (images.shape[-2] // ps, images.shape[-1] // ps)
+
+    def image_graph(self) -> "ImageGraph":
+        """ITACLIP's modified ViT (images -> fused-attention token features); augmentations are batched before
+        it and merged after it in torch, so one graph serves every preset."""
+        from ..deploy import ImageGraph
+
+        cfg = self.config
+
+        def input_size(h: int, w: int) -> tuple[int, int]:
+            return (cfg.slide_crop, cfg.slide_crop) if cfg.slide_crop > 0 else self.processing_size(h, w)
+
+        options = {"attn_self": cfg.attn_self, "attn_fusion": float(cfg.attn_fusion),
+                   "intermediate": list(self.intermediate)}
+        return ImageGraph(_ITATokens(self), ("tokens",), options, input_size, clip_vit.patch_size(self.clip.visual))
+
     def _blur_kernel(self, device: torch.device) -> torch.Tensor:
         key = (device, self.config.blur_kernel, self.config.blur_sigma)
         k = self._kernel_cache.get(key)
@@ -657,7 +693,7 @@ class ITACLIPSegmenter(Segmenter):
     def crop_logits(self, crops: torch.Tensor, text: torch.Tensor, upsample: bool = True) -> torch.Tensor:
         """Cosine logits (B, Q, h, w) of normalised crops at their own resolution (all passes in one batch)."""
         cfg = self.config
-        feats, grid = self.dense_features(self.augment(crops))
+        feats, grid = self._tokens(self.augment(crops))
         patches = feats[:, 1:].float().reshape(feats.shape[0], grid[0], grid[1], -1)
         mixed = combine_augmented(patches, cfg.augmentations, float(cfg.img_eng_coefficient))
         logits = torch.einsum("bhwe,qe->bqhw", mixed, text)
