@@ -291,11 +291,14 @@ def reference_prompt(
     color: Sequence[int] = RED,
     thickness: int = 1,
     blur_size: int = 15,
+    gray_order: str = "bgr",
 ) -> np.ndarray:
     """One prompted image exactly as the authors' ``apply_visual_prompts`` composes it: (H, W, 3) uint8 RGB
     and a (H, W) 0/1 mask -> (H, W, 3) uint8, with OpenCV on uint8 (GaussianBlur, ``BGR2GRAY`` applied to the
     RGB pixels as theirs, ``ellipse``/``rectangle``/``drawContours``). Slow (one mask at a time); the
-    batched torch path above is the fast one. An empty mask draws no outline (theirs fails on it)."""
+    batched torch path above is the fast one. An empty mask draws no outline (theirs fails on it).
+    ``gray_order="rgb"`` converts with ``RGB2GRAY`` instead (our luma), so the switch means the same on both
+    prompt backends."""
     import cv2
 
     kinds = check_kinds(kinds)
@@ -305,7 +308,10 @@ def reference_prompt(
     if "blur" in kinds:
         out = np.where(inside, out, cv2.GaussianBlur(out, (blur_size, blur_size), 0))
     if "gray" in kinds:
-        g = cv2.cvtColor(np.ascontiguousarray(out), cv2.COLOR_BGR2GRAY)
+        if gray_order not in ("rgb", "bgr"):
+            raise ValueError(f"gray order must be 'rgb' or 'bgr', got {gray_order!r}")
+        code = cv2.COLOR_BGR2GRAY if gray_order == "bgr" else cv2.COLOR_RGB2GRAY
+        g = cv2.cvtColor(np.ascontiguousarray(out), code)
         out = np.where(inside, out, np.repeat(g[:, :, None], 3, axis=2))
     if "black" in kinds:
         out = np.where(inside, out, 0).astype(np.uint8)

@@ -136,6 +136,22 @@ def test_reference_blur_gray_prompt_is_the_authors_composition() -> None:
     assert np.array_equal(got, expected)
 
 
+
+def test_reference_gray_prompt_follows_gray_order() -> None:
+    """``gray_order`` means the same on the authors' prompt backend as on ours (it was ignored there)."""
+    img, m = _photo(45, 64, seed=3), _ellipse_mask(45, 64)
+    out = m[:, :, None] == 0
+    for order, code in (("bgr", cv2.COLOR_BGR2GRAY), ("rgb", cv2.COLOR_RGB2GRAY)):
+        got = vp.reference_prompt(img, m, ["gray"], gray_order=order)
+        gray = np.repeat(cv2.cvtColor(img, code)[:, :, None], 3, axis=2)
+        assert np.array_equal(got, np.where(out, gray, img))
+    fast = vp.apply_visual_prompts(torch.from_numpy(img).permute(2, 0, 1)[None].float(),
+                                   torch.from_numpy(m > 0)[None], ["gray"], gray_order="rgb")
+    ref = vp.reference_prompt(img, m, ["gray"], gray_order="rgb")
+    assert np.abs(fast[0].permute(1, 2, 0).numpy() - ref).max() <= 1  # OpenCV's fixed-point luma rounds
+    with pytest.raises(ValueError, match="gray order"):
+        vp.reference_prompt(img, m, ["gray"], gray_order="brg")
+
 @pytest.mark.parametrize("shape", [(45, 64), (80, 50), (224, 224)])
 def test_reference_classifier_input_is_clips_stock_preprocess(shape) -> None:
     img = _photo(*shape, seed=4)

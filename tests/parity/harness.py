@@ -27,9 +27,9 @@ Switch probes (``sw_*`` stages), so that every documented authors' switch of a p
 softmax temperature (:data:`SHARP`), where non-winning classes' CAMs peak far below 1e-7 (the min-max
 epsilon decides), for a vocabulary that contains six of the method's background words
 (``drop_background_overlaps`` decides whether they stay in the softmax).
-CaR also records: stage-2 probabilities of one fixed mask under a ``gray`` prompt (``gray_order``,
-``prompt_backend``, ``keep_full_image``), the CRF of near-neutral proposals with one all-zero proposal,
-joint and per mask (``crf_image``, ``crf_onehot_shift``), a scripted loop with an all-zero step and a step nobody passes
+CaR also records: stage-2 probabilities of one fixed mask under a ``gray`` prompt and that prompted
+classifier input itself (``gray_order``, ``prompt_backend``, ``keep_full_image``), the CRF of near-neutral
+proposals with one all-zero proposal, joint and per mask (``crf_image``, ``crf_onehot_shift``), a scripted loop with an all-zero step and a step nobody passes
 (``reuse_whole_stack``, ``keep_best_when_empty``), and on refcoco ``refer`` at θ 0 (``refer_char_filter``).
 """
 
@@ -220,6 +220,12 @@ def _car_probes(seg, preset: str, weights: dict[str, Path], img: np.ndarray, **o
     mask[0, 15:45, 55:88] = 1.0
     probs = seg._classify(seg._image(img), mask.repeat(3, 1, 1), st.text_bank[:3], ("gray",), None)
     out["sw_gray_prompt"] = fingerprint(probs)
+    # ... and the prompted classifier input itself (0..255, before the model): the red and blue halves outside
+    # the mask are 30 gray levels apart between RGB luma and BGR2GRAY on RGB pixels (``gray_order``), which a
+    # tiny random classifier may blur below tolerance; a mean and a row through both halves do not
+    prompted = seg._prompt_batch(seg._image(img), mask, ("gray",))
+    row = prompted[0, 0, prompted.shape[2] // 8]  # above the mask: gray across both halves
+    out["sw_gray_image"] = fingerprint(torch.cat([prompted.mean((0, 2, 3)), row]))
     # the CRF of near-neutral proposals (a +-0.03 checkerboard): the image's colours in the pairwise terms
     # decide most pixels; joint (two proposals) and per mask with an all-zero first proposal; the area of
     # every mask in order (a shift moves areas), and the masks subsampled

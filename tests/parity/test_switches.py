@@ -40,9 +40,8 @@ DEFAULT_SWITCHES: dict[str, tuple[str, ...]] = {"car": ("keep_best_when_empty",)
 
 MARKER = "The authors' behaviour where ours differs"
 #: Switches not yet observable in the goldens (strict xfail: the test fails once they are, so remove them).
-#: gray_order: the gray-prompt probe's stage-2 probabilities stay within tolerance on the tiny random
-#: classifier after the merge with main (it was caught before); needs a case where BGR/RGB luma decides.
-KNOWN_GAPS = {("car", "gray_order")}
+#: Empty: CaR's gray_order (once here) is guarded by the prompted classifier input (``sw_gray_image``).
+KNOWN_GAPS: set[tuple[str, str]] = set()
 
 
 def preset_switches(segmenter: str, preset: str) -> list[str]:

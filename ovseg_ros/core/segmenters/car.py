@@ -711,6 +711,15 @@ class CarSegmenter(Segmenter):
 
         ``negatives`` (G, T, E) join the softmax as extra columns, which are then dropped.
         """
+        feats = self.classifier.embed(self._prompt_batch(img, props, kinds))  # one forward for the whole step
+        a = text.shape[0]
+        if negatives is not None:
+            text = torch.cat([text.to(feats.device), negatives.to(feats.device)])
+        return template_ensemble(feats, text.to(feats.device), self.config.classifier_logit_scale)[:, :a]
+
+    def _prompt_batch(self, img: _Image, props: torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
+        """(A, H, W) proposals -> (A, 3, S, S) prompted classifier inputs in 0..255 (before CLIP's normalisation)
+        on the configured ``prompt_backend``; the parity harness records them (``gray_order`` changes only these)."""
         cfg = self.config
         props = props.to(img.work.device).float()
         valid = props.flatten(1).sum(1) > 1  # the authors leave an (almost) empty proposal unprompted
@@ -718,11 +727,7 @@ class CarSegmenter(Segmenter):
             props = F.interpolate(props[None], size=img.work.shape[-2:], mode="bilinear", align_corners=False)[0]
         masks = (props > cfg.mask_threshold) & valid.view(-1, 1, 1)
         if cfg.prompt_backend == "authors":
-            feats = self.classifier.embed(self._authors_batch(img, masks, valid, kinds))
-            a = text.shape[0]
-            if negatives is not None:
-                text = torch.cat([text.to(feats.device), negatives.to(feats.device)])
-            return template_ensemble(feats, text.to(feats.device), cfg.classifier_logit_scale)[:, :a]
+            return self._authors_batch(img, masks, valid, kinds)
         if kinds not in img.outside:
             img.outside[kinds] = outside_appearance(img.work, kinds, cfg.blur_kernel, cfg.gray_order)
         batch = []
@@ -732,11 +737,7 @@ class CarSegmenter(Segmenter):
                                             outside=img.outside[kinds])
             batch.append(to_classifier_input(prompted, self.classifier.input_size, cfg.keep_full_image,
                                              self.classifier.fill()))
-        feats = self.classifier.embed(torch.cat(batch))  # one forward for the whole step
-        a = text.shape[0]
-        if negatives is not None:
-            text = torch.cat([text.to(feats.device), negatives.to(feats.device)])
-        return template_ensemble(feats, text.to(feats.device), cfg.classifier_logit_scale)[:, :a]
+        return torch.cat(batch)
 
     def _authors_batch(
         self, img: _Image, masks: torch.Tensor, valid: torch.Tensor, kinds: tuple[str, ...]
@@ -750,7 +751,7 @@ class CarSegmenter(Segmenter):
         out = []
         for m, ok in zip(masks.cpu().numpy(), valid.cpu().tolist()):
             pic = reference_prompt(img.uint8, m, kinds, cfg.prompt_color, cfg.prompt_thickness,
-                                   cfg.blur_kernel) if ok else img.uint8
+                                   cfg.blur_kernel, cfg.gray_order) if ok else img.uint8
             if cfg.keep_full_image:
                 t = torch.from_numpy(np.ascontiguousarray(pic)).permute(2, 0, 1)[None].float()
                 out.append(to_classifier_input(t, size, True, self.classifier.fill()))
