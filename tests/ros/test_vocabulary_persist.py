@@ -114,6 +114,9 @@ def test_mask_cloud_panoptic_and_info_of_a_frame_carry_the_same_stable_ids(node:
                     **_: Any) -> None:
             cloud.update(labels=np.asarray(labels), unlabeled=unlabeled_id)
 
+        def depth_cue(self, header: Any) -> None:  # no depth image: the tracker uses masks alone
+            return None
+
         def destroy(self) -> None:
             pass
 
