@@ -22,7 +22,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
 from .guard import reason
-from .params import current_values
+from .params import PARAMS, current_values
 from .segment_node import SegmentNode
 
 #: Longest time from SIGINT/SIGTERM to the process exit (tested with a 3 s-per-frame segmenter in flight):
@@ -40,6 +40,32 @@ def _init_without_signal_handlers(args: Optional[list[str]]) -> None:
         rclpy.init(args=args)
 
 
+def wants_help(args: list[str]) -> bool:
+    """``-h``/``--help`` before ``--ros-args`` (after it the words belong to ROS, which has its own)."""
+    ours = args[:args.index("--ros-args")] if "--ros-args" in args else args
+    return any(a in ("-h", "--help") for a in ours)
+
+
+def usage() -> str:
+    """What ``ros2 run ovseg_ros segment_node --help`` prints: how to pass ROS arguments, and every parameter."""
+    lines = [
+        "usage: segment_node [-h] [--ros-args [-r FROM:=TO] [-p NAME:=VALUE] [--params-file FILE] ...]",
+        "",
+        "Open-vocabulary segmentation lifecycle node (configures and activates itself unless autostart:=false).",
+        "Usually started with `ros2 launch ovseg_ros segment.launch.py`; remap the camera with -r image:=<topic>.",
+        "",
+        "  -h, --help            show this help and exit",
+        "  --ros-args            ROS arguments follow: -r FROM:=TO (remap), -p NAME:=VALUE (parameter),",
+        "                        --params-file FILE (YAML), --log-level LEVEL",
+        "",
+        "parameters (default; when a change takes effect):",
+    ]
+    for p in PARAMS:
+        lines.append(f"  {p.name} ({p.type}, default {p.default!r}; {p.when})")
+        lines.append(f"      {p.description}")
+    return "\n".join(lines)
+
+
 def run(args: Optional[list[str]] = None) -> int:
     """Run the node; SIGINT (once or twice) and SIGTERM stop it cleanly and quietly with exit code 0.
 
@@ -47,6 +73,10 @@ def run(args: Optional[list[str]] = None) -> int:
     handlers only set an event, so a second Ctrl-C (terminal + launch deliver two) cannot interrupt the
     shutdown sequence: stop outputs, stop the executor, destroy the node, shut ROS down, exit.
     """
+    user_args = list(sys.argv[1:] if args is None else args)
+    if wants_help(user_args):
+        print(usage())
+        return 0
     stop = threading.Event()  # set by a signal, or by the executor thread when it ends
     requested = threading.Event()  # set by a signal only
 

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..core.untrusted import load_yaml
+from . import plain_help
 
 #: The node's preset order when none is given (ros/params.py AUTO_PRESETS).
 AUTO_PRESETS = ("realtime", "default")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ovseg-export", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="ovseg-export", description=plain_help(__doc__.split("\n\n")[0]),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--segmenter", default="itaclip", help="dense_clip, itaclip, fcclip, clip_es or car")
     p.add_argument("--preset", default="", help="method preset (default: realtime, as the node)")

@@ -286,3 +286,16 @@ def test_cancelled_jobs_do_not_block_but_cannot_pile_up() -> None:
     assert all(j.done.wait(5) for j in jobs)
     job, why = runner.start("query", "after", lambda: 1)
     assert job is not None and runner.wait(job, 5) == "" and job.result == 1
+
+
+def test_segment_node_help_lists_every_parameter_without_starting_ros() -> None:
+    from ovseg_ros.ros.process import run, usage, wants_help
+
+    assert wants_help(["--help"]) and wants_help(["-h", "--ros-args", "-p", "x:=1"])
+    assert not wants_help(["--ros-args", "--help"])  # after --ros-args the words are ROS's
+    assert not wants_help([])
+    text = usage()
+    assert text.startswith("usage: segment_node")
+    for p in PARAMS:
+        assert f"  {p.name} (" in text, p.name
+    assert run(["--help"]) == 0  # returns before rclpy.init: no node, no DDS
