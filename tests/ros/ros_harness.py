@@ -283,3 +283,23 @@ def image_array(msg: Any) -> np.ndarray:
     return arr.reshape((msg.height, msg.width, channels) if channels > 1 else (msg.height, msg.width))
 
 
+def wait_for_diagnostic(client: "RosClient", node: Any, key: str, want: str, timeout: float = 10.0) -> dict[str, str]:
+    """The key/values of ``node``'s /diagnostics status once ``key`` reads ``want`` (AssertionError after ``timeout``)."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    col = client.subscribe("/diagnostics", DiagnosticArray)
+    base = node.get_fully_qualified_name()
+    values: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for msg in col.snapshot():
+                for st in msg.status:
+                    if st.name.startswith(base):
+                        values = {kv.key: kv.value for kv in st.values}
+            if values.get(key) == want:
+                return values
+            time.sleep(0.1)
+    finally:
+        client.unsubscribe(col)
+    raise AssertionError(f"/diagnostics never had {key}={want}: {values}")

@@ -18,11 +18,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from ros_harness import RosClient, active_inprocess_node, image_array, require_ros_or_skip, stamp_of
+from ros_harness import (
+    RosClient,
+    active_inprocess_node,
+    image_array,
+    require_ros_or_skip,
+    stamp_of,
+    wait_for_diagnostic,
+)
 
 require_ros_or_skip()
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from ovseg_ros.eval.video_synth import CLASSES, SceneConfig, color_key_options, generate  # noqa: E402
@@ -142,37 +148,18 @@ def _object_tracks(pairs: list[tuple], min_area: int = 16) -> dict[int, list[int
     return tracks
 
 
-def _diagnostics(client: RosClient, node: Any, key: str, want: str, timeout: float = 10.0) -> dict[str, str]:
-    col = client.subscribe("/diagnostics", DiagnosticArray)
-    base = node.get_fully_qualified_name()
-    values: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for msg in col.snapshot():
-                for st in msg.status:
-                    if st.name.startswith(base):
-                        values = {kv.key: kv.value for kv in st.values}
-            if values.get(key) == want:
-                return values
-            time.sleep(0.1)
-    finally:
-        client.unsubscribe(col)
-    raise AssertionError(f"/diagnostics never had {key}={want}: {values}")
-
-
 def test_depth_cue_counted_and_ids_persist(node: Any, client: RosClient) -> None:
     video = node.cameras[0].video
     frames = list(generate(SCENE))
     before = video.depth_cue_frames
     pairs = _stream(client, node, frames[:20], with_depth=True)
     assert video.depth_cue_frames == before + 20, "every frame whose depth was there had the cue"
-    diag = _diagnostics(client, node, "track_depth_cue_frames", str(before + 20))
+    diag = wait_for_diagnostic(client, node, "track_depth_cue_frames", str(before + 20))
     assert diag["track_depth_cue_refused"] == "0" and diag["track_depth_cue_ms_mean"] != "", diag
     # then frames without depth: tracked on masks alone (not counted), the ids carry on
     pairs += _stream(client, node, frames[20:], with_depth=False)
     assert video.depth_cue_frames == before + 20
-    assert int(_diagnostics(client, node, "track_depth_cue_frames", str(before + 20))["track_frames"]) >= 30
+    assert int(wait_for_diagnostic(client, node, "track_depth_cue_frames", str(before + 20))["track_frames"]) >= 30
     tracks = _object_tracks(pairs)
     assert len(tracks) >= 3, tracks
     for obj, ids in tracks.items():

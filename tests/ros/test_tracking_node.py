@@ -15,11 +15,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from ros_harness import RosClient, active_inprocess_node, image_array, require_ros_or_skip, stamp_of
+from ros_harness import (
+    RosClient,
+    active_inprocess_node,
+    image_array,
+    require_ros_or_skip,
+    stamp_of,
+    wait_for_diagnostic,
+)
 
 require_ros_or_skip()
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -113,25 +119,6 @@ def test_ids_persist_across_the_stream(node: Any, client: RosClient, panoptic: A
             assert (s.track_id == 0) == (not s.is_thing), "stuff is untracked, every thing is tracked"
 
 
-def _diag_values(client: RosClient, node: Any, key: str, want: str, timeout: float = 10.0) -> dict[str, str]:
-    col = client.subscribe("/diagnostics", DiagnosticArray)
-    base = node.get_fully_qualified_name()
-    deadline = time.monotonic() + timeout
-    values: dict[str, str] = {}
-    try:
-        while time.monotonic() < deadline:
-            for msg in col.snapshot():
-                for st in msg.status:
-                    if st.name.startswith(base):
-                        values = {kv.key: kv.value for kv in st.values}
-            if values.get(key) == want:
-                return values
-            time.sleep(0.1)
-    finally:
-        client.unsubscribe(col)
-    raise AssertionError(f"/diagnostics never had {key}={want}: {values}")
-
-
 def test_vocabulary_change_and_deactivate_start_new_ids(node: Any, client: RosClient, panoptic: Any) -> None:
     frames = list(generate(SCENE))[:6]
     before = _segments_and_tracks(_stream(client, node, frames, panoptic))
@@ -145,10 +132,10 @@ def test_vocabulary_change_and_deactivate_start_new_ids(node: Any, client: RosCl
     later = list(generate(SCENE))[6:12]
     after = _segments_and_tracks(_stream(client, node, later, panoptic))
     assert after and not (after & before) and min(after) > max(before), (before, after)
-    _diag_values(client, node, "track_resets_vocabulary", str(resets + 1))
+    wait_for_diagnostic(client, node, "track_resets_vocabulary", str(resets + 1))
     # deactivate + activate: new ids again; an earlier stamp after that is not a clock jump (state was reset)
     assert node.trigger_deactivate() == OK
-    _diag_values(client, node, "track_resets_deactivate", "1")
+    wait_for_diagnostic(client, node, "track_resets_deactivate", "1")
     assert node.trigger_activate() == OK
     again = _segments_and_tracks(_stream(client, node, later[:3], panoptic))
     assert again and not (again & after) and min(again) > max(after)
