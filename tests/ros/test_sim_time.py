@@ -154,21 +154,33 @@ class Stream:
         self.infos = client.subscribe(f"{node.fqn}/info", SegmentationInfo, SENSOR)
         self.clouds = client.subscribe(f"{node.fqn}/semantic/points", PointCloud2, SENSOR)
 
-    def frame(self, ns: int) -> None:
+    def frame(self, ns: int, depth_late: bool = False) -> None:
+        """Depth 5 ms before colour, or (``depth_late``) 30 ms after it: the frame then waits for its depth."""
+        if depth_late:
+            self.colour.publish(_colour(ns))
+            time.sleep(0.03)
         self.info.publish(_info(ns))
         self.depth.publish(_depth(ns))
-        time.sleep(0.005)
-        self.colour.publish(_colour(ns))
+        if not depth_late:
+            time.sleep(0.005)
+            self.colour.publish(_colour(ns))
 
-    def run(self, clock: Optional[SimClock], n: int, period_s: float, stamp0: int = 0) -> list[int]:
+    def run(self, clock: Optional[SimClock], n: int, period_s: float, stamp0: int = 0,
+            depth_late: bool = False) -> list[int]:
         stamps = []
         for i in range(n):
             ns = clock.now() if clock is not None else stamp0 + int(i * period_s * NS)
-            self.frame(ns)
+            self.frame(ns, depth_late)
             stamps.append(ns)
             time.sleep(period_s)
         time.sleep(0.5)
         return stamps
+
+    def segmented(self, stamps: list[int]) -> list[int]:
+        """Those of ``stamps`` the node segmented (its ~/info came): a loaded machine drops camera frames
+        by design (latest only, never a backlog), and those can have no cloud."""
+        done = {m.header.stamp.sec * NS + m.header.stamp.nanosec for m in self.infos.snapshot()}
+        return [s for s in stamps if s in done]
 
     def cloud_stamps(self) -> set[int]:
         return {m.header.stamp.sec * NS + m.header.stamp.nanosec for m in self.clouds.snapshot()}
@@ -190,6 +202,17 @@ def clock(client: RosClient) -> Iterator[SimClock]:
 @pytest.fixture(scope="module")
 def stream(client: RosClient, node: NodeProcess, namespace: str) -> Stream:
     return Stream(client, node, namespace)
+
+
+def _assert_paired(stream: Stream, stamps: list[int], diag: dict[str, str]) -> None:
+    """Every frame of ``stamps`` the node segmented got its cloud, but for one at the turn of the timeline
+    (a frame of the old timeline can take the last depth image of it), and enough were segmented to tell."""
+    segmented = stream.segmented(stamps)
+    clouds = stream.cloud_stamps()
+    missing = [s for s in segmented if s not in clouds]
+    counters = {k: v for k, v in diag.items() if k.startswith(("points_", "frames_", "stamps_", "time_"))}
+    assert len(segmented) >= len(stamps) // 3, (len(segmented), counters)
+    assert len(missing) <= 1, (missing, counters)
 
 
 def test_1_before_the_first_clock(node: NodeProcess, client: RosClient, stream: Stream) -> None:
@@ -222,12 +245,10 @@ def test_3_half_real_time(node: NodeProcess, client: RosClient, stream: Stream, 
     t0 = time.monotonic()
     stamps = stream.run(clock, 30, 0.1)
     wall_ms = (time.monotonic() - t0) * 1e3
-    clouds = stream.cloud_stamps() & set(stamps)
-    assert len(clouds) >= 0.7 * len(stamps), (len(clouds), node.output()[-2000:])
-    lat = stream.latencies(stamps)
-    assert len(lat) >= 0.7 * len(stamps)
-    assert all(0.0 <= v < wall_ms for v in lat), lat
     diags = _diagnostics_during(client, node.fqn, 0.8)
+    _assert_paired(stream, stamps, diags[-1])
+    lat = stream.latencies(stamps)
+    assert all(0.0 <= v < wall_ms for v in lat), lat
     assert diags[-1]["latency_clock"] == "stamp"
 
 
@@ -244,22 +265,21 @@ def test_4_loop_back_to_the_start(node: NodeProcess, client: RosClient, stream: 
     after = _diagnostics_during(client, node.fqn, 0.8)[-1]
     assert int(after["time_jumps"]) > int(before["time_jumps"])
     assert "jumped back" in after["time_last_jump"]
-    clouds = stream.cloud_stamps()
-    got = [s in clouds for s in second]
-    assert sum(got) >= 0.75 * len(second), (got, after.get("points_last_unmatched_cause"))
+    _assert_paired(stream, second, after)
 
 
 def test_5_stamps_loop_without_a_clock_jump(node: NodeProcess, client: RosClient, stream: Stream,
                                             clock: SimClock) -> None:
     """A bag looping while /clock is paused (or played without --clock): stamps go backwards with no
-    jump of the node's clock; the depth matcher notices by itself and keeps pairing."""
+    jump of the node's clock; the depth matcher notices by itself and keeps pairing. The second loop's depth
+    comes 30 ms after its colour: a matcher still on the old timeline would pair each frame at once with the
+    depth of 602 s (newer than the frame, so "decided") and find none within slop."""
     clock.set(500 * NS, 0.0)
     stream.run(None, 40, 0.05, stamp0=600 * NS)  # 600 s .. 602 s
-    second = stream.run(None, 20, 0.05, stamp0=600 * NS + 7)  # the same again, 7 ns later
+    second = stream.run(None, 20, 0.05, stamp0=600 * NS + 7, depth_late=True)  # the same, 7 ns later
     after = _diagnostics_during(client, node.fqn, 0.8)[-1]
     assert int(after["stamps_backwards_depth"]) + int(after["stamps_backwards_colour"]) >= 1
-    clouds = stream.cloud_stamps()
-    assert sum(s in clouds for s in second) >= 0.75 * len(second), after.get("points_last_unmatched_cause")
+    _assert_paired(stream, second, after)
 
 
 def test_6_use_sim_time_switches_at_once(node: NodeProcess, client: RosClient, clock: SimClock) -> None:
@@ -303,7 +323,6 @@ def test_7_depth_stamped_ahead_of_colour(node: NodeProcess, client: RosClient, s
         stamps.append(base + i * period)
         time.sleep(period / NS)
     time.sleep(0.5)
-    clouds = stream.cloud_stamps()
     diag = _diagnostics_during(client, node.fqn, 0.7)[-1]
-    assert sum(s in clouds for s in stamps) >= 0.75 * len(stamps), diag.get("points_last_unmatched_cause")
+    _assert_paired(stream, stamps, diag)
     assert abs(float(diag["depth_stamp_offset_s"]) - 2.0) < 0.3, diag["depth_stamp_offset_s"]
