@@ -270,6 +270,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               when="activate"),
     ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
               "paired with it.", range=(0.0, 10.0), when="activate"),
+    ParamSpec("depth_buffer_mb", 128, "int", "Bound (MiB) of the depth images waiting for their frame, per camera "
+              "(128: ~200 VGA 16UC1 images, 6 s at 30 Hz). Raise it when depth runs far ahead of colour at high "
+              "resolution; the farthest image from the frames is dropped first.", range=(1, 65536), when="activate"),
     ParamSpec("track_instances", True, "bool", "Give each thing segment of ~/panoptic a persistent track_id "
               "(per camera; 0 = untracked). Switching it resets the tracks.", when="live"),
     ParamSpec("track_max_age", 3.0, "float", "Seconds (ROS time of the frame stamps) a track not seen is kept, so "
@@ -428,6 +431,7 @@ class NodeConfig:
     max_depth: float = 10.0
     points_rgb: bool = False
     depth_slop: float = 0.05
+    depth_buffer_mb: int = 128
     nav2_compatible: bool = False
     backend: str = "torch"
     onnx_file: str = ""
