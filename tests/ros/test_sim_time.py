@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -153,14 +154,19 @@ class Stream:
         self.info = client.publisher(f"{namespace}/depth/camera_info", CameraInfo, SENSOR)
         self.infos = client.subscribe(f"{node.fqn}/info", SegmentationInfo, SENSOR)
         self.clouds = client.subscribe(f"{node.fqn}/semantic/points", PointCloud2, SENSOR)
+        self.depth_sent = 0
+
+    def send_depth(self, ns: int) -> None:
+        self.info.publish(_info(ns))
+        self.depth.publish(_depth(ns))
+        self.depth_sent += 1
 
     def frame(self, ns: int, depth_late: bool = False) -> None:
         """Depth 5 ms before colour, or (``depth_late``) 30 ms after it: the frame then waits for its depth."""
         if depth_late:
             self.colour.publish(_colour(ns))
             time.sleep(0.03)
-        self.info.publish(_info(ns))
-        self.depth.publish(_depth(ns))
+        self.send_depth(ns)
         if not depth_late:
             time.sleep(0.005)
             self.colour.publish(_colour(ns))
@@ -204,15 +210,38 @@ def stream(client: RosClient, node: NodeProcess, namespace: str) -> Stream:
     return Stream(client, node, namespace)
 
 
-def _assert_paired(stream: Stream, stamps: list[int], diag: dict[str, str]) -> None:
-    """Every frame of ``stamps`` the node segmented got its cloud, but for one at the turn of the timeline
-    (a frame of the old timeline can take the last depth image of it), and enough were segmented to tell."""
+@dataclass
+class Mark:
+    """The node's counters and the depth images sent, at the start of a test's stream."""
+
+    diag: dict[str, str]
+    depth_sent: int
+
+
+def _mark(client: RosClient, node: NodeProcess, stream: Stream) -> Mark:
+    return Mark(_diagnostics_during(client, node.fqn, 0.4)[-1], stream.depth_sent)
+
+
+def _assert_paired(stream: Stream, stamps: list[int], mark: Mark, diag: dict[str, str]) -> None:
+    """Every frame of ``stamps`` the node segmented found its depth image, but for one at the turn of a
+    timeline (a frame of the old timeline can take the last depth image of it) and those whose depth image
+    never reached the node (a loaded machine drops sensor messages, best effort and latest only, by design:
+    a CI run lost 32 of 180); and the clouds of the matched frames arrived, but for those lost on the way."""
+    def delta(key: str) -> int:
+        return int(diag[key]) - int(mark.diag[key])
+
+    counters = {k: v for k, v in diag.items() if k.startswith(("points_", "frames_", "depth_", "results_"))}
+    depth_sent = stream.depth_sent - mark.depth_sent
+    depth_lost = depth_sent - delta("depth_received")
     segmented = stream.segmented(stamps)
+    assert len(segmented) >= len(stamps) // 3 and depth_lost <= depth_sent // 2, \
+        f"too loaded to tell: {len(segmented)} of {len(stamps)} segmented, {depth_lost} depth images lost; {counters}"
+    assert delta("points_unmatched") <= 1 + depth_lost, f"{depth_lost} depth images lost; {counters}"
     clouds = stream.cloud_stamps()
     missing = [s for s in segmented if s not in clouds]
-    counters = {k: v for k, v in diag.items() if k.startswith(("points_", "frames_", "stamps_", "time_"))}
-    assert len(segmented) >= len(stamps) // 3, (len(segmented), counters)
-    assert len(missing) <= 1, (missing, counters)
+    received = len(set(stamps) & clouds)
+    assert len(missing) <= delta("points_unmatched") + max(0, delta("points_published") - received), \
+        f"no cloud for {missing}; {counters}"
 
 
 def test_1_before_the_first_clock(node: NodeProcess, client: RosClient, stream: Stream) -> None:
@@ -241,12 +270,12 @@ def test_3_half_real_time(node: NodeProcess, client: RosClient, stream: Stream, 
     """0.5x real time: frames stamped with simulated time get their cloud; latency is in simulated
     seconds against the stamp (non-negative, and below the wall time it took)."""
     clock.set(300 * NS, 0.5)
-    time.sleep(0.3)
+    mark = _mark(client, node, stream)
     t0 = time.monotonic()
     stamps = stream.run(clock, 30, 0.1)
     wall_ms = (time.monotonic() - t0) * 1e3
     diags = _diagnostics_during(client, node.fqn, 0.8)
-    _assert_paired(stream, stamps, diags[-1])
+    _assert_paired(stream, stamps, mark, diags[-1])
     lat = stream.latencies(stamps)
     assert all(0.0 <= v < wall_ms for v in lat), lat
     assert diags[-1]["latency_clock"] == "stamp"
@@ -256,16 +285,16 @@ def test_4_loop_back_to_the_start(node: NodeProcess, client: RosClient, stream: 
                                   clock: SimClock) -> None:
     """Simulated time runs 400 s -> 402 s, then /clock and the stamps jump back to 400 s (``ros2 bag play
     -l``): the jump is counted and every frame of the second loop still gets its cloud."""
-    before = _diagnostics_during(client, node.fqn, 0.7)[-1]
+    mark = _mark(client, node, stream)
     clock.set(400 * NS, 1.0)
     first = stream.run(clock, 20, 0.1)
     clock.set(400 * NS, 1.0)  # back to the start
     second = stream.run(clock, 20, 0.1)
     assert second[0] < first[-1]
     after = _diagnostics_during(client, node.fqn, 0.8)[-1]
-    assert int(after["time_jumps"]) > int(before["time_jumps"])
+    assert int(after["time_jumps"]) > int(mark.diag["time_jumps"])
     assert "jumped back" in after["time_last_jump"]
-    _assert_paired(stream, second, after)
+    _assert_paired(stream, second, mark, after)
 
 
 def test_5_stamps_loop_without_a_clock_jump(node: NodeProcess, client: RosClient, stream: Stream,
@@ -275,11 +304,12 @@ def test_5_stamps_loop_without_a_clock_jump(node: NodeProcess, client: RosClient
     comes 30 ms after its colour: a matcher still on the old timeline would pair each frame at once with the
     depth of 602 s (newer than the frame, so "decided") and find none within slop."""
     clock.set(500 * NS, 0.0)
+    mark = _mark(client, node, stream)
     stream.run(None, 40, 0.05, stamp0=600 * NS)  # 600 s .. 602 s
     second = stream.run(None, 20, 0.05, stamp0=600 * NS + 7, depth_late=True)  # the same, 7 ns later
     after = _diagnostics_during(client, node.fqn, 0.8)[-1]
     assert int(after["stamps_backwards_depth"]) + int(after["stamps_backwards_colour"]) >= 1
-    _assert_paired(stream, second, after)
+    _assert_paired(stream, second, mark, after)
 
 
 def test_6_use_sim_time_switches_at_once(node: NodeProcess, client: RosClient, clock: SimClock) -> None:
@@ -310,19 +340,18 @@ def test_7_depth_stamped_ahead_of_colour(node: NodeProcess, client: RosClient, s
     frame still gets the depth image with its stamp (the old 32-image buffer evicted each one before its
     frame came: no cloud at all), and /diagnostics measures the offset."""
     base, period, lead = 900 * NS, 50_000_000, 40
+    mark = _mark(client, node, stream)
     for i in range(lead):  # the depth stream started 2 s earlier
-        stream.info.publish(_info(base + i * period))
-        stream.depth.publish(_depth(base + i * period))
+        stream.send_depth(base + i * period)
         time.sleep(period / NS)
     stamps = []
     for i in range(40):
-        stream.info.publish(_info(base + (i + lead) * period))
-        stream.depth.publish(_depth(base + (i + lead) * period))
+        stream.send_depth(base + (i + lead) * period)
         time.sleep(0.005)
         stream.colour.publish(_colour(base + i * period))
         stamps.append(base + i * period)
         time.sleep(period / NS)
     time.sleep(0.5)
     diag = _diagnostics_during(client, node.fqn, 0.7)[-1]
-    _assert_paired(stream, stamps, diag)
+    _assert_paired(stream, stamps, mark, diag)
     assert abs(float(diag["depth_stamp_offset_s"]) - 2.0) < 0.3, diag["depth_stamp_offset_s"]
