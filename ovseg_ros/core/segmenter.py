@@ -660,7 +660,9 @@ class StageTimer:
 def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
     """Device tensors -> numpy arrays with one wait: on CUDA each is copied into pinned host memory
     asynchronously and the stream is synchronised once; CPU tensors are shared, not copied."""
-    if not tensors or all(t.device.type != "cuda" for t in tensors):
+    if not tensors or all(t.device.type == "cpu" for t in tensors):
+        return [t.detach().numpy() for t in tensors]
+    if any(t.device.type != "cuda" for t in tensors):
         return [t.detach().cpu().numpy() for t in tensors]
     outs = []
     for t in tensors:

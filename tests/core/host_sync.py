@@ -3,7 +3,7 @@
 On CUDA these block the Python thread until the queue drains: reading a value (``.item()``, ``int(t)``,
 ``bool(t)``, ``.tolist()``), ops whose output size depends on the data (``nonzero``, boolean-mask indexing,
 ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``), and copies to
-the host (``.cpu()``/``.numpy()``). A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every
+the host (``.cpu()``/``.numpy()``; on the CPU ``.cpu()`` dispatches nothing, so the Python method is counted). A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every
 aten op, so a CPU run shows exactly what a CUDA run would wait on (``torch.cuda.set_sync_debug_mode`` is
 the on-device check; ``benchmarks/gpu_check.sh`` runs it).
 """
@@ -49,7 +49,7 @@ def count_host_syncs() -> Iterator[Counter]:
     """Counts of host-synchronising operations inside the block (``numpy``/``tolist`` reads included)."""
     counts: Counter = Counter()
     # Python-level reads: some C++ fast paths (``int(t)`` of an integer CPU tensor) skip the dispatcher.
-    originals = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy", "item", "__int__", "__float__", "__bool__")}
+    originals = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy", "cpu", "item", "__int__", "__float__", "__bool__")}
 
     def wrap(n: str):
         orig = originals[n]
