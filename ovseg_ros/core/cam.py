@@ -53,7 +53,7 @@ from torch import nn
 
 from . import clip_vit
 from .geometry import image_to_tensor, normalize, short_side_size
-from .models import ClipModel, sync_free
+from .models import ClipModel, sync_free, upload
 
 #: CLIP-ES background words for PASCAL VOC (``clip_text.py::BACKGROUND_CATEGORY``), 25 words.
 VOC_BACKGROUND: tuple[str, ...] = (
@@ -235,9 +235,8 @@ def _box_mask_on_device(cams: torch.Tensor, threshold: float, clip_edges: bool) 
         reach = (reach @ reach > 0).to(dtype)
     linked = reach > 0
     ys, xs = ys.int(), xs.int()
-    big = torch.tensor(n, dtype=torch.int32, device=cams.device)
-    y0 = torch.where(linked, ys, big).amin(-1)  # (t, N): the box of each cell's region
-    x0 = torch.where(linked, xs, big).amin(-1)
+    y0 = torch.where(linked, ys, n).amin(-1)  # (t, N): the box of each cell's region
+    x0 = torch.where(linked, xs, n).amin(-1)
     y1 = torch.where(linked, ys, -1).amax(-1) + 1  # exclusive ends, as x0 + width of cv2's stats
     x1 = torch.where(linked, xs, -1).amax(-1) + 1
     if clip_edges:
@@ -599,7 +598,8 @@ class ClipCam:
             rows = text.clone()
             with torch.no_grad():
                 a0 = block.ln_1(x)
-            tgt = torch.tensor(targets, device=x.device)
+            tgt = (torch.arange(targets[0], targets[0] + b, device=x.device)
+                   if targets == list(range(targets[0], targets[0] + b)) else upload(targets, x.device))
             if self.grad_mode == "replicate":
                 # One copy of the activation per target: the copies never interact, so one backward of the
                 # summed target probabilities yields each target's own gradient in its own copy.
