@@ -617,7 +617,8 @@ class ClipCam:
                 if live is not None:  # per-target row sets: one softmax per target, still one forward
                     logits = logits.expand(b, -1)
                 probs = torch.softmax(_mask_rows(logits, live), dim=-1)  # (1 or B, Q)
-                onehot = F.one_hot(tgt, probs.shape[-1]).to(probs.dtype)[:, None, :]  # (B, 1, Q)
+                # (B, 1, Q); F.one_hot would read the indices' range on the host
+                onehot = (tgt[:, None] == torch.arange(probs.shape[-1], device=tgt.device)).to(probs.dtype)[:, None, :]
                 if live is not None:  # target i's cotangent touches only its own softmax row
                     onehot = onehot * torch.eye(b, dtype=probs.dtype, device=probs.device)[:, :, None]
                 (grad,) = torch.autograd.grad(probs, a, grad_outputs=onehot, is_grads_batched=True)
