@@ -571,7 +571,8 @@ class ClipCam:
             both = self._gradcam_rows(enc, full, targets + targets, masks)
             cams, redo = both[: len(targets)], both[len(targets):]
             return torch.where(cams.flatten(1).amax(1).view(-1, 1, 1) <= 0.0, redo, cams)
-        cams = self._gradcam_rows(enc, full, targets, None if live is None else live.expand(len(targets), -1))
+        cams = (self._gradcam_rows(enc, full, targets) if live is None
+                else self._gradcam_rows(enc, full, targets, live.expand(len(targets), -1)))
         if retry:
             empty = [i for i in range(len(targets)) if float(cams[i].max()) <= 0.0]
             if empty:

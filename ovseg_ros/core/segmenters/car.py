@@ -29,6 +29,14 @@ the background words; the label map paints stuff, then things, each in ascending
 (softmax over that sentence and the background words), one CRF per mask; :meth:`CarSegmenter.refer` merges
 the masks of sentences that describe one object by score-weighted mean (falling back to their union).
 
+Host waits on a GPU (``models.sync_free``). Per frame :meth:`CarSegmenter.segment` reads the device once per
+loop step (the diagonal and the "any proposal" flag in one ``tolist``: who survives decides the next step's
+shapes) and once per dense CRF (the lattice's size); everything else stays on the device until one copy of the
+planes (the retry without background words is batched into the same backward, the labels are painted on the
+device). A fixed number of device rounds over all queries with a survivor mask would need no read, but measured
+2.1x (6 classes) and 3.0x (20 classes) the loop's work on the realtime preset (docs/benchmarks.md, "Host
+synchronisation per frame"), so the read per step stays, and tests/core/test_host_sync.py allows exactly it.
+
 The loop counts survivors as the authors' ``_forward_car`` does: when no query passes θ, ``_filter_texts``
 appends the best query to the survivor list in place, so it counts as a positive and the loop goes on with
 it (an empty first step does not end the loop; see :func:`run_recurrence`).

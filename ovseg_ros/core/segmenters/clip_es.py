@@ -11,6 +11,12 @@ gradients for all present classes (softmax Grad-CAM), CAA refinement with the bo
 ``(1 - max_c cam)^α``, optional dense CRF, argmax. Labels are vocabulary ids, UNLABELED where the
 background wins (or the winning score is below ``prob_threshold``).
 
+On a GPU (``models.sync_free``) :meth:`ClipEsSegmenter.segment` never waits on the host before the label copy:
+presence is a mask over ``max(max_present, min_present)`` fixed slots, absent slots leave the Grad-CAM softmax
+and the labels, and the CAA box mask runs on the device (:func:`~ovseg_ros.core.cam.box_mask`); the same numbers
+as the CPU's list of present classes (tests/core/test_host_sync.py). With ``crf`` on, or given tags, the list path
+runs (the CRF reads once per call, see :mod:`ovseg_ros.core.crf`).
+
 Deliberate differences from the authors' code (``docs/methods/clip_es.md`` has the table). Each one that
 changes numbers has a switch, set to the authors' value in the paper presets (voc, coco): ``resize``
 (``pil``: their PIL bicubic; the default), ``cam_eps`` (1e-7, applied twice as their pytorch-grad-cam),
