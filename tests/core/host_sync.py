@@ -2,10 +2,14 @@
 
 On CUDA these block the Python thread until the queue drains: reading a value (``.item()``, ``int(t)``,
 ``bool(t)``, ``.tolist()``), ops whose output size depends on the data (``nonzero``, boolean-mask indexing,
-``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``), and copies to
-the host (``.cpu()``/``.numpy()``; on the CPU ``.cpu()`` dispatches nothing, so the Python method is counted). A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every
-aten op, so a CPU run shows exactly what a CUDA run would wait on (``torch.cuda.set_sync_debug_mode`` is
-the on-device check; ``benchmarks/gpu_check.sh`` runs it).
+``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``), copies to the host
+(``.cpu()``/``.numpy()``; on the CPU ``.cpu()`` dispatches nothing, so the Python method is counted) and
+blocking copies to the device (tensors made from host data: ``torch.tensor``, list indexing, seen as
+``aten.lift_fresh``). A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op, so a CPU
+run shows what a CUDA run would wait on. One blind spot: ``t.to(device)`` of a host tensor dispatches nothing
+when the device is the CPU, so a blocking upload written that way is only seen on a GPU; per-frame code sends
+host data through ``models.upload`` instead. ``torch.cuda.set_sync_debug_mode`` is the on-device check
+(``tests/core/test_cuda.py``; ``benchmarks/gpu_check.sh`` runs it).
 """
 
 from __future__ import annotations

@@ -309,9 +309,10 @@ class FCCLIPSegmenter(Segmenter):
             vocabulary=vocabulary,
             text=text,
             owner=torch.tensor(owner, dtype=torch.long, device=text.device),
+            # On the text's (the model's) device, as ``text`` and ``owner``: no host-to-device copy per frame.
             seen=torch.tensor(seen_mask_by([c.names for c in vocabulary.classes], self.config.seen_rule),
-                              dtype=torch.bool),
-            is_thing=torch.tensor(self._thing_flags(vocabulary), dtype=torch.bool),
+                              dtype=torch.bool, device=text.device),
+            is_thing=torch.tensor(self._thing_flags(vocabulary), dtype=torch.bool, device=text.device),
             prompts=prompts,
         )
 
