@@ -551,7 +551,8 @@ class ClipCam:
 
         In the sync-free mode (:func:`~ovseg_ros.core.models.sync_free`) the retry is decided on the device:
         every target's CAM without background words joins the same batched backward (twice the last-block
-        work, measured cheaper on a GPU than a wait per frame) and replaces the CAMs that came out all zero.
+        work: 1.3-1.6x the Grad-CAM time on the CPU, ``benchmarks/bench_host_sync.py``, against a read per CAM)
+        and replaces the CAMs that came out all zero.
         """
         targets = [int(t) for t in targets]
         h, w = enc.grid

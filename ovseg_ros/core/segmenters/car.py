@@ -34,8 +34,9 @@ loop step (the diagonal and the "any proposal" flag in one ``tolist``: who survi
 shapes) and once per dense CRF (the lattice's size); everything else stays on the device until one copy of the
 planes (the retry without background words is batched into the same backward, the labels are painted on the
 device). A fixed number of device rounds over all queries with a survivor mask would need no read, but measured
-2.1x (6 classes) and 3.0x (20 classes) the loop's work on the realtime preset (docs/benchmarks.md, "Host
-synchronisation per frame"), so the read per step stays, and tests/core/test_host_sync.py allows exactly it.
+2.0x (6 classes) and 3.0x (20 classes) the loop's work on the realtime preset (``benchmarks/bench_host_sync.py``,
+docs/benchmarks.md "Host synchronisation per frame"), so the read per step stays, and
+tests/core/test_host_sync.py allows exactly it.
 
 The loop counts survivors as the authors' ``_forward_car`` does: when no query passes θ, ``_filter_texts``
 appends the best query to the survivor list in place, so it counts as a positive and the loop goes on with
@@ -473,7 +474,7 @@ def _sync_free_step(
     diagonal and the "any proposal" flag come back in one ``tolist`` (one wait), and the rules run on those
     Python numbers. The alternative, a fixed number of steps over all N queries with a survivor mask on the
     device, repeats stage 1 and stage 2 for dead queries and converged steps; measured 2-3x the work of the
-    realtime preset per frame (docs/benchmarks.md, host syncs), against one wait per step (at most
+    realtime preset per frame (benchmarks/bench_host_sync.py), against one wait per step (at most
     ``max_steps``, 3 in the realtime preset). The scores stay on the device.
     Returns the finished :class:`LoopResult`, or the next (prev, active, last_count).
     """
