@@ -53,7 +53,7 @@ from torch import nn
 
 from . import clip_vit
 from .geometry import image_to_tensor, normalize, short_side_size
-from .models import ClipModel
+from .models import ClipModel, sync_free, upload
 
 #: CLIP-ES background words for PASCAL VOC (``clip_text.py::BACKGROUND_CATEGORY``), 25 words.
 VOC_BACKGROUND: tuple[str, ...] = (
@@ -176,6 +176,8 @@ def box_mask(cams: torch.Tensor, threshold: float, clip_edges: bool = False) -> 
     left/top ones).
     """
     t, h, w = cams.shape
+    if sync_free(cams.device) and 0 < h * w <= BOX_DEVICE_MAX_PATCHES:
+        return _box_mask_on_device(cams, threshold, clip_edges)
     q = (cams.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()  # truncation, as astype
     out = np.zeros((t, h, w), dtype=bool)
     for i in range(t):
@@ -188,6 +190,60 @@ def box_mask(cams: torch.Tensor, threshold: float, clip_edges: bool = False) -> 
                 x1, y1 = min(x1, w - 1), min(y1, h - 1)
             out[i, y0:y1, x0:x1] = True
     return torch.from_numpy(out).to(cams.device)
+
+
+#: Largest patch grid whose box mask is computed on the device in the sync-free mode (GPU): the reachability
+#: products cost O(N³) per CAM, well under 1 ms for N = 2048 at fp16 on a datacentre GPU; larger grids copy the CAMs
+#: to the host for OpenCV (one wait per call), which only the paper presets' full-size inputs reach.
+BOX_DEVICE_MAX_PATCHES = 2048
+
+_GRID_CACHE: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _grid(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, N) bool 8-neighbourhood of an h x w grid (self included) and the (N,) y and x of every cell."""
+    key = (h, w, str(device))
+    hit = _GRID_CACHE.get(key)
+    if hit is None:
+        ys = torch.arange(h, device=device).repeat_interleave(w, output_size=h * w)
+        xs = torch.arange(w, device=device).repeat(h)
+        near = ((ys[:, None] - ys[None, :]).abs() <= 1) & ((xs[:, None] - xs[None, :]).abs() <= 1)
+        hit = (near, ys, xs)
+        if len(_GRID_CACHE) > 16:
+            _GRID_CACHE.clear()
+        _GRID_CACHE[key] = hit
+    return hit
+
+
+def _box_mask_on_device(cams: torch.Tensor, threshold: float, clip_edges: bool) -> torch.Tensor:
+    """:func:`box_mask` without leaving the device (no host wait), for the sync-free mode.
+
+    The 8-connected regions come from reachability: with A the foreground adjacency (self loops included),
+    ``ceil(log2 N)`` boolean squarings of A reach along every path of up to N - 1 steps, a fixed count
+    whatever the image. The 0/1 products are exact in fp16 (a positive count never rounds to zero). Each
+    foreground cell then knows its region's box; a cell is in the mask when some box holds it.
+    """
+    t, h, w = cams.shape
+    n = h * w
+    near, ys, xs = _grid(h, w, cams.device)
+    q = (cams.detach().float().clamp(0, 1) * 255).to(torch.uint8).reshape(t, n)  # truncation, as astype
+    qmax = q.amax(dim=1, keepdim=True).double()
+    fg = q.double() > torch.floor(threshold * qmax)  # int(threshold * int(max)) as box_mask (non-negative)
+    dtype = torch.float16 if cams.device.type == "cuda" else torch.float32
+    reach = (near[None] & fg[:, :, None] & fg[:, None, :]).to(dtype)  # (t, N, N)
+    for _ in range(max(1, n - 1).bit_length()):
+        reach = (reach @ reach > 0).to(dtype)
+    linked = reach > 0
+    ys, xs = ys.int(), xs.int()
+    y0 = torch.where(linked, ys, n).amin(-1)  # (t, N): the box of each cell's region
+    x0 = torch.where(linked, xs, n).amin(-1)
+    y1 = torch.where(linked, ys, -1).amax(-1) + 1  # exclusive ends, as x0 + width of cv2's stats
+    x1 = torch.where(linked, xs, -1).amax(-1) + 1
+    if clip_edges:
+        y1, x1 = y1.clamp(max=h - 1), x1.clamp(max=w - 1)
+    inside = ((y0[:, :, None] <= ys) & (ys < y1[:, :, None]) & (x0[:, :, None] <= xs) & (xs < x1[:, :, None])
+              & fg[:, :, None])  # (t, region cell, cell)
+    return inside.any(dim=1).reshape(t, h, w)
 
 
 def minmax_normalize(x: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
@@ -319,6 +375,14 @@ class _EncodeGraph(nn.Module):
         if enc.attention is None:
             return enc.block_input, enc.embedding
         return enc.block_input, enc.attention, enc.embedding
+
+
+def _mask_rows(logits: torch.Tensor, live: Optional[torch.Tensor]) -> torch.Tensor:
+    """Logits (B, Q) with the rows not ``live`` (B, Q) out of the softmax: the lowest finite value, so their
+    probability is exactly 0 and a row set that is all masked gives a uniform softmax, never NaN."""
+    if live is None:
+        return logits
+    return logits.masked_fill(~live.to(logits.device), torch.finfo(logits.dtype).min)
 
 
 class ClipCam:
@@ -472,6 +536,7 @@ class ClipCam:
         background: Optional[torch.Tensor],
         targets: Sequence[int],
         retry_without_background: bool = False,
+        text_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Softmax Grad-CAMs (T', h, w) float32 in [0, 1] for rows ``targets`` of ``text``.
 
@@ -481,26 +546,51 @@ class ClipCam:
             targets: indices into ``text``, one CAM each, in this order.
             retry_without_background: CaR's rule: a CAM that comes out all zero is recomputed with the
                 softmax over ``text`` only.
+            text_mask: (T,) bool on the device, the rows of ``text`` that compete (None: all); the others
+                leave the softmax, so fixed-shape callers need not read on the host which rows are live.
+
+        In the sync-free mode (:func:`~ovseg_ros.core.models.sync_free`) the retry is decided on the device:
+        every target's CAM without background words joins the same batched backward (twice the last-block
+        work: 1.3-1.6x the Grad-CAM time on the CPU, ``benchmarks/bench_host_sync.py``, against a read per CAM)
+        and replaces the CAMs that came out all zero.
         """
         targets = [int(t) for t in targets]
         h, w = enc.grid
         if not targets:
             return torch.zeros((0, h, w), dtype=torch.float32, device=enc.block_input.device)
         full = text if background is None or background.shape[0] == 0 else torch.cat([text, background.to(text)])
-        cams = self._gradcam_rows(enc, full, targets)
-        if retry_without_background and full.shape[0] > text.shape[0]:
+        live = None
+        if text_mask is not None:  # background rows always compete
+            live = torch.ones(full.shape[0], dtype=torch.bool, device=text_mask.device)
+            live[: text.shape[0]] = text_mask
+        retry = retry_without_background and full.shape[0] > text.shape[0]
+        if retry and sync_free(enc.block_input.device):
+            no_bg = torch.zeros(full.shape[0], dtype=torch.bool, device=full.device)
+            no_bg[: text.shape[0]] = True if text_mask is None else text_mask.to(full.device)
+            with_bg = torch.ones_like(no_bg) if live is None else live.to(full.device)
+            masks = torch.cat([with_bg.expand(len(targets), -1), no_bg.expand(len(targets), -1)])
+            both = self._gradcam_rows(enc, full, targets + targets, masks)
+            cams, redo = both[: len(targets)], both[len(targets):]
+            return torch.where(cams.flatten(1).amax(1).view(-1, 1, 1) <= 0.0, redo, cams)
+        cams = (self._gradcam_rows(enc, full, targets) if live is None
+                else self._gradcam_rows(enc, full, targets, live.expand(len(targets), -1)))
+        if retry:
             empty = [i for i in range(len(targets)) if float(cams[i].max()) <= 0.0]
             if empty:
                 redo = self._gradcam_rows(enc, text, [targets[i] for i in empty])
                 cams[empty] = redo
         return cams
 
-    def _gradcam_rows(self, enc: ImageEncoding, text: torch.Tensor, targets: list[int]) -> torch.Tensor:
-        chunks = [self._gradcam_batch(enc, text, targets[s:s + self.max_batch])
+    def _gradcam_rows(self, enc: ImageEncoding, text: torch.Tensor, targets: list[int],
+                      live: Optional[torch.Tensor] = None) -> torch.Tensor:
+        chunks = [self._gradcam_batch(enc, text, targets[s:s + self.max_batch],
+                                      None if live is None else live[s:s + self.max_batch])
                   for s in range(0, len(targets), self.max_batch)]
         return torch.cat(chunks)
 
-    def _gradcam_batch(self, enc: ImageEncoding, text: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    def _gradcam_batch(self, enc: ImageEncoding, text: torch.Tensor, targets: list[int],
+                       live: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``live`` (B, Q) bool: per target, the rows of ``text`` in its softmax (None: all)."""
         block, ln_post, proj = self._grad_head()
         b = len(targets)
         h, w = enc.grid
@@ -510,22 +600,29 @@ class ClipCam:
             rows = text.clone()
             with torch.no_grad():
                 a0 = block.ln_1(x)
-            tgt = torch.tensor(targets, device=x.device)
+            tgt = (torch.arange(targets[0], targets[0] + b, device=x.device)
+                   if targets == list(range(targets[0], targets[0] + b)) else upload(targets, x.device))
             if self.grad_mode == "replicate":
                 # One copy of the activation per target: the copies never interact, so one backward of the
                 # summed target probabilities yields each target's own gradient in its own copy.
                 a = a0.expand(b, -1, -1).clone().requires_grad_(True)
                 out = _last_block_from_ln1(block, x, a)
                 emb = _pool_with(ln_post, proj, out)  # (B, E)
-                probs = torch.softmax(self.logit_scale * emb @ rows.to(emb).T, dim=-1)
+                probs = torch.softmax(_mask_rows(self.logit_scale * emb @ rows.to(emb).T, live), dim=-1)
                 picked = probs[torch.arange(b, device=probs.device), tgt]
                 (grad,) = torch.autograd.grad(picked.sum(), a)
             else:
                 # One forward; the backward is vmapped over one-hot cotangents, one per target.
                 a = a0.clone().requires_grad_(True)
                 emb = _pool_with(ln_post, proj, _last_block_from_ln1(block, x, a))  # (1, E)
-                probs = torch.softmax(self.logit_scale * emb @ rows.to(emb).T, dim=-1)  # (1, Q)
-                onehot = F.one_hot(tgt, probs.shape[-1]).to(probs.dtype)[:, None, :]  # (B, 1, Q)
+                logits = self.logit_scale * emb @ rows.to(emb).T  # (1, Q)
+                if live is not None:  # per-target row sets: one softmax per target, still one forward
+                    logits = logits.expand(b, -1)
+                probs = torch.softmax(_mask_rows(logits, live), dim=-1)  # (1 or B, Q)
+                # (B, 1, Q); F.one_hot would read the indices' range on the host
+                onehot = (tgt[:, None] == torch.arange(probs.shape[-1], device=tgt.device)).to(probs.dtype)[:, None, :]
+                if live is not None:  # target i's cotangent touches only its own softmax row
+                    onehot = onehot * torch.eye(b, dtype=probs.dtype, device=probs.device)[:, :, None]
                 (grad,) = torch.autograd.grad(probs, a, grad_outputs=onehot, is_grads_batched=True)
                 grad = grad[:, 0]  # (B, L, D)
         with torch.no_grad():

@@ -34,15 +34,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .geometry import image_to_device
+from .models import sync_free, upload
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
 # --- permutohedral lattice -----------------------------------------------------------------------------
-def _elevation_matrix(d: int) -> torch.Tensor:
+def _elevation_matrix(d: int) -> list[list[float]]:
     """(d, d+1) map from scaled features to the hyperplane Σx = 0 of Z^{d+1} (Adams et al., Sec. 3)."""
     inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
     scale = [inv_std / math.sqrt((i + 1) * (i + 2)) for i in range(d)]
-    m = torch.zeros(d, d + 1, dtype=torch.float64)
+    m = []
     for b in range(d):  # the elevation recursion applied to each basis vector
         cf = [scale[i] if i == b else 0.0 for i in range(d)]
         e = [0.0] * (d + 1)
@@ -50,7 +53,7 @@ def _elevation_matrix(d: int) -> torch.Tensor:
         for i in range(d - 1, 0, -1):
             e[i] = e[i + 1] - i * cf[i - 1] + (i + 2) * cf[i]
         e[0] = e[1] + 2 * cf[0]
-        m[b] = torch.tensor(e, dtype=torch.float64)
+        m.append(e)
     return m
 
 
@@ -66,7 +69,7 @@ class Permutohedral:
         dev = features.device
         self.n, self.d = n, d
         d1 = d + 1
-        elev = features.double() @ _elevation_matrix(d).to(dev)  # (N, d+1)
+        elev = features.double() @ upload(_elevation_matrix(d), dev, torch.float64)  # (N, d+1)
         # Nearest remainder-0 point (ties go down, as in the reference implementation).
         rem0 = torch.ceil(elev / d1 - 0.5) * d1
         total = (rem0.sum(dim=1) / d1).round().long()  # (N,)
@@ -100,16 +103,32 @@ class Permutohedral:
         strides = torch.ones(d, dtype=torch.long, device=dev)
         for i in range(d - 2, -1, -1):
             strides[i] = strides[i + 1] * span[i + 1]
-        if float(span.double().log2().sum()) > 62:
-            raise ValueError("the lattice is too large to index; use coarser features (larger sxy/srgb)")
+        too_large = span.double().log2().sum() > 62
         self._lo, self._strides = lo, strides
         codes = ((keys - lo) * strides).sum(dim=1)
-        self.codes, inverse = torch.unique(codes, sorted=True, return_inverse=True)
-        m = self.codes.shape[0]
+        if sync_free(dev):
+            # torch.unique and the checks as one read: the vertex count (the lattice's size depends on the
+            # image) and the overflow flag come back together, the lattice's only wait.
+            ordered, perm = torch.sort(codes, stable=True)
+            first = torch.ones_like(ordered, dtype=torch.bool)
+            first[1:] = ordered[1:] != ordered[:-1]
+            rank = torch.cumsum(first.long(), 0) - 1
+            m, too = torch.stack([rank[-1] + 1, too_large.long()]).tolist()
+            if too:
+                raise ValueError("the lattice is too large to index; use coarser features (larger sxy/srgb)")
+            self.codes = torch.zeros(m, dtype=codes.dtype, device=dev).scatter_(0, rank, ordered)
+            inverse = torch.empty_like(rank).scatter_(0, perm, rank)
+        else:
+            if bool(too_large):
+                raise ValueError("the lattice is too large to index; use coarser features (larger sxy/srgb)")
+            self.codes, inverse = torch.unique(codes, sorted=True, return_inverse=True)
+            m = self.codes.shape[0]
         self.m = m
         self.vertex = inverse.reshape(n, d1)  # (N, d+1) vertex id of each simplex corner
-        # Largest number of entries splatted onto one vertex: bounds the fixed-point sums on CUDA.
-        self.max_count = int(torch.bincount(inverse, minlength=m).max())
+        # Largest number of entries splatted onto one vertex: bounds the fixed-point sums on CUDA (a device
+        # scalar: read by nobody on the host).
+        self.max_count = torch.zeros(m, dtype=torch.long, device=dev).scatter_add_(
+            0, inverse, torch.ones_like(inverse)).max()
         # Unique keys back from codes, then blur neighbours along each lattice direction.
         ukeys = torch.empty(m, d, dtype=torch.long, device=dev)
         rest = self.codes.clone()
@@ -151,15 +170,16 @@ class Permutohedral:
     def _splat(self, v: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (M + 1, C) lattice values (last row: the zero 'missing' vertex)."""
         c = v.shape[1]
-        if v.device.type == "cpu":  # index_add_ on the CPU is sequential, hence deterministic
+        if v.device.type == "cpu" and not sync_free(v.device):  # sequential index_add_: deterministic
             lat = torch.zeros(self.m + 1, c, dtype=v.dtype)
             for r in range(self.d + 1):
                 lat.index_add_(0, self.vertex[:, r], self.weights[:, r:r + 1] * v)
             return lat
         # CUDA adds floats atomically in arbitrary order; integer adds are exact, so accumulate in fixed
         # point scaled so that no vertex sum can overflow int64 (precision ~ max|v| * count / 2^61).
-        peak = float(v.abs().max())
-        scale = 2.0 ** 61 / max(peak * self.max_count, 1e-30)
+        # The scale as a device scalar (float64, the same arithmetic as on the host): no wait per filtering.
+        peak = v.abs().max().double()
+        scale = 2.0 ** 61 / (peak * self.max_count).clamp_min(1e-30)
         acc = torch.zeros(self.m + 1, c, dtype=torch.int64, device=v.device)
         for r in range(self.d + 1):
             term = torch.round(self.weights[:, r:r + 1].double() * v.double() * scale).long()
@@ -190,7 +210,7 @@ def gaussian_filter(x: torch.Tensor, sxy: float) -> torch.Tensor:
 
 # --- the CRF -----------------------------------------------------------------------------------------------
 def _to_tensor(a: ArrayLike, device: torch.device) -> torch.Tensor:
-    return a.to(device) if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return a.to(device) if isinstance(a, torch.Tensor) else image_to_device(a, device)
 
 
 @torch.no_grad()

@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 
 
+def image_to_device(image: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """The camera frame as it is (uint8) on ``device``: the frame's one host->device copy, ``non_blocking``
+    (from pageable memory CUDA stages it without waiting for the device)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
+
+
 def image_to_tensor(image: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (1, 3, H, W) in [0, 1] on ``device`` (one host->device copy)."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
+    t = image_to_device(image, device)
     return t.permute(2, 0, 1).unsqueeze(0).to(dtype).div_(255.0)
 
 

@@ -91,6 +91,21 @@ def sync_free(device: torch.device | str) -> bool:
     return torch.device(device).type in SYNC_FREE_DEVICE_TYPES
 
 
+def upload(values, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A small host table (list, tuple, numpy array) on ``device`` without a host wait, for per-frame code.
+
+    ``torch.tensor(values, device="cuda")`` is a blocking copy: the host waits until the queue has drained.
+    On CUDA the table goes through pinned memory with ``non_blocking`` (the caching host allocator keeps the
+    buffer until the copy has run); elsewhere it is the tensor itself. tests/core/host_sync.py counts any other
+    per-frame tensor made from host data as a synchronising copy.
+    """
+    t = torch.as_tensor(values, dtype=dtype)
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 _THREAD_DEVICE = threading.local()
 
 
@@ -157,8 +172,8 @@ class ClipModel:
 
     def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) as (1, 3, 1, 1) tensors on the model's device, for normalising 0..1 RGB."""
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        mean = upload(self.mean, self.device, torch.float32).view(1, 3, 1, 1)
+        std = upload(self.std, self.device, torch.float32).view(1, 3, 1, 1)
         return mean, std
 
     def to(self, device: torch.device | str) -> "ClipModel":

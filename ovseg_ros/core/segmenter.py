@@ -670,7 +670,9 @@ class StageTimer:
 def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
     """Device tensors -> numpy arrays with one wait: on CUDA each is copied into pinned host memory
     asynchronously and the stream is synchronised once; CPU tensors are shared, not copied."""
-    if not tensors or all(t.device.type != "cuda" for t in tensors):
+    if not tensors or all(t.device.type == "cpu" for t in tensors):
+        return [t.detach().numpy() for t in tensors]
+    if any(t.device.type != "cuda" for t in tensors):
         return [t.detach().cpu().numpy() for t in tensors]
     outs = []
     for t in tensors:
@@ -679,6 +681,32 @@ def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
         outs.append(host)
     torch.cuda.current_stream(tensors[0].device).synchronize()
     return [h.numpy() for h in outs]
+
+
+_NUMPY_DTYPES = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16,
+                 torch.uint16: np.uint16, torch.int32: np.int32, torch.int64: np.int64, torch.float16: np.float16,
+                 torch.float32: np.float32, torch.float64: np.float64}
+
+
+def to_host_packed(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Device tensors of any dtypes and shapes -> numpy arrays through ONE host copy: their bytes are packed
+    into a single device buffer, copied with :func:`to_host`, and split again (views of the one host array).
+
+    For a frame whose planes and small per-segment tables must all come back: one wait instead of one per
+    tensor. Each piece is padded to 8 bytes so every view is aligned for its dtype.
+    """
+    parts, layout = [], []
+    for t in tensors:
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        pad = (-flat.numel()) % 8
+        parts.append(flat if not pad else torch.cat([flat, flat.new_zeros(pad)]))
+        layout.append((t.dtype, tuple(t.shape), flat.numel(), flat.numel() + pad))
+    (host,) = to_host(torch.cat(parts))
+    out, at = [], 0
+    for dtype, shape, nbytes, stride in layout:
+        out.append(host[at:at + nbytes].view(_NUMPY_DTYPES[dtype]).reshape(shape))
+        at += stride
+    return out
 
 
 def confidence_to_u8(conf: torch.Tensor) -> torch.Tensor:

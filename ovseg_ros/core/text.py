@@ -162,7 +162,9 @@ class TextEncoder:
             if hit is not None and hit.shape[0] == len(prompts):
                 self._memory.move_to_end(key)
                 self.stats["memory_hits"] += 1
-                return hit.to(self.clip.device)
+                # Non-blocking from the (never modified) host copy: CaR fetches its CAM texts every loop step,
+                # and a blocking copy would wait for the device queue each time.
+                return hit.to(self.clip.device, non_blocking=True)
         emb = self._load_disk(key, len(prompts))
         if emb is None:
             self.check_context(prompts, "prompt")

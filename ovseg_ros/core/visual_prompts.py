@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models import upload
+
 #: Application order of the prompt kinds (the reference's order).
 PROMPT_KINDS: tuple[str, ...] = ("blur", "gray", "black", "circle", "rectangle", "contour")
 _OUTSIDE = ("blur", "gray", "black")
@@ -243,7 +245,7 @@ def apply_visual_prompts(
         out = torch.where(keep, image, outside.to(image.dtype))
     lines = prompt_outlines(masks, kinds, thickness)
     if lines is not None:
-        col = torch.tensor(list(color), dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
+        col = upload(list(color), out.device, out.dtype).view(1, 3, 1, 1)
         out = torch.where(lines[:, None], col, out)
     return out
 
@@ -263,7 +265,7 @@ def to_classifier_input(
         side = max(h, w)
         top, left = (side - h) // 2, (side - w) // 2
         if side != h or side != w:
-            canvas = torch.tensor(list(fill), dtype=images.dtype, device=images.device).view(1, c, 1, 1)
+            canvas = upload(list(fill), images.device, images.dtype).view(1, c, 1, 1)
             canvas = canvas.expand(n, c, side, side).clone()
             canvas[:, :, top:top + h, left:left + w] = images
             images = canvas

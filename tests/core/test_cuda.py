@@ -140,15 +140,30 @@ def test_topk_upsampling_and_host_copy_on_cuda() -> None:
     assert not StageTimer(torch.device("cuda"), profile=False).profile
 
 
-@pytest.mark.parametrize("name", ["dense_clip", "itaclip"])
-def test_realtime_frame_has_no_host_sync_on_cuda(tiny_model_overrides: dict, rgb_image: np.ndarray, name: str) -> None:
+@pytest.mark.parametrize("name", ["dense_clip", "itaclip", "clip_es", "car", "fcclip"])
+def test_realtime_frame_has_no_host_sync_on_cuda(tiny_model_overrides: dict, rgb_image: np.ndarray, name: str,
+                                                 tmp_path) -> None:
     """The on-device twin of tests/core/test_host_sync.py: ``torch.cuda.set_sync_debug_mode`` warns on every
-    synchronising op; one frame of the realtime preset may only wait in ``to_host`` (an explicit stream sync
-    after pinned copies, which the mode does not report)."""
+    synchronising op; one frame of the realtime preset may only wait in ``to_host`` / ``to_host_packed`` (an
+    explicit stream sync after pinned copies, which the mode does not report). CaR also reads once per loop
+    step and once per dense CRF (the counted exceptions of test_host_sync.py)."""
     import warnings
 
-    extra = {"templates": "photo"} if name == "itaclip" else {}
-    seg = build_segmenter(name, "realtime", {**_tiny(tiny_model_overrides, "fp16"), **extra}, device="cuda")
+    from ovseg_ros.core.models import save_random_checkpoint
+
+    tiny = _tiny(tiny_model_overrides, "fp16")
+    extra = {"itaclip": {"templates": "photo"}, "clip_es": {"short_side": 64}}.get(name, {})
+    if name == "car":
+        cls = save_random_checkpoint("ovseg-tiny-vit-l4", tmp_path / "cls.pt", seed=1)
+        tiny = {"cam_model": tiny["model"], "classifier_input_size": 56,
+                "classifier_model": {"name": "ovseg-tiny-vit-l4", "pretrained": "", "checkpoint": str(cls),
+                                     "precision": "fp16"}}
+    elif name == "fcclip":
+        tiny = {"allow_random": True, "min_size": 64, "max_size": 128,
+                "arch": {"hidden_dim": 32, "mask_dim": 32, "num_queries": 12, "dec_layers": 2, "dec_heads": 2,
+                         "dec_ffn_dim": 64, "enc_layers": 2, "enc_heads": 2, "enc_points": 2, "enc_ffn_dim": 64},
+                "model": {"name": "ovseg-tiny-convnext", "pretrained": "", "checkpoint": "", "precision": "fp16"}}
+    seg = build_segmenter(name, "realtime", {**tiny, **extra}, device="cuda")
     state = seg.encode_vocabulary(Vocabulary.from_request(VOCAB + [f"thing {i}" for i in range(20)]))
     seg.segment(rgb_image, state)  # first-frame caches
     torch.cuda.synchronize()
@@ -161,4 +176,7 @@ def test_realtime_frame_has_no_host_sync_on_cuda(tiny_model_overrides: dict, rgb
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
     record(check=f"{name} realtime host syncs per frame (sync debug mode)", value=len(syncs))
-    assert not syncs, syncs
+    allowed = 0
+    if name == "car":
+        allowed = sum(len(loop.steps) for loop in seg.last_loops) + (len(seg.last_loops) if seg.config.crf else 0)
+    assert len(syncs) == allowed, syncs

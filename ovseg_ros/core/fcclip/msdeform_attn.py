@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import upload
+
 log = logging.getLogger(__name__)
 
 _KERNEL: object = None  # the compiled module, False once known to be unavailable
@@ -96,7 +98,7 @@ def ms_deform_attn_gather(
     n, s, m, dh = value.shape
     lq = locations.shape[1]
     dev, dt = value.device, weights.dtype
-    sizes = torch.tensor(shapes, device=dev, dtype=torch.long)  # (L, 2) as (h, w)
+    sizes = upload(shapes, dev, torch.long)  # (L, 2) as (h, w)
     hs, ws = sizes[:, 0, None], sizes[:, 1, None]  # (L, 1): broadcast over the points axis
     starts = (torch.cumsum(sizes[:, 0] * sizes[:, 1], 0) - sizes[:, 0] * sizes[:, 1])[:, None]
     px = locations[..., 0] * ws.to(locations.dtype) - 0.5  # pixel coordinates, centres at integers
@@ -176,7 +178,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         # Offsets are in pixels of each level: divide by (w, h) to get fractions of the level's extent.
-        norm = torch.tensor([(w, h) for h, w in shapes], dtype=query.dtype, device=query.device)
+        norm = upload([(w, h) for h, w in shapes], query.device, query.dtype)
         locations = reference_points[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None, :]
         return self.output_proj(self._sample(value, shapes, locations, weights))
 

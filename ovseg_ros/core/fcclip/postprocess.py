@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models import sync_free
 from ..segmenter import PanopticResult, Segment
 from ..vocabulary import UNLABELED
 
@@ -131,8 +132,13 @@ def postprocess(
     h, w = resize.out_hw
     dev = masks.device
     scores, classes = probs.max(-1)
-    keep = torch.nonzero((classes != k) & (scores > options.object_mask_threshold)).flatten()
+    kept = (classes != k) & (scores > options.object_mask_threshold)
     is_thing = is_thing.to(dev)
+    fixed = sync_free(dev) and options.instance_topk <= 0
+    if fixed:  # every query stays in the tensors, the dropped ones masked: nothing read on the host
+        keep = torch.arange(q, device=dev)
+    else:
+        keep = torch.nonzero(kept).flatten()
 
     inst_pairs = None
     if options.instance_topk > 0:
@@ -151,10 +157,11 @@ def postprocess(
     pan_ids = torch.zeros((h, w), dtype=torch.long, device=dev)
     pan_own = torch.zeros((h, w), dtype=torch.bool, device=dev)
     pan_orig = torch.zeros(len(keep), device=dev)
-    do_pan = options.panoptic and len(keep) > 0
+    do_pan = options.panoptic and (fixed or len(keep) > 0)
     need_all = options.semantic or inst_pairs is not None
     keep_all = len(keep) == q
-    keep_scores = scores[keep][:, None, None]
+    # Fixed mode: a dropped query scores -1 per pixel, below every kept one's (>= 0), so it never wins.
+    keep_scores = (torch.where(kept, scores, -1.0) if fixed else scores[keep])[:, None, None]
     src = masks if need_all or keep_all else masks[keep]
     per_row = max(src.shape[0], k if options.semantic else 0, 1) * w
     band = max(1, options.band_elements // per_row)
@@ -176,12 +183,15 @@ def postprocess(
             sem_conf[y0:y1] = (best / sig.sum(0).clamp_min(1e-12)).clamp(0, 1)
         if do_pan:
             ks = sig.index_select(0, keep) if need_all and not keep_all else sig
-            v = ks * keep_scores
+            v = ks * keep_scores if not fixed else torch.where(keep_scores < 0, -1.0, ks * keep_scores)
             ids = _first_argmax(v, v.amax(0))
             pan_ids[y0:y1] = ids
             pan_own[y0:y1] = ks.gather(0, ids[None])[0] >= 0.5
             pan_orig += (ks >= 0.5).flatten(1).sum(1)
 
+    if fixed:
+        return _finish_on_device(sem_labels, sem_conf, pan_ids, pan_own, pan_orig, kept, scores, classes,
+                                 is_thing, options)
     out = PostprocessOutput()
     if options.semantic:
         if options.semantic_threshold > 0:
@@ -201,6 +211,79 @@ def postprocess(
         out.instances = InstanceResult(
             inst_masks[rows].cpu().numpy(), cs[order].to(torch.int32).cpu().numpy(), final[order].float().cpu().numpy()
         )
+    return out
+
+
+def _finish_on_device(
+    sem_labels: Optional[torch.Tensor],
+    sem_conf: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    own: torch.Tensor,
+    orig_area: torch.Tensor,
+    kept: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    is_thing: torch.Tensor,
+    options: PostprocessOptions,
+) -> PostprocessOutput:
+    """The end of :func:`postprocess` in the sync-free mode (GPU): :func:`_merge_panoptic` and
+    :func:`_describe_segments` as fixed-shape tensors over all Q queries, then ONE host copy of the planes and
+    the per-segment table (:func:`~ovseg_ros.core.segmenter.to_host_packed`). Same numbers as the host path.
+
+    Segment ids: accepted queries in ascending order; a thing query or the first accepted query of a stuff class
+    opens the next id, later stuff queries of that class join it (the host loop's rule, as a prefix count).
+    """
+    from ..segmenter import to_host_packed
+
+    q = scores.shape[0]
+    dev = ids.device
+    h, w = ids.shape
+    flat = ids.flatten()
+    win = torch.zeros(q, dtype=torch.float64, device=dev).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+    inter = torch.zeros(q, dtype=torch.float64, device=dev).scatter_add_(0, flat, own.flatten().double())
+    orig = orig_area.double()
+    accept = kept & (win > 0) & (orig > 0) & (inter > 0) & (win / orig.clamp_min(1) >= options.overlap_threshold)
+    thing = is_thing[classes.clamp(max=is_thing.shape[0] - 1)]  # void (index K) is never accepted
+    rank = torch.arange(q, device=dev)
+    same = (classes[:, None] == classes[None, :]) & accept[None, :] & (rank[None, :] < rank[:, None])  # (q, earlier)
+    opens = accept & (thing | ~same.any(dim=1))
+    new_id = torch.cumsum(opens.long(), 0)
+    first = torch.where(same, rank[None, :], q).amin(dim=1).clamp(max=q - 1)  # first earlier same-class query
+    sid = torch.where(opens, new_id, new_id[first])
+    lut = torch.where(accept, sid, 0)  # query -> segment id (0 = none)
+    seg_map = torch.where(own, lut[ids], torch.zeros_like(ids))
+    n = q + 1  # ids 1..S, S <= q
+    score_sum = torch.zeros(n, dtype=torch.float64, device=dev).scatter_add_(
+        0, lut, torch.where(accept, scores.double() * inter, 0.0))
+    weight = torch.zeros(n, dtype=torch.float64, device=dev).scatter_add_(0, lut, torch.where(accept, inter, 0.0))
+    seg_class = torch.zeros(n, dtype=torch.long, device=dev).scatter_(0, torch.where(opens, sid, 0), classes)
+    mean = torch.where(weight > 0, score_sum / weight.clamp_min(1e-300), 0.0).clamp(0, 1)
+    sflat = seg_map.flatten()
+    ys = torch.arange(h, device=dev).repeat_interleave(w, output_size=h * w)
+    xs = torch.arange(w, device=dev).repeat(h)
+    area = torch.zeros(n, dtype=torch.long, device=dev).scatter_add_(0, sflat, torch.ones_like(sflat))
+    x0 = torch.full((n,), w, device=dev).scatter_reduce(0, sflat, xs, "amin")
+    y0 = torch.full((n,), h, device=dev).scatter_reduce(0, sflat, ys, "amin")
+    x1 = torch.full((n,), -1, device=dev).scatter_reduce(0, sflat, xs, "amax")
+    y1 = torch.full((n,), -1, device=dev).scatter_reduce(0, sflat, ys, "amax")
+    table = torch.stack([seg_class, is_thing[seg_class.clamp(max=is_thing.shape[0] - 1)].long(), area, x0, y0,
+                         x1 - x0 + 1, y1 - y0 + 1, opens.sum().expand(n)])
+    planes = [seg_map.to(torch.int32), table, mean]
+    if sem_labels is not None:
+        if options.semantic_threshold > 0:
+            low = sem_conf < options.semantic_threshold
+            sem_labels = torch.where(low, UNLABELED, sem_labels)
+            sem_conf = torch.where(low, 0.0, sem_conf)
+        planes += [sem_labels, sem_conf]
+    host = to_host_packed(*planes)
+    seg_np, table_np, mean_np = host[:3]
+    count = int(table_np[7, 0])
+    segments = [Segment(id=i, class_id=int(table_np[0, i]), is_thing=bool(table_np[1, i]), score=float(mean_np[i]),
+                        area=int(table_np[2, i]), bbox=tuple(int(v) for v in table_np[3:7, i]))  # type: ignore[arg-type]
+                for i in range(1, count + 1)]
+    out = PostprocessOutput(panoptic=PanopticResult(seg_np, segments))
+    if sem_labels is not None:
+        out.labels, out.confidence = host[3], host[4]
     return out
 
 

@@ -10,6 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..geometry import image_to_device
+from ..models import upload
+
 
 def shortest_edge_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
     """(new_h, new_w): short side to ``min_size``, then everything scaled down if the long side exceeds
@@ -49,15 +52,15 @@ def prepare_image(
         nh, nw = shortest_edge_size(h, w, min_size, max_size)
         image = np.array(Image.fromarray(np.ascontiguousarray(image)).resize((nw, nh), Image.BILINEAR))
         h, w = nh, nw
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
+    x = image_to_device(image, device)
     x = x.permute(2, 0, 1).unsqueeze(0).float()
     new_h, new_w = shortest_edge_size(h, w, min_size, max_size)
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False,
                           antialias=new_h < h or new_w < w)
         x = x.round_().clamp_(0, 255)  # the authors resize uint8 pixels: keep their quantisation
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+    m = upload(mean, device, torch.float32).view(1, 3, 1, 1) * 255.0
+    s = upload(std, device, torch.float32).view(1, 3, 1, 1) * 255.0
     x = (x - m) / s
     if divisibility > 1:
         ph, pw = (-new_h) % divisibility, (-new_w) % divisibility

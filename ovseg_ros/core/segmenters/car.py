@@ -29,6 +29,15 @@ the background words; the label map paints stuff, then things, each in ascending
 (softmax over that sentence and the background words), one CRF per mask; :meth:`CarSegmenter.refer` merges
 the masks of sentences that describe one object by score-weighted mean (falling back to their union).
 
+Host waits on a GPU (``models.sync_free``). Per frame :meth:`CarSegmenter.segment` reads the device once per
+loop step (the diagonal and the "any proposal" flag in one ``tolist``: who survives decides the next step's
+shapes) and once per dense CRF (the lattice's size); everything else stays on the device until one copy of the
+planes (the retry without background words is batched into the same backward, the labels are painted on the
+device). A fixed number of device rounds over all queries with a survivor mask would need no read, but measured
+2.0x (6 classes) and 3.0x (20 classes) the loop's work on the realtime preset (``benchmarks/bench_host_sync.py``,
+docs/benchmarks.md "Host synchronisation per frame"), so the read per step stays, and
+tests/core/test_host_sync.py allows exactly it.
+
 The loop counts survivors as the authors' ``_forward_car`` does: when no query passes θ, ``_filter_texts``
 appends the best query to the survivor list in place, so it counts as a positive and the loop goes on with
 it (an empty first step does not end the loop; see :func:`run_recurrence`).
@@ -69,7 +78,7 @@ from ..cam import (
 )
 from ..crf import dense_crf_capped
 from ..geometry import image_to_tensor, normalize
-from ..models import ClipModel, ModelSpec, load_clip
+from ..models import ClipModel, ModelSpec, load_clip, sync_free, upload
 from ..segmenter import (
     QueryResult,
     Segmenter,
@@ -78,6 +87,7 @@ from ..segmenter import (
     VocabularyState,
     check_image,
     register_segmenter,
+    to_host,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import (
@@ -421,7 +431,15 @@ def run_recurrence(
     for step in range(1, limit + 1):
         props = propose(active, step)
         # Scored as proposed: an (almost) empty proposal is the unprompted image, as the authors' prompts.
-        diag = torch.diagonal(score(props, active)).float().cpu()
+        diag = torch.diagonal(score(props, active)).float()
+        if sync_free(diag.device):
+            out = _sync_free_step(diag, props, prev, active, step, threshold, keep_best, step_dependent,
+                                  reuse_whole_stack, last_count, limit, steps)
+            if isinstance(out, LoopResult):
+                return out
+            prev, active, last_count = out
+            continue
+        diag = diag.cpu()
         if prev is not None and not bool((props > 0).any()):
             prev_ids, prev_props = prev  # live ids are a subset of the previous step's
             props = prev_props if reuse_whole_stack else prev_props[[prev_ids.index(q) for q in active]]
@@ -443,6 +461,43 @@ def run_recurrence(
     scores = torch.zeros_like(diag)
     scores[kept] = diag[kept]
     return LoopResult(list(active), props, scores, steps)
+
+
+def _sync_free_step(
+    diag: torch.Tensor, props: torch.Tensor, prev: Optional[tuple[list[int], torch.Tensor]], active: list[int],
+    step: int, threshold: float, keep_best: bool, step_dependent: bool, reuse_whole_stack: bool, last_count: int,
+    limit: int, steps: list[LoopStep],
+) -> "LoopResult | tuple[tuple[list[int], torch.Tensor], list[int], int]":
+    """One step's decision of :func:`run_recurrence` in the sync-free mode: ONE host read per step.
+
+    The decision (who survives, whether to stop) is what the next step's shapes depend on, so it is read: the
+    diagonal and the "any proposal" flag come back in one ``tolist`` (one wait), and the rules run on those
+    Python numbers. The alternative, a fixed number of steps over all N queries with a survivor mask on the
+    device, repeats stage 1 and stage 2 for dead queries and converged steps; measured 2-3x the work of the
+    realtime preset per frame (benchmarks/bench_host_sync.py), against one wait per step (at most
+    ``max_steps``, 3 in the realtime preset). The scores stay on the device.
+    Returns the finished :class:`LoopResult`, or the next (prev, active, last_count).
+    """
+    flag = (props > 0).any() if prev is not None else torch.ones((), dtype=torch.bool, device=diag.device)
+    vals = torch.cat([diag, flag.to(diag.dtype).view(1)]).tolist()  # the step's one wait
+    values, any_props = vals[:-1], vals[-1] > 0
+    if not any_props:
+        prev_ids, prev_props = prev  # type: ignore[misc]
+        props = prev_props if reuse_whole_stack else prev_props.index_select(
+            0, upload([prev_ids.index(q) for q in active], prev_props.device, torch.long))
+    thr = float(np.float32(threshold))  # the float32 comparison of the host path, exactly
+    keep = [i for i, v in enumerate(values) if v > thr]
+    if not keep and not keep_best:
+        steps.append(LoopStep(tuple(active), tuple(values), ()))
+        return LoopResult(list(active), props, torch.zeros_like(diag), steps)
+    kept = keep or [max(range(len(values)), key=lambda i: (values[i], -i))]  # argmax: the first maximum
+    count = sum(1 for i in kept if values[i] > 0)
+    steps.append(LoopStep(tuple(active), tuple(values), tuple(active[i] for i in kept)))
+    nxt = [active[i] for i in kept]
+    if count == last_count or (nxt == active and not (step == 1 and step_dependent)) or step == limit:
+        chosen = [1.0 if i in kept else 0.0 for i in range(len(values))]
+        return LoopResult(list(active), props, diag * upload(chosen, diag.device, diag.dtype), steps)
+    return (active, props), nxt, count
 
 
 # --- refinement, painting, merging (pure) -------------------------------------------------------------
@@ -475,6 +530,28 @@ def paint_labels(
                 labels[masks[c]] = c
                 conf[masks[c]] = scores[c]
     return labels, np.clip(conf, 0.0, 1.0)
+
+
+def paint_labels_on_device(
+    masks: torch.Tensor, scores: torch.Tensor, is_stuff: Sequence[bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paint_labels` as one fixed-shape step on the masks' device (the sync-free mode): each pixel takes
+    the class painted last, i.e. the highest (thing, score, index) among the classes covering it with score > 0.
+    Returns (labels int32, confidence float32) tensors."""
+    k = masks.shape[0]
+    dev = masks.device
+    scores = scores.to(dev).float()
+    thing = ~upload(list(is_stuff), dev, torch.bool)
+    by_score = torch.argsort(scores, stable=True)  # ascending, ties in index order: the host loop's order
+    order = by_score[torch.argsort(thing[by_score].int(), stable=True)]  # stuff first, then things
+    rank = torch.empty(k, dtype=torch.long, device=dev)
+    rank[order] = torch.arange(k, device=dev)
+    paint = masks.bool() & (scores > 0).view(-1, 1, 1)
+    top = torch.where(paint, rank.view(-1, 1, 1), -1).amax(dim=0)  # (H, W) rank of the last painter, -1 none
+    winner = order[top.clamp(min=0)]
+    labels = torch.where(top >= 0, winner.to(torch.int32), UNLABELED)
+    conf = torch.where(top >= 0, scores[winner], 0.0).clamp(0, 1)
+    return labels, conf
 
 
 def merge_referring_masks(
@@ -783,7 +860,7 @@ class CarSegmenter(Segmenter):
                 if chars is not None and calls[0] > 1:
                     text = chars(active)
                 else:
-                    text = bank[[p.ids[a] for a in active]]
+                    text = bank.index_select(0, upload([p.ids[a] for a in active], bank.device, torch.long))
                 return self._classify(img, props, text, p.kinds, st.negatives)
 
         return run_recurrence(len(p.ids), propose, score, cfg.confidence_threshold, cfg.max_steps,
@@ -863,6 +940,8 @@ class CarSegmenter(Segmenter):
         with timer.stage("cam_encode"):
             prepared = self.stage1.prepare(image)
         img = self._image(image)
+        if sync_free(self.device):
+            return self._segment_on_device(image, st, prepared, img, timer)
         for p in self._passes(st):
             res = self._loop(prepared, img, st, p, separate=False, timer=timer)
             refined = self._refine(image, res.proposals, False, p.bg_factor, timer).cpu().numpy()
@@ -874,6 +953,30 @@ class CarSegmenter(Segmenter):
             labels, conf = paint_labels(masks, scores, st.is_stuff)
         self.last_loops = loops
         return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
+
+    def _segment_on_device(self, image: np.ndarray, st: CarState, prepared: Any, img: _Image,
+                           timer: StageTimer) -> SegmentationResult:
+        """:meth:`segment` in the sync-free mode: masks, scores and painting stay on the device and the planes
+        come back in one copy; what still waits is one read per loop step (:func:`_sync_free_step`) and the
+        dense CRF's lattice construction (its size depends on the image: ``torch.unique``)."""
+        k = len(st.queries)
+        h, w = image.shape[:2]
+        dev = self.device
+        masks = torch.zeros((k, h, w), dtype=torch.bool, device=dev)
+        scores = torch.zeros(k, dtype=torch.float32, device=dev)
+        loops = []
+        for p in self._passes(st):
+            res = self._loop(prepared, img, st, p, separate=False, timer=timer)
+            refined = self._refine(image, res.proposals, False, p.bg_factor, timer)
+            rows = upload([p.ids[q] for q in res.queries], dev, torch.long)
+            masks.index_copy_(0, rows, refined.to(dev).bool())
+            scores.index_copy_(0, rows, res.scores.to(dev).float())
+            loops.append(res)
+        with timer.stage("paint"):
+            labels, conf = paint_labels_on_device(masks, scores, st.is_stuff)
+            labels_np, conf_np = to_host(labels, conf)
+        self.last_loops = loops
+        return SegmentationResult(labels_np, conf_np, st.vocabulary, timings=timer.times)
 
     def _referring(self, image: np.ndarray, texts: list[str],
                    char_filter: bool = False) -> tuple[list[np.ndarray], list[float], dict]:

@@ -11,6 +11,12 @@ gradients for all present classes (softmax Grad-CAM), CAA refinement with the bo
 ``(1 - max_c cam)^α``, optional dense CRF, argmax. Labels are vocabulary ids, UNLABELED where the
 background wins (or the winning score is below ``prob_threshold``).
 
+On a GPU (``models.sync_free``) :meth:`ClipEsSegmenter.segment` never waits on the host before the label copy:
+presence is a mask over ``max(max_present, min_present)`` fixed slots, absent slots leave the Grad-CAM softmax
+and the labels, and the CAA box mask runs on the device (:func:`~ovseg_ros.core.cam.box_mask`); the same numbers
+as the CPU's list of present classes (tests/core/test_host_sync.py). With ``crf`` on, or given tags, the list path
+runs (the CRF reads once per call, see :mod:`ovseg_ros.core.crf`).
+
 Deliberate differences from the authors' code (``docs/methods/clip_es.md`` has the table). Each one that
 changes numbers has a switch, set to the authors' value in the paper presets (voc, coco): ``resize``
 (``pil``: their PIL bicubic; the default), ``cam_eps`` (1e-7, applied twice as their pytorch-grad-cam),
@@ -43,7 +49,7 @@ from ..cam import (
 )
 from ..crf import dense_crf_capped
 from ..geometry import resize
-from ..models import ClipModel, ModelSpec, load_clip
+from ..models import ClipModel, ModelSpec, load_clip, sync_free
 from ..segmenter import (
     QueryResult,
     Segmenter,
@@ -52,6 +58,7 @@ from ..segmenter import (
     VocabularyState,
     check_image,
     register_segmenter,
+    to_host,
 )
 from ..segmenter import POSITIVE, SIDE, UNIT, OneOf, Range, Template, declare_constraints
 from ..text import ORIGAMI_TEMPLATE, DEFAULT_TEXT_CACHE_MB, TextEncoder, text_cache_bytes
@@ -146,9 +153,12 @@ class ClipEsState(VocabularyState):
 class ClipEsMaps:
     """What one frame produced before labelling (for tools that need more than labels)."""
 
-    present: list[int]  # vocabulary ids, in the order of ``probs[1:]``
+    present: list[int]  # vocabulary ids, in the order of ``probs[1:]`` (empty when ``row_ids`` holds them)
     image_probs: torch.Tensor  # (K,) image-level probabilities of the vocabulary classes
     probs: torch.Tensor  # (1 + P, H, W) background first, then the present classes (CRF marginals if on)
+    #: The sync-free path (``segment`` on a GPU): (P,) int32 vocabulary ids of ``probs[1:]`` on the device,
+    #: UNLABELED for slots not present (their rows in ``probs`` are -1, so they never win).
+    row_ids: Optional[torch.Tensor] = None
 
 
 @register_segmenter("clip_es")
@@ -233,17 +243,37 @@ class ClipEsSegmenter(Segmenter):
             keep = order[: cfg.min_present]
         return keep
 
+    def _present_slots(self, image_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_choose_present` on the device: (M,) vocabulary ids of the M = min(K, max(max_present,
+        min_present)) most probable classes, best first, and (M,) bool, which of them are present.
+
+        The classes at or above the threshold are a prefix of the sorted order, so "present" is a prefix of
+        the slots: the first ``min(#above, max_present)``, at least ``min_present``.
+        """
+        cfg = self.config
+        k = image_probs.shape[0]
+        m = min(k, max(cfg.max_present, cfg.min_present))
+        order = torch.argsort(image_probs, descending=True, stable=True)[:m]
+        rank = torch.arange(m, device=image_probs.device)
+        valid = ((image_probs[order] >= cfg.presence_threshold) & (rank < cfg.max_present)) | (rank < cfg.min_present)
+        return order, valid
+
     def compute_maps(
         self,
         image: np.ndarray,
         state: Optional[VocabularyState] = None,
         present: Optional[Sequence[int]] = None,
         timer: Optional[StageTimer] = None,
+        fixed_slots: bool = False,
     ) -> ClipEsMaps:
         """Everything up to the label decision: present classes and (1 + P, H, W) scores, background first.
 
         ``present`` (vocabulary ids) skips the per-frame presence decision, as the authors' given tags.
+        ``fixed_slots`` (``segment`` in the sync-free mode, without CRF): the presence decision stays on the
+        device; the maps then hold every candidate slot (``row_ids``) and nothing is read on the host.
         """
+        if fixed_slots and present is None and not self.config.crf:
+            return self._compute_slot_maps(image, state, timer or StageTimer(self.device))
         st: ClipEsState = self._resolve_state(state)  # type: ignore[assignment]
         image = check_image(image)
         timer = timer or StageTimer(self.device)
@@ -285,6 +315,40 @@ class ClipEsSegmenter(Segmenter):
                 probs = self._crf(image, probs)
         return ClipEsMaps(present, image_probs, probs)
 
+    def _compute_slot_maps(self, image: np.ndarray, state: Optional[VocabularyState], timer: StageTimer) -> ClipEsMaps:
+        """:meth:`compute_maps` for the sync-free mode: the same numbers, with the presence decision as a mask
+        over a fixed number of slots (at most ``max_present`` CAMs, the absent slots masked out of the
+        Grad-CAM softmax and of the labels), so a GPU never waits on the host until the label copy."""
+        st: ClipEsState = self._resolve_state(state)  # type: ignore[assignment]
+        image = check_image(image)
+        cfg = self.config
+        k = len(st.vocabulary)
+        with timer.stage("preprocess"):
+            x = self._prepare(image)
+            text = st.text.to(self.device)
+            bg = st.background.to(self.device) if st.background is not None else None
+        with timer.stage("backbone"):
+            enc = self.cam.encode(x, with_attention=cfg.use_affinity, encoder=self.image_encoder)
+        with timer.stage("classify"):
+            rows = text if bg is None else torch.cat([text, bg])
+            image_probs = self.cam.classify(enc, rows)[:k]
+            slots, valid = self._present_slots(image_probs)
+        with timer.stage("gradcam"):
+            cams = self.cam.gradcam(enc, text[slots], bg, list(range(slots.shape[0])),
+                                    cfg.retry_without_background, text_mask=valid)
+        if cfg.use_affinity:
+            with timer.stage("affinity"):
+                s = self.cam.affinity(enc)
+                cams = refine_with_affinity(s, cams, cfg.box_threshold, cfg.affinity_power, cfg.clip_box_edges,
+                                            eps=cfg.cam_eps)
+        h, w = image.shape[:2]
+        with timer.stage("postprocess"):
+            cams = resize(cams[None].float(), (h, w))[0].clamp_(0, 1) * valid.view(-1, 1, 1)
+            bg_score = (1 - cams.max(dim=0, keepdim=True).values).pow(cfg.bg_power)
+            probs = torch.cat([bg_score, torch.where(valid.view(-1, 1, 1), cams, -1.0)])
+        row_ids = torch.where(valid, slots.to(torch.int32), UNLABELED)
+        return ClipEsMaps([], image_probs, probs, row_ids)
+
     def _crf(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.crf_image == "authors":
@@ -305,18 +369,23 @@ class ClipEsSegmenter(Segmenter):
         st = self._resolve_state(state)
         timer = StageTimer(self.device)
         with torch.no_grad():
-            maps = self.compute_maps(image, st, present, timer)
+            maps = self.compute_maps(image, st, present, timer, fixed_slots=sync_free(self.device))
             with timer.stage("labels"):
                 labels, conf = self._labels(maps)
         return SegmentationResult(labels, conf, st.vocabulary, timings=timer.times)
 
     def _labels(self, maps: ClipEsMaps) -> tuple[np.ndarray, np.ndarray]:
         conf, idx = maps.probs.max(dim=0)
-        lut = torch.tensor([UNLABELED] + maps.present, dtype=torch.int32, device=idx.device)
+        if maps.row_ids is not None:
+            unlabeled = torch.full((1,), UNLABELED, dtype=torch.int32, device=idx.device)
+            lut = torch.cat([unlabeled, maps.row_ids.to(idx.device)])
+        else:
+            lut = torch.tensor([UNLABELED] + maps.present, dtype=torch.int32, device=idx.device)
         labels = lut[idx]
         if self.config.prob_threshold > 0:
-            labels[conf < self.config.prob_threshold] = UNLABELED
-        return labels.cpu().numpy(), conf.float().clamp(0, 1).cpu().numpy()
+            labels = torch.where(conf < self.config.prob_threshold, UNLABELED, labels)
+        labels_np, conf_np = to_host(labels, conf.float().clamp(0, 1))
+        return labels_np, conf_np
 
     def pseudo_label(
         self, image: np.ndarray, state: Optional[VocabularyState] = None, present: Optional[Sequence[int]] = None,

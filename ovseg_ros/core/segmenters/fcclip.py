@@ -9,6 +9,11 @@ authors' code. This module is the :class:`Segmenter`: weights, vocabulary encodi
 One forward gives both outputs of the node: the panoptic result (``~/panoptic``: thing instances with unique
 ids, stuff merged per class, a score and box per segment) and the semantic label map (``~/semantic/*``).
 
+On a GPU (``models.sync_free``) the post-processing keeps every query with the dropped ones masked, merges the
+panoptic segments as fixed-shape tensors and brings the panoptic ids, the per-segment table and the semantic
+planes back in one packed copy (``to_host_packed``): one host wait per frame (tests/core/test_host_sync.py).
+Instance inference (``predict(instances=True)``, not the per-frame path) still reads on the host.
+
 Weights: the trained head comes from the authors' ``fcclip_cocopan.pth`` (``checkpoint``); the CLIP text
 tower, which that file may lack, from open_clip's ``convnext_large_d_320`` / ``laion2b_s29b_b131k_ft_soup``
 (``model.pretrained``, or a local file as ``model.checkpoint``). See docs/methods/fcclip.md.
@@ -304,9 +309,10 @@ class FCCLIPSegmenter(Segmenter):
             vocabulary=vocabulary,
             text=text,
             owner=torch.tensor(owner, dtype=torch.long, device=text.device),
+            # On the text's (the model's) device, as ``text`` and ``owner``: no host-to-device copy per frame.
             seen=torch.tensor(seen_mask_by([c.names for c in vocabulary.classes], self.config.seen_rule),
-                              dtype=torch.bool),
-            is_thing=torch.tensor(self._thing_flags(vocabulary), dtype=torch.bool),
+                              dtype=torch.bool, device=text.device),
+            is_thing=torch.tensor(self._thing_flags(vocabulary), dtype=torch.bool, device=text.device),
             prompts=prompts,
         )
 
