@@ -5,8 +5,10 @@ Each segmenter is built once with random weights of its real architecture (speed
 values), its image encoder exported with ``ovseg-export``'s code, and the same segmenter object then runs
 frames alternately on the torch encoder and on the ONNX Runtime session (so both see the same machine load).
 Printed: median ms per frame of each, the ratio torch / ONNX Runtime (> 1: ONNX Runtime faster), the label
-agreement of the two, and the export time. On a GPU the first ONNX Runtime frame (TensorRT: engine build) is
-reported apart from the steady state.
+agreement of the two, the export time, the first ONNX Runtime frame and the attach time (session creation; with
+TensorRT or CUDA the engine is built or loaded there, at configure, with the file's optimisation profile), both
+apart from the steady state. ``--dynamic`` exports without ``--sizes``: TensorRT then gets the profile of a
+dynamic-size file (docs/deploy.md).
 
     python benchmarks/bench_onnx.py                                   # CPU provider, fp32, 480x640
     python benchmarks/bench_onnx.py --device cuda --precision fp16 --providers cuda
@@ -61,6 +63,9 @@ def main() -> None:
     ap.add_argument("--trt-cache", default="", help="TensorRT engine cache (default: a temporary folder)")
     ap.add_argument("--options", default="", help="YAML mapping merged onto the preset (e.g. a smaller model)")
     ap.add_argument("--keep", default="", help="folder to keep the exported files in")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="export with dynamic height/width (no declared size; segmenters with a static graph keep "
+                         "their one size)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -73,7 +78,7 @@ def main() -> None:
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} size={args.size} "
           f"precision={args.precision} providers={args.providers} load1={load:.2f} vocabulary={len(vocab)}")
     print(f"{'segmenter':<11} {'torch ms':>9} {'ort ms':>8} {'ratio':>6} {'ort 1st ms':>10} {'labels =':>8} "
-          f"{'export s':>8}")
+          f"{'export s':>8} {'attach s':>8}")
     for name in args.segmenters:
         keys = model_fields(name)
         import yaml
@@ -89,16 +94,19 @@ def main() -> None:
             state = seg.encode_vocabulary(vocab)
             t0 = time.perf_counter()
             path = folder / f"{name}_{args.preset}_{args.precision}.onnx"
-            export_onnx(seg, path, preset=args.preset, camera_sizes=[(h, w)])
+            static = seg.image_graph() is not None and seg.image_graph().static
+            export_onnx(seg, path, preset=args.preset, camera_sizes=[] if args.dynamic and not static else [(h, w)])
             export_s = time.perf_counter() - t0
             providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
             opts = BackendOptions("onnxruntime", str(path), providers=providers, trt_fp16=args.precision == "fp16",
                                   trt_cache_dir=args.trt_cache or str(folder / "trt_cache"),
-                                  device_id=(device.index or 0) if device.type == "cuda" else 0)
+                                  device_id=(device.index or 0) if device.type == "cuda" else 0, trt_opt_size=(h, w))
             torch_seg = seg.segment(image, state)  # torch warm-up (and the reference labels)
-            attach_onnx(seg, opts)
+            t0 = time.perf_counter()
+            attach_onnx(seg, opts)  # TensorRT/CUDA: the engine is built (or loaded from the cache) here
+            attach_s = time.perf_counter() - t0
             encoder = seg.image_encoder
-            first = _once(lambda: seg.segment(image, state), device)  # TensorRT builds its engine here
+            first = _once(lambda: seg.segment(image, state), device)
             ort_labels = seg.segment(image, state).labels
         except Exception as exc:  # noqa: BLE001  (one method must not stop the table)
             print(f"{name:<11} skipped: {type(exc).__name__}: {str(exc)[:300]}")
@@ -112,7 +120,7 @@ def main() -> None:
         t, o = statistics.median(times["torch"]), statistics.median(times["ort"])
         agree = float((torch_seg.labels == ort_labels).mean())
         print(f"{name:<11} {t * 1000:9.1f} {o * 1000:8.1f} {t / o:6.2f} {first * 1000:10.1f} {agree:8.4f} "
-              f"{export_s:8.1f}")
+              f"{export_s:8.1f} {attach_s:8.1f}")
         del seg, encoder
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load1 at the end={load:.2f}; files in {folder}")

@@ -168,25 +168,31 @@ if [[ -s "$JSONL" ]]; then
 fi
 
 # 5. ONNX Runtime backend (issue 18) -- begin ---------------------------------------------------------------
-# Torch vs ONNX Runtime per exportable segmenter at 480x640, fp16, one row per execution provider; the first
-# ONNX Runtime frame (TensorRT: the engine build, cached in $OUT/trt_cache) is reported apart from the steady
-# state. Needs onnxruntime-gpu (README "On a Jetson / robot GPU"); without it the rows say what is missing.
+# Torch vs ONNX Runtime per exportable segmenter at 480x640, fp16, one row per execution provider; the attach
+# (session + TensorRT engine build with the file's optimisation profile, cached in $OUT/trt_cache) and the
+# first ONNX Runtime frame are reported apart from the steady state. "-dynamic": dense_clip and itaclip are
+# exported with dynamic height/width (the static graphs keep their one size), so TensorRT gets the profile
+# derived for a dynamic-size file (docs/deploy.md), the riskier path; the CUDA row runs the 480x640 files (two
+# rows: the step limits must stay within the budget). Needs onnxruntime-gpu (README "On a Jetson / robot GPU");
+# without it the rows say what is missing.
 if [[ $DRY -eq 1 ]]; then
-  ORT_PROVIDERS="cpu"; ORT_ARGS=(--segmenters dense_clip --size 64x80 --precision fp32 --repeats 1
+  ORT_PROVIDERS="cpu-dynamic"; ORT_ARGS=(--segmenters dense_clip --size 64x80 --precision fp32 --repeats 1
     --options "{model: {name: ovseg-tiny-vit}, templates: photo}")
 else
-  ORT_PROVIDERS="cuda tensorrt"; ORT_ARGS=(--size 480x640 --precision fp16 --repeats "$REPEATS")
+  ORT_PROVIDERS="cuda tensorrt-dynamic"; ORT_ARGS=(--size 480x640 --precision fp16 --repeats "$REPEATS")
 fi
 for prov in $ORT_PROVIDERS; do
-  run_step "bench_onnx $prov" 300 "$PY" benchmarks/bench_onnx.py --device "$DEVICE" --providers "$prov" \
-    --trt-cache "$OUT/trt_cache" --keep "$OUT/onnx_files" "${ORT_ARGS[@]}"
+  extra=(); keep="$OUT/onnx_files"
+  [[ "$prov" == *-dynamic ]] && extra=(--dynamic) && keep="$OUT/onnx_files_dynamic"
+  run_step "bench_onnx $prov" 300 "$PY" benchmarks/bench_onnx.py --device "$DEVICE" --providers "${prov%-dynamic}" \
+    --trt-cache "$OUT/trt_cache" --keep "$keep" "${ORT_ARGS[@]}" "${extra[@]}"
   row "bench_onnx $DEVICE $prov" "$([[ $STEP_RC -eq 0 ]] && echo ok || echo "FAILED rc=$STEP_RC")" "${STEP_S}s" \
     "$(grep -m1 '^device=' "$STEP_LOG" | cut -c1-160)"
   while IFS= read -r line; do
     set -- $line
-    if [[ $# -ge 7 && "$2" =~ ^[0-9.]+$ ]]; then
+    if [[ $# -ge 8 && "$2" =~ ^[0-9.]+$ ]]; then
       row "  $1 onnxruntime $prov" "${3} ms vs torch ${2} ms" "ratio ${4}" \
-        "first frame ${5} ms (engine build/load), labels equal ${6}, export ${7} s"
+        "attach ${8} s (session, engine build/load), first frame ${5} ms, labels equal ${6}, export ${7} s"
     elif [[ "$2" == "skipped:" ]]; then
       row "  $1 onnxruntime $prov" "skipped" "" "$(echo "$line" | cut -c1-240)"
     fi

@@ -183,6 +183,18 @@ def _check_onnx_file(value: str, values: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+def _check_opt_size(value: str, values: Mapping[str, Any]) -> Optional[str]:
+    if not value:
+        return None
+    from ..core.deploy import DeployError, parse_sizes
+
+    try:
+        sizes = parse_sizes(value)
+    except DeployError as exc:
+        return str(exc)
+    return None if len(sizes) == 1 else f"trt_opt_size takes one HEIGHTxWIDTH, got {short_repr(value)}"
+
+
 def _check_providers(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
     bad = [v for v in value if v not in PROVIDER_NAMES]
     return f"unknown execution provider(s) {short_repr(bad)}; choose from {', '.join(PROVIDER_NAMES)}" if bad else None
@@ -290,6 +302,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("trt_cache_dir", "", "str", "TensorRT engine cache folder (empty: <onnx_file>.trt_cache); engines "
               "are built at the first frame of each input size, then loaded from here."),
     ParamSpec("trt_fp16", True, "bool", "Let TensorRT build fp16 engines."),
+    ParamSpec("trt_opt_size", "", "str", "Camera HEIGHTxWIDTH the TensorRT engine is tuned for (its profile's "
+              "opt shape; empty: the file's first size, else 480x640). A dynamic-size file's profile covers frames "
+              "up to max_image_pixels; a change rebuilds the engine at the next configure.", check=_check_opt_size),
     ParamSpec("persist_vocabulary", True, "bool", "Restore the vocabulary set at run time (~/set_vocabulary) and "
               "its class ids at configure, e.g. after a crash or a respawn; it is saved in cache_dir/runtime, one "
               "file per node name. Revisions continue from the saved counter either way (empty cache_dir: "
@@ -429,6 +444,7 @@ class NodeConfig:
     onnx_providers: tuple[str, ...] = ()
     trt_cache_dir: str = ""
     trt_fp16: bool = True
+    trt_opt_size: str = ""
     track_instances: bool = True
     track_max_age: float = 3.0
     temporal_filter: str = "none"
@@ -493,12 +509,14 @@ class NodeConfig:
 
     def backend_options(self, device: Any) -> Any:
         """The image backend for ``build_segmenter`` (CUDA providers on the node's device)."""
-        from ..core.deploy import BackendOptions
+        from ..core.deploy import BackendOptions, parse_sizes
 
         return BackendOptions(
             backend=self.backend, onnx_file=os.path.expanduser(self.onnx_file), providers=self.onnx_providers,
             trt_cache_dir=os.path.expanduser(self.trt_cache_dir), trt_fp16=self.trt_fp16,
             device_id=(device.index or 0) if getattr(device, "type", "") == "cuda" else 0,
+            trt_opt_size=parse_sizes(self.trt_opt_size)[0] if self.trt_opt_size else (),
+            max_image_pixels=self.max_image_pixels, cameras=max(1, len(self.cameras)),
         )
 
     def model_identity(self, segmenter: Any) -> str:

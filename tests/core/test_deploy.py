@@ -191,8 +191,8 @@ def test_gpu_providers_build_engines_at_configure(tiny_model_overrides, tmp_path
     real_open = deploy.open_session
 
     def open_as(providers: list[str]):
-        def fake(options, expected=None, threads=0):
-            enc = real_open(options, expected, threads)
+        def fake(options, expected=None, threads=0, graph=None):
+            enc = real_open(options, expected, threads, graph)
             session = enc.session
             enc.providers = providers
             enc.session = types.SimpleNamespace(

@@ -188,8 +188,10 @@ class DenseClipSegmenter(Segmenter):
                 return cfg.window, cfg.window
             return short_side_size(h, w, cfg.short_side, cfg.max_long_side) if cfg.short_side > 0 else (h, w)
 
+        # Sliding windows: window_batch crops per call, frame by frame; whole frames: one per camera, batched.
         return ImageGraph(_DenseFeatures(self.clip.visual), ("features",), {"head": "maskclip"}, input_size,
-                          clip_vit.patch_size(self.clip.visual))
+                          clip_vit.patch_size(self.clip.visual), batch=cfg.window_batch if cfg.window > 0 else 1,
+                          batches_frames=cfg.window <= 0)
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray, state: Optional[VocabularyState] = None) -> SegmentationResult:

@@ -664,7 +664,10 @@ class ITACLIPSegmenter(Segmenter):
 
         options = {"attn_self": cfg.attn_self, "attn_fusion": float(cfg.attn_fusion),
                    "intermediate": list(self.intermediate)}
-        return ImageGraph(_ITATokens(self), ("tokens",), options, input_size, clip_vit.patch_size(self.clip.visual))
+        # One call: every augmentation of up to batch_windows crops (of the whole frame without windows).
+        passes = len(cfg.augmentations) * (cfg.batch_windows if cfg.slide_crop > 0 else 1)
+        return ImageGraph(_ITATokens(self), ("tokens",), options, input_size, clip_vit.patch_size(self.clip.visual),
+                          batch=passes)
 
     def _blur_kernel(self, device: torch.device) -> torch.Tensor:
         key = (device, self.config.blur_kernel, self.config.blur_sigma)
