@@ -267,6 +267,16 @@ def list_presets(segmenter: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+#: The preset used when none is given (node, ovseg-export): the first of these the segmenter has.
+AUTO_PRESETS = ("realtime", "default")
+
+
+def auto_preset(segmenter: str) -> str:
+    """The first of :data:`AUTO_PRESETS` that ``segmenter`` has, "" if none (its built-in configuration)."""
+    available = list_presets(segmenter)
+    return next((p for p in AUTO_PRESETS if p in available), "")
+
+
 def load_preset(segmenter: str, preset: str) -> dict[str, Any]:
     path = PRESET_DIR / segmenter / f"{preset}.yaml"
     if not path.is_file():

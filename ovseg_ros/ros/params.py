@@ -34,8 +34,6 @@ from .qos import RELIABILITIES
 
 #: The node's default method (config/segment_node.yaml leaves it to the node, so switching is this one line).
 DEFAULT_SEGMENTER = "itaclip"
-#: Preset used when the ``preset`` parameter is empty: the first of these the method has.
-AUTO_PRESETS = ("realtime", "default")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 #: Image backends and ONNX Runtime providers (core/deploy.py owns them; repeated here to keep torch unimported).
 BACKENDS = ("torch", "onnxruntime")
@@ -139,13 +137,13 @@ def _check_options(value: str, values: Mapping[str, Any]) -> Optional[str]:
     name = values.get("segmenter", "")
     if not options or not isinstance(name, str) or _check_segmenter(name, values) is not None:
         return None  # the segmenter's own check reports an unknown segmenter
-    from ..core.segmenter import ConfigError, check_overrides
+    from ..core.segmenter import ConfigError, auto_preset, check_overrides
 
     preset = values.get("preset", "")
     if not isinstance(preset, str) or _check_preset(preset, values) is not None:
         preset = ""
     try:
-        check_overrides(name, preset or _auto_preset(name), options)
+        check_overrides(name, preset or auto_preset(name), options)
     except (ConfigError, KeyError) as exc:
         return str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     return None
@@ -188,13 +186,6 @@ def _check_onnx_file(value: str, values: Mapping[str, Any]) -> Optional[str]:
 def _check_providers(value: Sequence[str], values: Mapping[str, Any]) -> Optional[str]:
     bad = [v for v in value if v not in PROVIDER_NAMES]
     return f"unknown execution provider(s) {short_repr(bad)}; choose from {', '.join(PROVIDER_NAMES)}" if bad else None
-
-
-def _auto_preset(segmenter: str) -> str:
-    from ..core.segmenter import list_presets
-
-    available = list_presets(segmenter)
-    return next((p for p in AUTO_PRESETS if p in available), "")
 
 
 def _check_depth_range(value: float, values: Mapping[str, Any]) -> Optional[str]:
@@ -270,6 +261,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               when="activate"),
     ParamSpec("depth_slop", 0.05, "float", "Largest stamp difference (s) between a frame and the depth image "
               "paired with it.", range=(0.0, 10.0), when="activate"),
+    ParamSpec("depth_buffer_mb", 128, "int", "Bound (MiB) of the depth images waiting for their frame, per camera "
+              "(128: ~200 VGA 16UC1 images, 6 s at 30 Hz). Raise it when depth runs far ahead of colour at high "
+              "resolution; the farthest image from the frames is dropped first.", range=(1, 65536), when="activate"),
     ParamSpec("track_instances", True, "bool", "Give each thing segment of ~/panoptic a persistent track_id "
               "(per camera; 0 = untracked). Switching it resets the tracks.", when="live"),
     ParamSpec("track_max_age", 3.0, "float", "Seconds (ROS time of the frame stamps) a track not seen is kept, so "
@@ -428,6 +422,7 @@ class NodeConfig:
     max_depth: float = 10.0
     points_rgb: bool = False
     depth_slop: float = 0.05
+    depth_buffer_mb: int = 128
     nav2_compatible: bool = False
     backend: str = "torch"
     onnx_file: str = ""
@@ -454,13 +449,10 @@ class NodeConfig:
         return cls(**kwargs, options=parse_options(kwargs["segmenter_options"]))
 
     def resolved_preset(self) -> str:
-        """``preset``, or for an empty one the first of :data:`AUTO_PRESETS` the segmenter has ("" if none)."""
-        if self.preset:
-            return self.preset
-        from ..core.segmenter import list_presets
+        """``preset``, or for an empty one :func:`~ovseg_ros.core.segmenter.auto_preset`'s."""
+        from ..core.segmenter import auto_preset
 
-        available = list_presets(self.segmenter)
-        return next((p for p in AUTO_PRESETS if p in available), "")
+        return self.preset or auto_preset(self.segmenter)
 
     def segmenter_overrides(self) -> dict[str, Any]:
         """``segmenter_options`` plus the model parameters, as overrides for ``build_segmenter``.

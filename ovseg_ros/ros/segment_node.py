@@ -305,7 +305,8 @@ class SegmentNode(LifecycleNode):
         try:
             qos = input_qos(cfg.image_reliability, cfg.image_queue_depth)
             points = PointsOptions(cfg.min_depth, cfg.max_depth, cfg.points_rgb, cfg.depth_slop,
-                                   cfg.max_image_pixels) if cfg.publish_points else None
+                                   cfg.max_image_pixels, depth_bytes=cfg.depth_buffer_mb * 2**20,
+                                   ) if cfg.publish_points else None
             self._move_model(self._device)
         except Exception as exc:  # noqa: BLE001
             return self._fail(reason(exc), "activate")

@@ -25,8 +25,6 @@ from typing import Any, Optional, Sequence
 from ..core.untrusted import load_yaml
 from . import plain_help
 
-#: The node's preset order when none is given (ros/params.py AUTO_PRESETS).
-AUTO_PRESETS = ("realtime", "default")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -95,10 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from ..core.deploy import DeployError, export_onnx, parse_sizes
     from ..core.models import ModelLoadError
-    from ..core.segmenter import build_segmenter, list_presets
+    from ..core.segmenter import auto_preset, build_segmenter
 
     try:
-        preset = args.preset or next((p for p in AUTO_PRESETS if p in list_presets(args.segmenter)), "")
+        preset = args.preset or auto_preset(args.segmenter)
         sizes = parse_sizes(args.sizes)
         t0 = time.perf_counter()
         segmenter = build_segmenter(args.segmenter, preset, _overrides(args), "cpu",

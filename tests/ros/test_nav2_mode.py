@@ -117,7 +117,7 @@ def _header() -> Any:
 
 
 def test_points_output_follows_the_lifecycle(ros_session: None, namespace: str) -> None:
-    n = make_node(namespace, publish_points=True, min_depth=0.3, max_depth=6.0, points_rgb=True)
+    n = make_node(namespace, publish_points=True, min_depth=0.3, max_depth=6.0, points_rgb=True, depth_buffer_mb=3)
     try:
         assert n.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert n.cameras[0].points is None  # subscriptions belong to the active state
@@ -127,6 +127,7 @@ def test_points_output_follows_the_lifecycle(ros_session: None, namespace: str) 
             assert depth.endswith("/depth/image") and info.endswith("/depth/camera_info")
             assert cloud.endswith("/segment_node/semantic/points")
             assert n.cameras[0].points._opts.min_depth == 0.3 and n.cameras[0].points._opts.rgb
+            assert n.cameras[0].points._matcher.max_bytes == 3 * 2**20  # depth_buffer_mb
             points = n.cameras[0].points
             cam = n.cameras[0]
             assert n.trigger_deactivate() == TransitionCallbackReturn.SUCCESS

@@ -309,3 +309,22 @@ def test_depth_cue_for_the_tracker_reads_without_taking(out: tuple[SemanticPoint
     assert o.diagnostics()["points_matched"] == "0"
     labels, conf, rgb = frame_arrays()
     assert o.publish(header(70), labels, conf, rgb) is True and len(cap.msgs) == 1
+
+
+def test_depth_decoded_once_for_cue_and_cloud(out: tuple[SemanticPointsOutput, Capture],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracker's cue and the frame's cloud read one decoding of the depth image (not one each), and the
+    shared array is read-only: neither reader can change what the other sees."""
+    from ovseg_ros.core import depth as dp
+
+    calls = []
+    real = dp.depth_msg_to_metres
+    monkeypatch.setattr(dp, "depth_msg_to_metres", lambda *a, **k: calls.append(1) or real(*a, **k))
+    o, cap = out
+    o._on_camera_info(camera_info())
+    o._on_depth(depth_image(np.full((2 * H, 2 * W), 2500, np.uint16), "16UC1", 80))
+    cue = o.depth_cue(header(80))
+    assert cue is not None and not cue.metres.flags.writeable
+    labels, conf, rgb = frame_arrays()
+    assert o.publish(header(80), labels, conf, rgb) is True and len(cap.msgs) == 1
+    assert len(calls) == 1
