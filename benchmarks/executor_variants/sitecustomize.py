@@ -30,4 +30,8 @@ if _choice:
         from rclpy.executors import MultiThreadedExecutor
 
         _threads = int(_choice.split(":", 1)[1])
-        _process.MultiThreadedExecutor = lambda num_threads=0: MultiThreadedExecutor(num_threads=_threads)  # type: ignore
+
+        def _fewer(num_threads: int = 0) -> object:
+            return MultiThreadedExecutor(num_threads=_threads)
+
+        _process.MultiThreadedExecutor = _fewer  # type: ignore[assignment]

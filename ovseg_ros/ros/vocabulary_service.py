@@ -22,10 +22,10 @@ Encoding runs on a background thread, one job at a time. A second change while o
 once. The ROS services are coroutines (``srv_*_async``): while the job runs, the request waits as an rclpy task,
 holding no executor thread; a watcher thread bounds the wait by ``vocabulary_timeout`` (monotonic time) and wakes
 the executor when the answer is ready, and a transition or shutdown releases it at once. The blocking forms
-(``srv_set_vocabulary``, ``srv_query``) run the same body for in-process callers and tests. A request past the timeout cancels its job (it stops at its next batch and no longer
-counts as running), so the next request is served, not answered "busy"; at most ``MAX_STOPPING`` cancelled
-jobs may still be stopping beside a live one (work that ignores cancellation cannot pile up threads). The same
-runner serves ``~/query``.
+(``srv_set_vocabulary``, ``srv_query``) run the same body for in-process callers and tests. A request past the
+timeout cancels its job (it stops at its next batch and no longer counts as running), so the next request is
+served, not answered "busy"; at most ``MAX_STOPPING`` cancelled jobs may still be stopping beside a live one (work
+that ignores cancellation cannot pile up threads). The same runner serves ``~/query``.
 """
 
 from __future__ import annotations
