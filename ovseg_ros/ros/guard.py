@@ -9,6 +9,7 @@ frame error), and the node keeps serving its last good state.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -133,22 +134,36 @@ ServiceCallback = Callable[[Any, Any], Any]
 
 
 def guarded_service(node: Any, errors: ErrorLog, where: str, fn: ServiceCallback) -> ServiceCallback:
-    """Wrap a service callback: an exception becomes ``success = False`` and ``message`` (when the type has them)."""
+    """Wrap a service callback: an exception becomes ``success = False`` and ``message`` (when the type has them).
+    A coroutine callback (``async def``, run by the executor as a task) gets a coroutine wrapper."""
+
+    def failed(response: Any, exc: Exception) -> Any:
+        text = _report(node, errors, where, exc)
+        try:
+            if hasattr(response, "success"):
+                response.success = False
+            if hasattr(response, "message"):
+                response.message = f"internal error, request not applied: {text}"
+        except Exception:  # noqa: BLE001
+            pass
+        return response
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def coroutine_wrapper(request: Any, response: Any) -> Any:
+            try:
+                return await fn(request, response)
+            except Exception as exc:  # noqa: BLE001
+                return failed(response, exc)
+
+        return coroutine_wrapper
 
     @functools.wraps(fn)
     def wrapper(request: Any, response: Any) -> Any:
         try:
             return fn(request, response)
         except Exception as exc:  # noqa: BLE001
-            text = _report(node, errors, where, exc)
-            try:
-                if hasattr(response, "success"):
-                    response.success = False
-                if hasattr(response, "message"):
-                    response.message = f"internal error, request not applied: {text}"
-            except Exception:  # noqa: BLE001
-                pass
-            return response
+            return failed(response, exc)
 
     return wrapper
 

@@ -96,8 +96,8 @@ def run(args: Optional[list[str]] = None) -> int:
     code = 0
     try:
         node = SegmentNode()
-        # Threads: one per camera's image callbacks, services (a waiting set_vocabulary and query), lifecycle,
-        # diagnostics, and one spare.
+        # Threads: one per camera's image callbacks, services, lifecycle, diagnostics, and spares. A
+        # set_vocabulary or query waiting for its job holds none (coroutines, see .vocabulary_service).
         cameras = len(current_values(node)["cameras"]) or 1
         executor = MultiThreadedExecutor(num_threads=5 + cameras)
         executor.add_node(node)

@@ -126,9 +126,10 @@ class SegmentNode(LifecycleNode):
             if self._label_info_cls is not None else None
         )
         services = (
-            (SetVocabulary, "set_vocabulary", self.vocab.srv_set_vocabulary),
+            # coroutines: a request waiting for its encoding or query holds no executor thread
+            (SetVocabulary, "set_vocabulary", self.vocab.srv_set_vocabulary_async),
             (GetVocabulary, "get_vocabulary", self.vocab.srv_get_vocabulary),
-            (Query, "query", self.vocab.srv_query),
+            (Query, "query", self.vocab.srv_query_async),
         )
         self._srvs = [
             self.create_service(srv_type, f"~/{name}", guarded_service(self, self.errors, name, callback),

@@ -19,11 +19,13 @@ state), swapped as a single reference:
   undo the swap). No frame of a new revision precedes its vocabulary; frames of the old state are dropped.
 
 Encoding runs on a background thread, one job at a time. A second change while one runs is answered "busy" at
-once; the calling executor thread only waits, bounded by ``vocabulary_timeout``, and a transition or shutdown
-releases it at once. A request past the timeout cancels its job (it stops at its next batch and no longer
-counts as running), so the next request is served, not answered "busy"; at most ``MAX_STOPPING`` cancelled
-jobs may still be stopping beside a live one (work that ignores cancellation cannot pile up threads). The same
-runner serves ``~/query``.
+once. The ROS services are coroutines (``srv_*_async``): while the job runs, the request waits as an rclpy task,
+holding no executor thread; a watcher thread bounds the wait by ``vocabulary_timeout`` (monotonic time) and wakes
+the executor when the answer is ready, and a transition or shutdown releases it at once. The blocking forms
+(``srv_set_vocabulary``, ``srv_query``) run the same body for in-process callers and tests. A request past the
+timeout cancels its job (it stops at its next batch and no longer counts as running), so the next request is
+served, not answered "busy"; at most ``MAX_STOPPING`` cancelled jobs may still be stopping beside a live one (work
+that ignores cancellation cannot pile up threads). The same runner serves ``~/query``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generator, Optional
 
 import numpy as np
 
@@ -92,10 +94,19 @@ class _Job:
         self.error: Optional[BaseException] = None
 
 
+#: How long a watcher keeps waking the executor for the coroutine it completed (see JobRunner.wait_async).
+WAKE_RETRY_S = 0.05
+WAKE_RETRIES = 100
+
 #: Cancelled jobs of one kind that may still be stopping while a new one runs. Cooperative work (the text
 #: encoders check between batches) stops within a batch; work that cannot be interrupted (one inference of a
 #: query) runs to its end, so without a bound, requests that keep timing out would pile up threads on the CPU.
 MAX_STOPPING = 1
+
+
+#: A service body (see VocabularyService): yields (job, timeout) at most once, is sent why the wait ended ("" when
+#: the job finished), returns the response.
+ServiceBody = Generator[tuple[_Job, float], str, Any]
 
 
 class JobRunner:
@@ -159,6 +170,35 @@ class JobRunner:
                 job.cancel.set()
                 return f"not finished within {timeout:g} s (vocabulary_timeout); it was cancelled"
         return ""
+
+    async def wait_async(self, job: _Job, timeout: float, executor: Any) -> str:
+        """:meth:`wait` without holding the caller's executor thread: a watcher thread waits (the same bound,
+        release and cancellation) and completes an rclpy future that the calling coroutine awaits. Without an
+        executor (an in-process call outside one) it waits in place."""
+        if executor is None:
+            return self.wait(job, timeout)
+        from rclpy.task import Future
+
+        outcome: Future = Future(executor=executor)
+        resumed = threading.Event()
+
+        def watch() -> None:
+            outcome.set_result(self.wait(job, timeout))
+            # rclpy resumes a task awaiting a future when its executor wakes up; a wake-up that meets the task
+            # while a previous resume is still running is spent on nothing, so wake it until it has resumed.
+            for _ in range(WAKE_RETRIES):
+                try:
+                    executor.wake()
+                except Exception:  # noqa: BLE001  (the executor is shut down: nobody waits any more)
+                    return
+                if resumed.wait(WAKE_RETRY_S):
+                    return
+
+        threading.Thread(target=watch, name=f"ovseg_{job.kind}_wait", daemon=True).start()
+        try:
+            return str(await outcome)
+        finally:
+            resumed.set()
 
 
 class VocabularyService:
@@ -254,7 +294,40 @@ class VocabularyService:
 
 
     # --- services ------------------------------------------------------------------------------------
+    # Each body is a generator: it yields (job, timeout) once when it has started its job, receives why the wait
+    # ended ("" when the job finished) and returns the response. The blocking and the coroutine forms differ only
+    # in how they wait, so every refusal, message and check is written once.
     def srv_set_vocabulary(self, req: Any, resp: Any) -> Any:
+        """Blocking form (in-process callers); the ROS service uses :meth:`srv_set_vocabulary_async`."""
+        return self._drive(self._set_vocabulary(req, resp))
+
+    async def srv_set_vocabulary_async(self, req: Any, resp: Any) -> Any:
+        return await self._drive_async(self._set_vocabulary(req, resp))
+
+    def srv_query(self, req: Any, resp: Any) -> Any:
+        """Blocking form (in-process callers); the ROS service uses :meth:`srv_query_async`."""
+        return self._drive(self._query(req, resp))
+
+    async def srv_query_async(self, req: Any, resp: Any) -> Any:
+        return await self._drive_async(self._query(req, resp))
+
+    def _drive(self, body: ServiceBody) -> Any:
+        try:
+            job, timeout = next(body)
+            body.send(self.jobs.wait(job, timeout))
+        except StopIteration as done:
+            return done.value
+        raise RuntimeError("a service body waits for one job only")
+
+    async def _drive_async(self, body: ServiceBody) -> Any:
+        try:
+            job, timeout = next(body)
+            body.send(await self.jobs.wait_async(job, timeout, getattr(self.node, "executor", None)))
+        except StopIteration as done:
+            return done.value
+        raise RuntimeError("a service body waits for one job only")
+
+    def _set_vocabulary(self, req: Any, resp: Any) -> ServiceBody:
         resp.success, resp.revision = False, self.revision
         binding = self.binding
         if binding is None:
@@ -281,7 +354,7 @@ class VocabularyService:
         if job is None:
             resp.message = busy
             return self._refused(resp)
-        waited = self.jobs.wait(job, float(self.node.get_parameter("vocabulary_timeout").value))
+        waited = yield job, float(self.node.get_parameter("vocabulary_timeout").value)
         if waited:
             resp.message = f"vocabulary not applied: {waited}; the vocabulary in use is unchanged"
             return self._refused(resp)
@@ -339,7 +412,7 @@ class VocabularyService:
     def vocabulary_msg(self, binding: Binding, stamp: Any) -> Any:
         return vocabulary_message(binding, stamp)
 
-    def srv_query(self, req: Any, resp: Any) -> Any:
+    def _query(self, req: Any, resp: Any) -> ServiceBody:
         resp.success = False
         binding = self.binding
         if binding is None:
@@ -380,7 +453,7 @@ class VocabularyService:
         if job is None:
             resp.message = busy
             return resp
-        waited = self.jobs.wait(job, float(self.node.get_parameter("vocabulary_timeout").value))
+        waited = yield job, float(self.node.get_parameter("vocabulary_timeout").value)
         if waited:
             resp.message = f"query abandoned: {waited}"
             return resp
