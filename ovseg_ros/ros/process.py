@@ -25,7 +25,7 @@ from .guard import reason
 from .params import PARAMS, current_values
 from .segment_node import SegmentNode
 
-#: Longest time from SIGINT/SIGTERM to the process exit (tested with a 3 s-per-frame segmenter in flight):
+#: Longest time from SIGINT/SIGTERM to the process exit (tested with a 6 s-per-frame segmenter in flight):
 #: spinner join 0.25 + pipeline stop 0.25 (twice at most) + executor shutdown 0.5 + ROS shutdown, with margin.
 SHUTDOWN_BOUND_S = 2.0
 

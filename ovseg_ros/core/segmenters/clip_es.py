@@ -43,6 +43,7 @@ from ..cam import (
     RESIZE_MODES,
     VOC_BACKGROUND,
     ClipCam,
+    ImageEncoding,
     authors_crf_image,
     prepare_image,
     refine_with_affinity,
@@ -274,20 +275,11 @@ class ClipEsSegmenter(Segmenter):
         """
         if fixed_slots and present is None and not self.config.crf:
             return self._compute_slot_maps(image, state, timer or StageTimer(self.device))
-        st: ClipEsState = self._resolve_state(state)  # type: ignore[assignment]
-        image = check_image(image)
         timer = timer or StageTimer(self.device)
         cfg = self.config
-        k = len(st.vocabulary)
-        with timer.stage("preprocess"):
-            x = self._prepare(image)
-            text = st.text.to(self.device)
-            bg = st.background.to(self.device) if st.background is not None else None
-        with timer.stage("backbone"):
-            enc = self.cam.encode(x, with_attention=cfg.use_affinity, encoder=self.image_encoder)
+        image, enc, text, bg, image_probs = self._encode_and_classify(image, state, timer)
+        k = image_probs.shape[0]
         with timer.stage("classify"):
-            rows = text if bg is None else torch.cat([text, bg])
-            image_probs = self.cam.classify(enc, rows)[:k]
             if present is None:
                 present = self._choose_present(image_probs)
             present = [int(p) for p in present]
@@ -319,19 +311,9 @@ class ClipEsSegmenter(Segmenter):
         """:meth:`compute_maps` for the sync-free mode: the same numbers, with the presence decision as a mask
         over a fixed number of slots (at most ``max_present`` CAMs, the absent slots masked out of the
         Grad-CAM softmax and of the labels), so a GPU never waits on the host until the label copy."""
-        st: ClipEsState = self._resolve_state(state)  # type: ignore[assignment]
-        image = check_image(image)
         cfg = self.config
-        k = len(st.vocabulary)
-        with timer.stage("preprocess"):
-            x = self._prepare(image)
-            text = st.text.to(self.device)
-            bg = st.background.to(self.device) if st.background is not None else None
-        with timer.stage("backbone"):
-            enc = self.cam.encode(x, with_attention=cfg.use_affinity, encoder=self.image_encoder)
+        image, enc, text, bg, image_probs = self._encode_and_classify(image, state, timer)
         with timer.stage("classify"):
-            rows = text if bg is None else torch.cat([text, bg])
-            image_probs = self.cam.classify(enc, rows)[:k]
             slots, valid = self._present_slots(image_probs)
         with timer.stage("gradcam"):
             cams = self.cam.gradcam(enc, text[slots], bg, list(range(slots.shape[0])),
@@ -348,6 +330,24 @@ class ClipEsSegmenter(Segmenter):
             probs = torch.cat([bg_score, torch.where(valid.view(-1, 1, 1), cams, -1.0)])
         row_ids = torch.where(valid, slots.to(torch.int32), UNLABELED)
         return ClipEsMaps([], image_probs, probs, row_ids)
+
+    def _encode_and_classify(
+        self, image: np.ndarray, state: Optional[VocabularyState], timer: StageTimer
+    ) -> tuple[np.ndarray, ImageEncoding, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """The checked image, its CLIP encoding, the class and background text rows on the device, and the
+        image-level class probabilities (K,) that both presence decisions start from."""
+        st: ClipEsState = self._resolve_state(state)  # type: ignore[assignment]
+        image = check_image(image)
+        with timer.stage("preprocess"):
+            x = self._prepare(image)
+            text = st.text.to(self.device)
+            bg = st.background.to(self.device) if st.background is not None else None
+        with timer.stage("backbone"):
+            enc = self.cam.encode(x, with_attention=self.config.use_affinity, encoder=self.image_encoder)
+        with timer.stage("classify"):
+            rows = text if bg is None else torch.cat([text, bg])
+            image_probs = self.cam.classify(enc, rows)[: len(st.vocabulary)]
+        return image, enc, text, bg, image_probs
 
     def _crf(self, image: np.ndarray, probs: torch.Tensor) -> torch.Tensor:
         cfg = self.config
