@@ -41,7 +41,6 @@ PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProv
 FORMAT_VERSION = "1"
 META_PREFIX = "ovseg."
 DEFAULT_OPSET = 18
-#: Deployment requirements (``requirements-deploy.txt``); the GPU build replaces ``onnxruntime`` on robots.
 #: The node's ``max_image_pixels`` default: the bound of a dynamic-size file's TensorRT profile.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 #: Camera shapes (height:width) whose largest frame within ``max_image_pixels`` bounds a dynamic file's
@@ -49,6 +48,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 PROFILE_ASPECTS = (1.0, 4 / 3, 16 / 9, 2.0)
 #: The opt camera when neither ``trt_opt_size`` nor a declared size gives one.
 DEFAULT_OPT_CAMERA = (480, 640)
+#: Deployment requirements (``requirements-deploy.txt``); the GPU build replaces ``onnxruntime`` on robots.
 INSTALL_HINT = ("pip install -r requirements-deploy.txt (onnx, onnxruntime, onnxscript); for CUDA/TensorRT "
                 "install onnxruntime-gpu (on Jetson: the JetPack build of onnxruntime-gpu) instead of onnxruntime")
 
